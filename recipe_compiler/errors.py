@@ -1,0 +1,26 @@
+"""Typed, user-facing errors of the compiler.
+
+Every error a user can cause (bad option, bad calibration entry, unknown model, infeasible
+budget) is one of these; the CLI prints ``str(error)`` on one line and exits non-zero.
+Messages say what was wrong and what to do about it.
+"""
+
+
+class CompileError(Exception):
+    """Base class of every user-facing compiler error."""
+
+
+class BudgetError(CompileError):
+    """The FLOPs budget is out of range or cannot be met by any schedule."""
+
+
+class CalibrationDataError(CompileError):
+    """A calibration entry (image or prompt) is missing, unreadable or empty."""
+
+
+class ModelNotFoundError(CompileError):
+    """The model is not a known alias, a local directory or a cached hub id."""
+
+
+class StatisticsError(CompileError):
+    """Saved calibration statistics are unreadable or belong to another model or set."""

@@ -1,0 +1,70 @@
+"""Calibration statistics: the per-sample, per-layer, per-visual-token attention the search reads.
+
+A pure container (numpy only). The calibration pass that fills it lives in
+``recipe_compiler.collect``; the searches read it and never touch torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Attention statistics of the unpruned model on a calibration set.
+
+    Shapes use S samples, L decoder layers and V = max visual tokens over samples. Entries of a
+    sample beyond its own visual count (``j >= n_visual[s]``) are NaN. ``A`` is the post-softmax
+    attention of one layer reduced over heads (``head_reduce``: "max", as FitPrune, or "mean").
+
+    Attributes:
+        cross: float32 [S, L, V]. Mean over text queries (every real token after the last visual
+            token) of ``A[q, j]``.
+        self_attn: float32 [S, L, V]. Sum over visual queries of ``A[q, j]``, divided by the
+            sample's visual-token count.
+        last: float32 [S, L, V]. ``A[last prompt token, j]`` (the FastV / PyramidDrop row).
+        n_visual: int64 [S]. Visual tokens of each sample.
+        n_text: int64 [S]. Text tokens after the image (the queries averaged into ``cross``).
+        n_tokens: int64 [S]. All real (non-padding) prompt tokens, visual ones included.
+        head_reduce: "max" or "mean".
+        model_fingerprint: JSON string of the model fingerprint the statistics were taken on.
+        calibration_fingerprint: hex digest of the calibration set (images and prompts).
+    """
+
+    cross: np.ndarray
+    self_attn: np.ndarray
+    last: np.ndarray
+    n_visual: np.ndarray
+    n_text: np.ndarray
+    n_tokens: np.ndarray
+    head_reduce: str = "max"
+    model_fingerprint: str = ""
+    calibration_fingerprint: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.cross.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.cross.shape[1])
+
+    @property
+    def max_visual(self) -> int:
+        return int(self.cross.shape[2])
+
+    @property
+    def n_other(self) -> np.ndarray:
+        """Non-visual real prompt tokens of each sample (system, text), int64 [S]."""
+        return self.n_tokens - self.n_visual
+
+    @property
+    def w_cross(self) -> np.ndarray:
+        """Sum of ``cross`` over each sample's visual tokens, float64 [S, L]."""
+        return np.nansum(self.cross.astype(np.float64), axis=-1)
+
+    @property
+    def w_self(self) -> np.ndarray:
+        """Sum of ``self_attn`` over each sample's visual tokens, float64 [S, L]."""
+        return np.nansum(self.self_attn.astype(np.float64), axis=-1)

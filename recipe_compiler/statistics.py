@@ -68,3 +68,75 @@ class Statistics:
     def w_self(self) -> np.ndarray:
         """Sum of ``self_attn`` over each sample's visual tokens, float64 [S, L]."""
         return np.nansum(self.self_attn.astype(np.float64), axis=-1)
+
+
+_ARRAYS = ("cross", "self_attn", "last", "n_visual", "n_text", "n_tokens")
+_STATS_SCHEMA = "recipe_compiler.statistics/1"
+
+
+def save_statistics(stats: Statistics, path) -> None:
+    """Write statistics to a safetensors file (atomically) for reuse with ``--stats``.
+
+    Args:
+        stats: what :func:`recipe_compiler.collect.collect_statistics` returned.
+        path: destination file.
+
+    Raises:
+        StatisticsError: the destination cannot be written.
+
+    Example:
+        >>> save_statistics(stats, "stats.safetensors")   # doctest: +SKIP
+    """
+    from safetensors.numpy import save
+
+    from runtime.recipe import write_atomic
+
+    from .errors import StatisticsError
+
+    metadata = {
+        "schema": _STATS_SCHEMA,
+        "head_reduce": stats.head_reduce,
+        "model_fingerprint": stats.model_fingerprint,
+        "calibration_fingerprint": stats.calibration_fingerprint,
+    }
+    data = save({name: np.ascontiguousarray(getattr(stats, name)) for name in _ARRAYS}, metadata=metadata)
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        raise StatisticsError(f"cannot write statistics to {path}: {exc.strerror or exc}") from None
+
+
+def load_statistics(path) -> Statistics:
+    """Read statistics written by :func:`save_statistics`.
+
+    Raises:
+        StatisticsError: missing, unreadable or not a statistics file (the message names it).
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from .errors import StatisticsError
+
+    try:
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        arrays = load_file(str(path))
+    except FileNotFoundError:
+        raise StatisticsError(f"statistics file {path} not found") from None
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise StatisticsError(f"{path} is not a statistics file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if metadata.get("schema") != _STATS_SCHEMA or any(name not in arrays for name in _ARRAYS):
+        raise StatisticsError(f"{path} is not a recipe-compiler statistics file (schema {metadata.get('schema')!r})")
+    s, l, v = arrays["cross"].shape if arrays["cross"].ndim == 3 else (0, 0, 0)
+    if s == 0 or any(arrays[n].shape != (s, l, v) for n in ("self_attn", "last")) or any(arrays[n].shape != (s,) for n in ("n_visual", "n_text", "n_tokens")):
+        raise StatisticsError(f"{path} has inconsistent array shapes; recollect the statistics")
+    return Statistics(
+        **{name: arrays[name] for name in _ARRAYS},
+        head_reduce=metadata.get("head_reduce", "max"),
+        model_fingerprint=metadata.get("model_fingerprint", ""),
+        calibration_fingerprint=metadata.get("calibration_fingerprint", ""),
+    )

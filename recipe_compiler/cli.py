@@ -1,0 +1,237 @@
+"""Command-line entry points: ``recipe-compile`` and ``recipe-inspect``.
+
+The CLI only parses options, calls the Python API and prints. Every user error is one line on
+stderr and a non-zero exit; inputs are validated before any model time is spent, and the recipe
+is written atomically, so a failed run leaves no file behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from runtime.errors import RecipeError
+
+from .errors import CompileError
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"budget must be in (0, 1] (the fraction of unpruned prefill FLOPs to spend), got {text}"
+        )
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    from runtime.recipe import SCORERS
+
+    from .compile import SEARCHES
+
+    parser = _Parser(
+        prog="recipe-compile",
+        description="Compile a visual-token pruning recipe for a vision-language model under a FLOPs budget.",
+    )
+    parser.add_argument("--model", default="tiny-llava", help="registry alias (e.g. llava-1.5-7b), hub id or local directory (default: tiny-llava)")
+    parser.add_argument("--budget", type=_budget, required=True, help="fraction of the unpruned language-model prefill FLOPs to spend, in (0, 1]")
+    parser.add_argument("-o", "--output", required=True, help="recipe file to write (.safetensors)")
+    parser.add_argument("--calibration", help="folder of images (optionally with manifest.jsonl) or a .jsonl manifest (default: the shipped set)")
+    parser.add_argument("--samples", type=_positive_int, help="use the first N calibration samples")
+    parser.add_argument("--search", choices=SEARCHES, default="optimal", help="schedule search (default: optimal)")
+    parser.add_argument("--scorer", choices=SCORERS, default="fitprune", help="run-time scorer recorded in the recipe (default: fitprune)")
+    parser.add_argument("--head-reduce", choices=("max", "mean"), default="max", help="how attention heads are combined (default: max)")
+    parser.add_argument("--device", default="cpu", help="torch device for calibration (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
+    parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa", help="attention kernel (default: sdpa)")
+    parser.add_argument("--batch-size", type=_positive_int, default=4, help="calibration samples per forward (default: 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
+    parser.add_argument("--random-weights", action="store_true", help="build the model's architecture with random weights (no download)")
+    parser.add_argument("--save-stats", help="also write the calibration statistics to this file")
+    parser.add_argument("--stats", help="reuse statistics saved with --save-stats instead of calibrating")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def compile_main(argv: Sequence[str] | None = None) -> int:
+    """``recipe-compile``: see ``recipe-compile --help``. Returns the exit code."""
+    parser = _compile_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _compile(args)
+    except (CompileError, RecipeError, ValueError) as exc:
+        print(f"recipe-compile: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("recipe-compile: interrupted; no recipe was written", file=sys.stderr)
+        return 130
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .calibration import load_calibration
+    from .compile import CompileConfig, compile_recipe
+    from .models import load_model, parse_dtype
+    from .statistics import load_statistics, save_statistics
+
+    timings = {}
+    output = Path(args.output)
+    _check_writable(output, "recipe")
+    if args.save_stats:
+        _check_writable(Path(args.save_stats), "statistics")
+    config = CompileConfig(budget=args.budget, search=args.search, scorer=args.scorer, head_reduce=args.head_reduce, batch_size=args.batch_size)
+    dtype = parse_dtype(args.dtype)
+    calibration = load_calibration(args.calibration, samples=args.samples)
+    statistics = load_statistics(args.stats) if args.stats else None
+
+    started = time.perf_counter()
+    loaded = load_model(
+        args.model, random_weights=args.random_weights, device=args.device, dtype=dtype,
+        attn_implementation=args.attn_implementation, seed=args.seed,
+    )
+    timings["load"] = time.perf_counter() - started
+
+    result = compile_recipe(
+        loaded.model, loaded.processor, calibration, config,
+        format_prompt=loaded.format_prompt, statistics=statistics, progress=None if args.quiet else _progress_bars(),
+    )
+    timings.update(result.timings)
+    started = time.perf_counter()
+    if args.save_stats:
+        save_statistics(result.statistics, args.save_stats)
+    result.recipe.save(output)
+    timings["write"] = time.perf_counter() - started
+
+    v = result.verification
+    v_ref = result.recipe.reference_visual_tokens
+    stage_times = " ".join(f"{k} {timings[k]:.1f}s" for k in ("load", "calibrate", "search", "verify", "write"))
+    print(
+        f"budget {args.budget:g} | flops {v.flops_fraction:.4f} | visual tokens {result.visual_token_equivalent:.1f}/{v_ref} "
+        f"| divergence {result.divergence:.4f} | kl {v.kl:.4g} | top1 {v.top1_agreement:.2f} | search {args.search} "
+        f"| time {stage_times} | wrote {output}"
+    )
+    return 0
+
+
+def _check_writable(path: Path, what: str) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise CompileError(f"{what} output {path} is a directory; give a file name such as {path / 'recipe.safetensors'}")
+    if not directory.is_dir():
+        raise CompileError(f"cannot write {what} to {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise CompileError(f"cannot write {what} to {path}: directory {directory} is not writable")
+
+
+def _progress_bars():
+    from tqdm import tqdm
+
+    bars = []
+
+    def factory(stage: str, total: int):
+        bar = tqdm(total=total, desc=stage, unit="sample", file=sys.stderr, leave=False, dynamic_ncols=True)
+        bars.append(bar)
+
+        def step(n: int) -> None:
+            bar.update(n)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return step
+
+    return factory
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+# ------------------------------------------------------------------------------------- inspect
+def inspect_main(argv: Sequence[str] | None = None) -> int:
+    """``recipe-inspect RECIPE``: print a recipe's schedule and provenance. Returns the exit code."""
+    parser = _Parser(prog="recipe-inspect", description="Print a recipe's per-layer schedule and provenance.")
+    parser.add_argument("recipe", help="recipe file (.safetensors)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    from runtime.recipe import load
+
+    try:
+        recipe = load(args.recipe)
+    except RecipeError as exc:
+        print(f"recipe-inspect: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(_describe(recipe), indent=2, sort_keys=True))
+    else:
+        print(format_recipe(recipe))
+    return 0
+
+
+def _describe(recipe) -> dict:
+    return {
+        "keep_count": recipe.keep_count.tolist(),
+        "keep_ratio": [round(float(r), 6) for r in recipe.keep_ratio],
+        "scorer": recipe.scorer,
+        "head_reduce": recipe.head_reduce,
+        "pre_llm": recipe.pre_llm,
+        "fingerprint": recipe.fingerprint,
+        "provenance": recipe.provenance,
+    }
+
+
+def format_recipe(recipe) -> str:
+    """The human-readable table ``recipe-inspect`` prints."""
+    fp, prov = recipe.fingerprint, recipe.provenance
+    lines = [
+        f"model     {fp['model_type']}  layers {fp['num_layers']}  hidden {fp['hidden_size']}  heads {fp['num_heads']}/{fp['num_kv_heads']} kv"
+        f"  visual tokens {fp['visual_tokens']}  config {fp['config_hash']}",
+        f"scorer    {recipe.scorer} (heads: {recipe.head_reduce})   pre-LLM: {recipe.pre_llm.get('method')}",
+    ]
+    if prov:
+        measured = "  ".join(
+            f"{key} {prov[key]:.4g}" for key in ("budget", "flops_fraction", "divergence", "kl", "top1_agreement") if isinstance(prov.get(key), (int, float))
+        )
+        lines.append(f"compiled  search {prov.get('search', '?')} {json.dumps(prov.get('search_params', {}), sort_keys=True)}")
+        lines.append(f"measured  {measured}")
+        calibration = prov.get("calibration", {})
+        if calibration:
+            lines.append(f"calib     {calibration.get('samples')} samples, fingerprint {str(calibration.get('fingerprint', ''))[:16]}")
+        if prov.get("versions"):
+            lines.append("versions  " + "  ".join(f"{k} {v}" for k, v in sorted(prov["versions"].items())))
+    lines.append("")
+    lines.append("layer  keep  ratio   pruned on entry")
+    previous = None
+    for layer, (count, ratio) in enumerate(zip(recipe.keep_count.tolist(), recipe.keep_ratio.tolist())):
+        dropped = "" if previous is None or count == previous else f"-{previous - count}"
+        lines.append(f"{layer:>5}  {count:>4}  {ratio:6.3f}  {dropped}")
+        previous = count
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(compile_main())

@@ -1,0 +1,137 @@
+"""The calibration pass: one SDPA forward per calibration batch, attention statistics per layer.
+
+It reuses the runtime's hooks with a policy that prunes nothing and probes every layer: the
+registered attention function computes, chunk by chunk, only the softmax rows of the text queries,
+the visual queries and the last prompt token, and folds them into per-visual-token sums. Nothing
+L×L is kept. The result is a :class:`~recipe_compiler.statistics.Statistics`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from runtime.adapters import model_fingerprint
+from runtime.pruner import Policy, PruningHandle, Roles
+
+from .calibration import CalibrationSet, load_image
+from .statistics import Statistics
+
+HEAD_REDUCTIONS = ("max", "mean")
+
+
+class StatisticsPolicy(Policy):
+    """Prunes nothing; at every layer records cross, self and last-row attention per visual token."""
+
+    def __init__(self, num_layers: int, head_reduce: str = "max") -> None:
+        self.probe_layers = tuple(range(num_layers))
+        self.head_reduce = head_reduce
+        self.num_layers = num_layers
+        self.rows: list[dict] = []
+
+    def begin(self, roles: Roles) -> None:
+        self._roles = roles
+        self._batch = [
+            {"cross": [None] * self.num_layers, "self": [None] * self.num_layers, "last": [None] * self.num_layers}
+            for _ in range(roles.valid.shape[0])
+        ]
+        self.rows.extend(self._batch)
+        for row, entry in enumerate(self._batch):
+            entry["n_visual"] = int(roles.visual[row].sum())
+            entry["n_text"] = int(roles.text[row].sum())
+            entry["n_tokens"] = int(roles.valid[row].sum())
+
+    def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
+        last = torch.zeros_like(roles.text)
+        last[:, -1] = True
+        return torch.stack([roles.text, roles.visual, last], dim=1).float()
+
+    def on_probe(self, layer: int, sums: torch.Tensor, roles: Roles) -> None:
+        sums = sums.float().cpu()
+        for row, entry in enumerate(self._batch):
+            visual = roles.visual[row].cpu()
+            columns = sums[row][:, visual]  # (3, v) in prompt order
+            entry["cross"][layer] = (columns[0] / max(entry["n_text"], 1)).numpy()
+            entry["self"][layer] = (columns[1] / max(entry["n_visual"], 1)).numpy()
+            entry["last"][layer] = columns[2].numpy()
+
+
+def collect_statistics(
+    model: torch.nn.Module,
+    processor: Any,
+    calibration: CalibrationSet,
+    *,
+    format_prompt: Callable[[str], str] = lambda p: p,
+    batch_size: int = 4,
+    head_reduce: str = "max",
+    progress: Callable[[int], None] | None = None,
+) -> Statistics:
+    """Run the calibration set through ``model`` and collect attention statistics at every layer.
+
+    Args:
+        model: a stock HF VLM (any attention implementation the runtime supports; SDPA is fastest).
+        processor: the model's processor (images + text → input_ids, attention_mask, pixel_values).
+        calibration: the validated samples.
+        format_prompt: turns a user prompt into the model's chat format with its image placeholder.
+        batch_size: samples per forward (left-padded batches give the same statistics).
+        head_reduce: "max" (FitPrune) or "mean" over attention heads.
+        progress: called with the number of samples finished after each batch.
+
+    Returns:
+        :class:`Statistics` with S = len(calibration) samples.
+
+    Example:
+        >>> stats = collect_statistics(m.model, m.processor, load_calibration(), format_prompt=m.format_prompt)  # doctest: +SKIP
+    """
+    if head_reduce not in HEAD_REDUCTIONS:
+        raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
+    from runtime.adapters import adapter_for
+
+    num_layers = len(adapter_for(model).layers(model))
+    policy = StatisticsPolicy(num_layers, head_reduce)
+    device = next(model.parameters()).device
+    with PruningHandle(model, policy), torch.no_grad():
+        for batch in _batches(calibration.samples, batch_size):
+            inputs = processor(
+                images=[load_image(s) for s in batch],
+                text=[format_prompt(s.prompt) for s in batch],
+                return_tensors="pt",
+                padding=True,
+            )
+            inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+            before = len(policy.rows)
+            model(**inputs, use_cache=False, logits_to_keep=1)
+            if len(policy.rows) != before + len(batch):
+                raise RuntimeError("the calibration forward did not reach the pruning hooks (no image tokens?)")
+            if progress is not None:
+                progress(len(batch))
+    return _assemble(policy.rows, head_reduce, json.dumps(model_fingerprint(model), sort_keys=True), calibration.fingerprint())
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp: str) -> Statistics:
+    samples, layers = len(rows), len(rows[0]["cross"])
+    width = max(r["n_visual"] for r in rows)
+    arrays = {name: np.full((samples, layers, width), np.nan, dtype=np.float32) for name in ("cross", "self", "last")}
+    for s, row in enumerate(rows):
+        for name in arrays:
+            arrays[name][s, :, : row["n_visual"]] = np.stack(row[name])
+    return Statistics(
+        cross=arrays["cross"],
+        self_attn=arrays["self"],
+        last=arrays["last"],
+        n_visual=np.array([r["n_visual"] for r in rows], dtype=np.int64),
+        n_text=np.array([r["n_text"] for r in rows], dtype=np.int64),
+        n_tokens=np.array([r["n_tokens"] for r in rows], dtype=np.int64),
+        head_reduce=head_reduce,
+        model_fingerprint=model_fp,
+        calibration_fingerprint=calibration_fp,
+    )

@@ -1,0 +1,227 @@
+"""Compile a pruning recipe: calibrate → search → verify → Recipe (DESIGN.md §2).
+
+Each stage is callable on its own (``collect_statistics``, the searches, ``verify_recipe``); this
+module only wires them, times them and records provenance.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from runtime.adapters import adapter_for, model_fingerprint
+from runtime.recipe import HEAD_REDUCTIONS, SCORERS, Recipe
+
+from .calibration import CalibrationSet
+from .collect import collect_statistics
+from .divergence import divergence_table, schedule_objective
+from .errors import BudgetError, StatisticsError
+from .flops import LMShape, cost_table, layer_flops, min_feasible_budget, visual_token_equivalent
+from .search.optimal import optimal_schedule
+from .statistics import Statistics
+from .verify import Verification, verify_recipe
+
+SEARCHES = ("optimal", "fitprune")
+# Verified FLOPs fractions are compared with the budget up to floating-point summation order only.
+BUDGET_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """What to compile. Validated on construction; each error names the bad value and the range.
+
+    Args:
+        budget: fraction of the unpruned language-model prefill FLOPs the pruned model may spend,
+            averaged over the calibration prompts; ``0 < budget <= 1``.
+        search: schedule search, one of :data:`SEARCHES`.
+        scorer: run-time scorer recorded in the recipe, one of ``runtime.recipe.SCORERS``.
+        head_reduce: "max" (FitPrune) or "mean" over attention heads.
+        batch_size: calibration samples per forward.
+
+    Example:
+        >>> CompileConfig(budget=0.45).search
+        'optimal'
+    """
+
+    budget: float
+    search: str = "optimal"
+    scorer: str = "fitprune"
+    head_reduce: str = "max"
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        budget = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+            raise BudgetError(f"budget must be a number in (0, 1], got {budget!r}")
+        if not 0 < budget <= 1:
+            raise BudgetError(
+                f"budget must be in (0, 1] (the fraction of unpruned prefill FLOPs to spend), got {budget}"
+            )
+        if self.search not in SEARCHES:
+            raise ValueError(f"search {self.search!r} is unknown; choose one of {', '.join(SEARCHES)}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer {self.scorer!r} is unknown; choose one of {', '.join(SCORERS)}")
+        if self.head_reduce not in HEAD_REDUCTIONS:
+            raise ValueError(f"head_reduce {self.head_reduce!r} is unknown; choose one of {', '.join(HEAD_REDUCTIONS)}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+
+@dataclass
+class CompileResult:
+    """A compiled recipe and what was measured on the way.
+
+    Attributes:
+        recipe: the :class:`runtime.Recipe`; ``recipe.save(path)`` writes it.
+        statistics: the calibration statistics (reusable with ``--stats``).
+        verification: what the recipe really did on the calibration samples.
+        divergence: the search objective (attention divergence) of the chosen schedule.
+        visual_token_equivalent: constant visual-token count with the same FLOPs.
+        timings: seconds per stage ("calibrate", "search", "verify").
+        details: search-specific facts (e.g. FitPrune's alpha trace).
+    """
+
+    recipe: Recipe
+    statistics: Statistics
+    verification: Verification
+    divergence: float
+    visual_token_equivalent: float
+    timings: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+
+def compile_recipe(
+    model: Any,
+    processor: Any,
+    calibration: CalibrationSet,
+    config: CompileConfig,
+    *,
+    format_prompt: Callable[[str], str] = lambda p: p,
+    statistics: Statistics | None = None,
+    progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
+) -> CompileResult:
+    """Compile a recipe for ``model`` on ``calibration`` under ``config``.
+
+    Args:
+        model: a stock HF VLM of a supported family.
+        processor: its processor.
+        calibration: validated calibration samples.
+        config: budget, search, scorer.
+        format_prompt: the model's chat template for one image and a prompt.
+        statistics: reuse statistics from an earlier run (must be from this model and set).
+        progress: ``progress(stage, total) -> step`` factory for progress bars; ``step(n)`` advances.
+
+    Returns:
+        :class:`CompileResult`.
+
+    Raises:
+        BudgetError: the budget cannot be met even by dropping every visual token after layer 0.
+        StatisticsError: ``statistics`` belong to another model or calibration set.
+
+    Example:
+        >>> m = load_model("tiny-llava")                                        # doctest: +SKIP
+        >>> result = compile_recipe(m.model, m.processor, load_calibration(), CompileConfig(0.45),
+        ...                         format_prompt=m.format_prompt)             # doctest: +SKIP
+        >>> result.recipe.save("recipe.safetensors")                            # doctest: +SKIP
+    """
+    step = progress or (lambda stage, total: (lambda n: None))
+    fingerprint = model_fingerprint(model)
+    shape = LMShape.from_config(adapter_for(model).text_config(model))
+    v_ref = fingerprint["visual_tokens"]
+    common = dict(format_prompt=format_prompt, batch_size=config.batch_size)
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    if statistics is None:
+        statistics = collect_statistics(
+            model, processor, calibration, head_reduce=config.head_reduce,
+            progress=step("calibrate", len(calibration)), **common,
+        )
+    else:
+        _check_statistics(statistics, fingerprint, calibration, config)
+    timings["calibrate"] = time.perf_counter() - started
+
+    smallest = min_feasible_budget(shape, statistics.n_other, statistics.n_visual, v_ref)
+    if config.budget < smallest * (1 - BUDGET_RTOL):
+        raise BudgetError(
+            f"budget {config.budget:g} cannot be met: even dropping every visual token after layer 0 spends "
+            f"{smallest:.4f} of the prefill FLOPs on these prompts; use --budget {math.ceil(smallest * 1000) / 1000:g} or more"
+        )
+
+    started = time.perf_counter()
+    table = divergence_table(statistics, config.scorer)
+    details: dict[str, Any] = {}
+    if config.search == "optimal":
+        costs = cost_table(shape, statistics.n_other, statistics.n_visual, v_ref)
+        budget_flops = config.budget * float(np.mean(layer_flops(shape, statistics.n_tokens.astype(np.float64)))) * shape.num_layers
+        keep = optimal_schedule(table, costs, budget_flops * (1 - 1e-12))
+        search_params = {"method": "lagrangian-dp", "grid": int(v_ref) + 1}
+    else:
+        from .search.fitprune import fitprune_search
+
+        found = fitprune_search(
+            model, processor, calibration, statistics, shape, config.budget, v_ref,
+            progress=step("search", 7 * len(calibration)), **common,
+        )
+        if found is None:
+            raise BudgetError(f"the FitPrune search found no alpha meeting budget {config.budget:g}; try a larger budget or --search optimal")
+        keep = found.keep_count
+        search_params = {"alpha": found.alpha, "stop_layer": found.stop_layer, "bisection_tol": 0.01}
+        details["alpha_trace"] = found.trace
+        details["fitprune_pruned_per_layer"] = found.pruned_per_layer.astype(int).tolist()
+    timings["search"] = time.perf_counter() - started
+    divergence = schedule_objective(table, keep)
+
+    provenance = {
+        "budget": config.budget,
+        "search": config.search,
+        "search_params": search_params,
+        "head_reduce": config.head_reduce,
+        "divergence": round(float(divergence), 9),
+        "calibration": {"fingerprint": calibration.fingerprint(), "samples": len(calibration)},
+        "versions": _versions(),
+    }
+    recipe = Recipe(keep_count=keep, scorer=config.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce, provenance=provenance)
+
+    started = time.perf_counter()
+    verification = verify_recipe(model, processor, calibration, recipe, shape, progress=step("verify", len(calibration)), **common)
+    timings["verify"] = time.perf_counter() - started
+    if verification.flops_fraction > config.budget * (1 + BUDGET_RTOL):
+        raise RuntimeError(
+            f"internal error: the verified FLOPs fraction {verification.flops_fraction:.6f} exceeds the budget "
+            f"{config.budget}; please report this with the command line"
+        )
+    provenance.update(
+        flops_fraction=round(verification.flops_fraction, 9),
+        kl=round(verification.kl, 9),
+        top1_agreement=round(verification.top1_agreement, 9),
+    )
+    recipe = Recipe(keep_count=keep, scorer=config.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce, provenance=provenance)
+    equivalent = visual_token_equivalent(shape, statistics.n_other, statistics.n_visual, keep, v_ref)
+    return CompileResult(recipe, statistics, verification, float(divergence), float(equivalent), timings, details)
+
+
+def _check_statistics(stats: Statistics, fingerprint: dict, calibration: CalibrationSet, config: CompileConfig) -> None:
+    theirs = json.loads(stats.model_fingerprint) if stats.model_fingerprint else {}
+    if theirs != fingerprint:
+        raise StatisticsError("the saved statistics were collected on a different model; recollect them without --stats")
+    if stats.calibration_fingerprint != calibration.fingerprint():
+        raise StatisticsError("the saved statistics were collected on a different calibration set or --samples; recollect them")
+    if stats.head_reduce != config.head_reduce:
+        raise StatisticsError(f"the saved statistics use head_reduce={stats.head_reduce!r}, not {config.head_reduce!r}")
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("recipe-compiler", "torch", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions

@@ -1,0 +1,163 @@
+"""Attention divergence of keeping the top-k visual tokens at each layer (separable form).
+
+Pure numpy. METHODS.md §2: keeping the ``k`` best-ranked visual tokens entering layer ``l`` loses
+the attention mass the dropped ones carried in layer ``l``'s text→visual (``cross``) and
+visual→visual (``self_attn``) distributions; the divergence is ``−log(1 − lost)`` (the KL of the
+renormalised kept distribution to the original), averaged over the two. The ranking entering layer
+``l`` comes from layer ``l − 1``'s statistics, as at run time (the scorer sees the attention of the
+layer before the cut). The table is separable: each layer is scored against the unpruned
+statistics, independently of what earlier layers dropped.
+
+Counts are for the reference count ``V = stats.max_visual``; a sample with ``n_visual`` tokens
+keeps ``round_half_up(k·n_visual/V)`` (:func:`recipe_compiler.flops.scale_counts`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from recipe_compiler.flops import scale_counts
+from recipe_compiler.statistics import Statistics
+
+__all__ = ["SCORERS", "ranking_scores", "divergence_table", "schedule_objective"]
+
+SCORERS = ("fitprune", "text-mean", "last-token")
+
+_MIN_KEPT = 1e-6  # floor of the kept mass inside the log: caps one term at −log(1e-6) ≈ 13.8
+
+
+def _check_scorer(scorer: str) -> str:
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    return scorer
+
+
+def ranking_scores(stats: Statistics, scorer: str) -> np.ndarray:
+    """Scores that choose the visual tokens surviving into each layer (higher is kept).
+
+    Args:
+        stats: calibration statistics.
+        scorer: one of :data:`SCORERS`. ``fitprune``: ``cross·self_attn·n_text`` =
+            ``(Σ_text A)·(Σ_visual A / v)``; ``text-mean``: ``cross``; ``last-token``: ``last``.
+
+    Returns:
+        float64 ``[S, L, V]``; row ``l >= 1`` is computed from layer ``l − 1``'s statistics, row 0
+        is ``+inf`` (nothing is ranked before layer 0). Entries beyond a sample's visual count stay
+        NaN.
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.array([[[0.2, 0.1], [0.3, 0.4]]], dtype=np.float32)
+        >>> st = Statistics(a, a, a, np.array([2]), np.array([3]), np.array([10]))
+        >>> ranking_scores(st, "text-mean")[0].tolist()
+        [[inf, inf], [0.20000000298023224, 0.10000000149011612]]
+    """
+    _check_scorer(scorer)
+    S, L, V = stats.cross.shape
+    out = np.empty((S, L, V), dtype=np.float64)
+    out[:, 1:] = _base_scores(stats, scorer, slice(0, L - 1))
+    valid = np.arange(V)[None, :] < np.asarray(stats.n_visual)[:, None]  # [S, V]
+    out[:, 0] = np.where(valid, np.inf, np.nan)
+    return out
+
+
+def _base_scores(stats: Statistics, scorer: str, layers: slice) -> np.ndarray:
+    """The scorer's value from the statistics of ``layers`` (float64 [S, len(layers), V])."""
+    if scorer == "fitprune":
+        n_text = np.asarray(stats.n_text, dtype=np.float64)[:, None, None]
+        return stats.cross[:, layers].astype(np.float64) * stats.self_attn[:, layers] * n_text
+    if scorer == "text-mean":
+        return stats.cross[:, layers].astype(np.float64)
+    return stats.last[:, layers].astype(np.float64)
+
+
+def _normalised(values: np.ndarray) -> np.ndarray:
+    """Per (sample, layer) distribution over visual tokens; NaN → 0; all-zero rows stay zero."""
+    x = np.nan_to_num(values.astype(np.float64), nan=0.0)
+    total = np.sum(x, axis=-1, keepdims=True)
+    return np.divide(x, total, out=np.zeros_like(x), where=total > 0)
+
+
+def divergence_table(stats: Statistics, scorer: str = "fitprune") -> np.ndarray:
+    """Mean divergence of keeping the ``k`` top-ranked visual tokens entering each layer.
+
+    For sample ``s`` at layer ``l >= 1``: rank the visual tokens by :func:`ranking_scores`
+    (highest kept; ties kept by lower position first), keep ``k_s = round_half_up(k·n_visual/V)``;
+    ``lost_cross`` = mass of ``cross[s, l] / sum(cross[s, l])`` on the dropped tokens, likewise
+    ``lost_self``; ``D_s = ½·(−log max(1 − lost_cross, 1e-6) − log max(1 − lost_self, 1e-6))``.
+
+    Args:
+        stats: calibration statistics.
+        scorer: one of :data:`SCORERS`.
+
+    Returns:
+        float64 ``[L, V + 1]``: ``[l, k]`` = mean over samples of ``D_s``. Row 0 is 0 at ``k = V``
+        and ``+inf`` elsewhere (nothing can be pruned before layer 0 runs). Each row is
+        non-increasing in ``k``.
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.array([[[0.5, 0.5], [0.75, 0.25]]], dtype=np.float32)
+        >>> st = Statistics(a, a, a, np.array([2]), np.array([3]), np.array([10]))
+        >>> divergence_table(st, "text-mean").round(4).tolist()  # layer 1 keeps token 0 (ranked at layer 0)
+        [[inf, inf, 0.0], [13.8155, 0.2877, 0.0]]
+    """
+    _check_scorer(scorer)
+    S, L, V = stats.cross.shape
+    n_visual = np.asarray(stats.n_visual, dtype=np.int64)
+    if n_visual.shape != (S,) or np.any(n_visual < 0) or np.any(n_visual > V):
+        raise ValueError(f"stats.n_visual must hold one count in [0, {V}] per sample, got {n_visual!r}")
+    table = np.zeros((L, V + 1), dtype=np.float64)
+    table[0, :V] = np.inf
+    if L == 1:
+        return table
+
+    ks = scale_counts(np.arange(V + 1)[None, :], n_visual[:, None], V)  # [S, V+1]
+    positions = np.arange(V)
+    # Layers in chunks of about 2^20 entries: fast (cache-sized) and light on memory.
+    step = max(1, (1 << 20) // max(1, S * V))
+    for start in range(1, L, step):
+        stop = min(L, start + step)
+        n = stop - start
+        # The cut entering layer l is ranked by layer l-1's statistics.
+        scores = _base_scores(stats, scorer, slice(start - 1, stop - 1))  # [S, n, V]
+        valid = positions[None, None, :] < n_visual[:, None, None]
+        # Dropped last: positions beyond the sample's count (never kept, no mass) and NaN scores.
+        key = np.where(valid & ~np.isnan(scores), -scores, np.inf)
+        order = np.argsort(key, axis=-1, kind="stable")  # best first; ties by position
+        index = np.broadcast_to(ks[:, None, :], (S, n, V + 1))
+        total = np.zeros((S, n, V + 1), dtype=np.float64)
+        for values in (stats.cross, stats.self_attn):
+            p = np.where(valid, _normalised(values[:, start:stop]), 0.0)
+            p_sorted = np.take_along_axis(p, order, axis=-1)
+            # lost(k) = mass of ranks k..V-1: a reverse cumulative sum, exactly 0 at k = V.
+            lost = np.zeros((S, n, V + 1), dtype=np.float64)
+            lost[..., :V] = np.cumsum(p_sorted[..., ::-1], axis=-1)[..., ::-1]
+            lost_at_k = np.take_along_axis(lost, index, axis=-1)
+            total += -np.log(np.maximum(1.0 - lost_at_k, _MIN_KEPT))
+        table[start:stop] = 0.5 * np.mean(total, axis=0)
+    return table
+
+
+def schedule_objective(table: Any, keep_counts: Any) -> float:
+    """Total divergence of a schedule: ``Σ_l table[l, keep_counts[l]]``.
+
+    Args:
+        table: float ``[L, V + 1]`` from :func:`divergence_table`.
+        keep_counts: int ``[L]`` visual tokens (reference count) alive entering each layer.
+
+    Returns:
+        The sum (float; ``inf`` if the schedule prunes before layer 0).
+
+    Example:
+        >>> schedule_objective([[float("inf"), 0.0], [0.7, 0.0]], [1, 0])
+        0.7
+    """
+    t = np.asarray(table, dtype=np.float64)
+    k = np.asarray(keep_counts)
+    if t.ndim != 2 or k.shape != (t.shape[0],):
+        raise ValueError(f"keep_counts {k.shape} needs one count per table row; table has shape {t.shape}")
+    if k.dtype.kind not in "iu" or np.any(k < 0) or np.any(k >= t.shape[1]):
+        raise ValueError(f"keep_counts must be integers in [0, {t.shape[1] - 1}], got {k.tolist()}")
+    return float(np.sum(t[np.arange(t.shape[0]), k]))

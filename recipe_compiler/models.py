@@ -1,0 +1,911 @@
+"""Model registry and loader: aliases, embedded configs, the built-in ``tiny-llava``.
+
+``--model`` takes a registry alias (``llava-1.5-7b``), a hub id (``org/name``) or a local
+directory.  Weights come from the local directory or the local HF cache; the hub is only tried
+when ``HF_HUB_OFFLINE`` is not set, and every failure there is caught.  The registry embeds each
+alias's full ``config.json``, so ``random_weights=True`` builds the real architecture without
+reading any weights.  ``tiny-llava`` is a small, seeded, random but real
+``LlavaForConditionalGeneration`` with an offline byte-level tokenizer; it runs anywhere in
+well under a second.
+
+Example:
+    >>> from recipe_compiler.models import load_model
+    >>> lm = load_model("tiny-llava")
+    >>> lm.format_prompt("What is this?")
+    'USER: <image>\\nWhat is this? ASSISTANT:'
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recipe_compiler.errors import ModelNotFoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import transformers
+
+__all__ = [
+    "LLAVA_15_PROMPT_TEMPLATE",
+    "REGISTRY",
+    "LoadedModel",
+    "ModelSpec",
+    "build_tiny_llava",
+    "builtin_tokenizer",
+    "load_model",
+    "parse_dtype",
+    "resolve_spec",
+]
+
+LLAVA_15_PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+"""The LLaVA-1.5 single-turn prompt; ``{prompt}`` is replaced by the user's question."""
+
+IMAGE_TOKEN = "<image>"
+
+# OpenAI CLIP normalisation, as in transformers.image_utils.OPENAI_CLIP_MEAN / _STD.
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry.
+
+    Attributes:
+        alias: Short name used on the command line, e.g. ``"llava-1.5-7b"``.
+        hub_id: Hub repository of the weights, e.g. ``"llava-hf/llava-1.5-7b-hf"``; ``None`` for
+            built-in models.
+        config: The full ``LlavaConfig`` as a dict (the checkpoint's ``config.json``).
+        prompt_template: Prompt format with one ``{prompt}`` placeholder.
+        description: One-line human description.
+    """
+
+    alias: str
+    hub_id: str | None
+    config: dict = field(hash=False, compare=True)
+    prompt_template: str = LLAVA_15_PROMPT_TEMPLATE
+    description: str = ""
+
+
+# CLIP ViT-L/14 at 336 px, as embedded in llava-hf/llava-1.5-{7b,13b}-hf/config.json.
+_CLIP_VIT_L_14_336 = {
+    "hidden_size": 1024,
+    "image_size": 336,
+    "intermediate_size": 4096,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "vocab_size": 32000,
+}
+
+# config.json of llava-hf/llava-1.5-7b-hf (fields not given take the LlamaConfig / CLIPVisionConfig
+# defaults, exactly as when transformers reads the file).
+_LLAVA_15_7B_CONFIG: dict[str, Any] = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "ignore_index": -100,
+    "image_seq_length": 576,
+    "image_token_index": 32000,
+    "model_type": "llava",
+    "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "text_config": {
+        "_name_or_path": "lmsys/vicuna-7b-v1.5",
+        "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": 4096,
+        "model_type": "llama",
+        "rms_norm_eps": 1e-05,
+        "torch_dtype": "float16",
+        "vocab_size": 32064,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.36.0.dev0",
+    "vision_config": dict(_CLIP_VIT_L_14_336),
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "vocab_size": 32064,
+}
+
+# config.json of llava-hf/llava-1.5-13b-hf.
+_LLAVA_15_13B_CONFIG: dict[str, Any] = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "ignore_index": -100,
+    "image_seq_length": 576,
+    "image_token_index": 32000,
+    "model_type": "llava",
+    "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "text_config": {
+        "_name_or_path": "lmsys/vicuna-13b-v1.5",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "max_position_embeddings": 4096,
+        "model_type": "llama",
+        "num_attention_heads": 40,
+        "num_hidden_layers": 40,
+        "num_key_value_heads": 40,
+        "rms_norm_eps": 1e-05,
+        "torch_dtype": "float16",
+        "vocab_size": 32064,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.36.0.dev0",
+    "vision_config": dict(_CLIP_VIT_L_14_336),
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "vocab_size": 32064,
+}
+
+# tiny-llava: built-in tokenizer layout is <unk>=0, <s>=1, </s>=2, bytes 3..258, <image>=259,
+# <pad>=260, so the vocabulary is exactly 261 tokens.
+TINY_IMAGE_TOKEN_ID = 259
+TINY_PAD_TOKEN_ID = 260
+TINY_VOCAB_SIZE = 261
+
+_TINY_LLAVA_CONFIG: dict[str, Any] = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava",
+    "image_seq_length": 64,
+    "image_token_index": TINY_IMAGE_TOKEN_ID,
+    "pad_token_id": TINY_PAD_TOKEN_ID,
+    "projector_hidden_act": "gelu",
+    "tie_word_embeddings": False,
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 96,
+        "patch_size": 4,
+        "projection_dim": 32,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-05,
+    },
+    "text_config": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-05,
+        "vocab_size": TINY_VOCAB_SIZE,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": TINY_PAD_TOKEN_ID,
+        "tie_word_embeddings": False,
+    },
+}
+
+REGISTRY: dict[str, ModelSpec] = {
+    "llava-1.5-7b": ModelSpec(
+        alias="llava-1.5-7b",
+        hub_id="llava-hf/llava-1.5-7b-hf",
+        config=_LLAVA_15_7B_CONFIG,
+        prompt_template=LLAVA_15_PROMPT_TEMPLATE,
+        description="LLaVA-1.5 7B (Vicuna-7B + CLIP ViT-L/14-336, 576 visual tokens per image)",
+    ),
+    "llava-1.5-13b": ModelSpec(
+        alias="llava-1.5-13b",
+        hub_id="llava-hf/llava-1.5-13b-hf",
+        config=_LLAVA_15_13B_CONFIG,
+        prompt_template=LLAVA_15_PROMPT_TEMPLATE,
+        description="LLaVA-1.5 13B (Vicuna-13B + CLIP ViT-L/14-336, 576 visual tokens per image)",
+    ),
+    "tiny-llava": ModelSpec(
+        alias="tiny-llava",
+        hub_id=None,
+        config=_TINY_LLAVA_CONFIG,
+        prompt_template=LLAVA_15_PROMPT_TEMPLATE,
+        description="built-in tiny random LLaVA (CLIP 2x32 @96px patch 4, Llama 8x64 GQA 4/2, 576 visual tokens like LLaVA-1.5)",
+    ),
+}
+
+TINY_ALIAS = "tiny-llava"
+
+
+def resolve_spec(name: str) -> ModelSpec | None:
+    """Look a name up in the registry.
+
+    Args:
+        name: A registry alias, compared case-insensitively and ignoring surrounding spaces.
+
+    Returns:
+        The :class:`ModelSpec`, or ``None`` when ``name`` is not an alias (hub ids and directories
+        are not aliases; :func:`load_model` handles those).
+
+    Example:
+        >>> resolve_spec("LLaVA-1.5-7B").hub_id
+        'llava-hf/llava-1.5-7b-hf'
+        >>> resolve_spec("llava-hf/llava-1.5-7b-hf") is None
+        True
+    """
+    if not isinstance(name, str):
+        return None
+    return REGISTRY.get(name.strip().lower())
+
+
+def _spec_for_hub_id(repo_id: str) -> ModelSpec | None:
+    for spec in REGISTRY.values():
+        if spec.hub_id is not None and spec.hub_id.lower() == repo_id.lower():
+            return spec
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Loaded model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run model with its processor.
+
+    Attributes:
+        model: ``LlavaForConditionalGeneration`` in eval mode with gradients off.
+        processor: ``LlavaProcessor``: ``processor(images=[...], text=[...], return_tensors="pt",
+            padding=True)`` gives ``input_ids`` / ``attention_mask`` / ``pixel_values`` with each
+            ``<image>`` expanded to the model's number of image tokens, left padded.
+        spec: The registry entry, or ``None`` for a hub id / directory not in the registry.
+        name: What the user passed.
+        source: Where the weights (and processor) came from, for logs and reports.
+    """
+
+    model: "transformers.PreTrainedModel"
+    processor: "transformers.ProcessorMixin"
+    spec: ModelSpec | None
+    name: str
+    source: str
+
+    def format_prompt(self, prompt: str) -> str:
+        """Wrap a user question in the model's prompt template.
+
+        Args:
+            prompt: The question, without any ``<image>`` placeholder.
+
+        Returns:
+            The full prompt, with one ``<image>`` placeholder (the spec's template, else LLaVA-1.5's).
+
+        Example:
+            >>> build_tiny_llava().format_prompt("Hi?")
+            'USER: <image>\\nHi? ASSISTANT:'
+        """
+        template = self.spec.prompt_template if self.spec is not None else LLAVA_15_PROMPT_TEMPLATE
+        return template.replace("{prompt}", prompt)
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of the ``<image>`` placeholder token in ``input_ids``."""
+        return int(self.model.config.image_token_index)
+
+
+# --------------------------------------------------------------------------------------------
+# dtype
+# --------------------------------------------------------------------------------------------
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: "torch.dtype | str") -> torch.dtype:
+    """Turn a dtype option into a ``torch.dtype``.
+
+    Args:
+        dtype: A floating ``torch.dtype`` or one of ``float32``/``fp32``/``float16``/``fp16``/
+            ``bfloat16``/``bf16`` (case-insensitive, an optional ``torch.`` prefix is allowed).
+
+    Returns:
+        The ``torch.dtype``.
+
+    Raises:
+        ValueError: For anything else; the message lists the choices.
+
+    Example:
+        >>> parse_dtype("bf16")
+        torch.bfloat16
+    """
+    choices = ", ".join(_DTYPE_NAMES)
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype} is not a floating-point type; use one of: {choices}")
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower()
+        if key.startswith("torch."):
+            key = key[len("torch.") :]
+        if key in _DTYPE_NAMES:
+            return _DTYPE_NAMES[key]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of: {choices}")
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in tokenizer and processor
+# --------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-unicode map (what the ByteLevel pre-tokenizer uses)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def builtin_tokenizer(
+    vocab_size: int, image_token_id: int, pad_token_id: int | None = None
+) -> "transformers.PreTrainedTokenizerFast":
+    """Build the offline byte-level tokenizer used by tiny-llava and random-weight models.
+
+    Every UTF-8 byte is one token (no merges), so any text round-trips.  Special tokens are
+    ``<unk>``, ``<s>`` (bos, prepended to every sequence), ``</s>`` (eos), ``<pad>`` and
+    ``<image>``; ``<image>`` gets exactly ``image_token_id`` and is never split.  The remaining
+    ids are laid out like Llama's: ``<unk>``, ``<s>``, ``</s>`` (and ``<pad>`` when no id is given)
+    take the lowest free ids, then the 256 bytes.  Unused ids below ``vocab_size`` are filled with
+    never-produced ``<extra_N>`` tokens so every id a model can emit decodes to something.
+    Padding is on the left.
+
+    Args:
+        vocab_size: Size of the model's embedding table; all ids are below it.
+        image_token_id: Id of ``<image>`` (e.g. 32000 for LLaVA-1.5).
+        pad_token_id: Id of ``<pad>``; ``None`` puts it right after ``</s>``'s free slot.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with ``tokenizer.image_token == "<image>"``.
+
+    Raises:
+        ValueError: Ids out of range, clashing, or a vocabulary too small to hold 256 bytes and
+            five special tokens.
+
+    Example:
+        >>> tok = builtin_tokenizer(261, 259, 260)
+        >>> tok("hi <image>").input_ids
+        [1, 107, 108, 35, 259]
+        >>> tok.decode(tok("héllo").input_ids, skip_special_tokens=True)
+        'héllo'
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    for label, value in (("vocab_size", vocab_size), ("image_token_id", image_token_id)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{label} must be an int, got {value!r}")
+    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
+        raise ValueError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
+    needed = 256 + 5
+    if vocab_size < needed:
+        raise ValueError(f"vocab_size {vocab_size} is too small for the byte-level tokenizer; use at least {needed}")
+    for label, value in (("image_token_id", image_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None and not 0 <= value < vocab_size:
+            raise ValueError(f"{label} {value} is outside the vocabulary [0, {vocab_size}); pick an id below vocab_size")
+    if pad_token_id is not None and pad_token_id == image_token_id:
+        raise ValueError(f"pad_token_id and image_token_id are both {image_token_id}; give them different ids")
+
+    vocab: dict[str, int] = {IMAGE_TOKEN: image_token_id}
+    if pad_token_id is not None:
+        vocab["<pad>"] = pad_token_id
+    taken = set(vocab.values())
+    free = (i for i in range(vocab_size) if i not in taken)
+    for tok in ("<unk>", "<s>", "</s>"):
+        vocab[tok] = next(free)
+    if pad_token_id is None:
+        vocab["<pad>"] = next(free)
+    for byte, char in sorted(_bytes_to_unicode().items()):
+        vocab[char] = next(free)
+    for i in free:
+        vocab[f"<extra_{i}>"] = i
+
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)]
+    )
+    bos_id = vocab["<s>"]
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    return tokenizer
+
+
+def _image_processor_for(vision_config: Any) -> Any:
+    """CLIP preprocessing (PIL backend: torchvision is not needed) for a square input size."""
+    from transformers import CLIPImageProcessorPil
+
+    size = int(vision_config.image_size)
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        image_mean=list(_CLIP_MEAN),
+        image_std=list(_CLIP_STD),
+    )
+
+
+def _builtin_processor(config: Any) -> Any:
+    """LlavaProcessor with the built-in tokenizer, sized from a LlavaConfig."""
+    from transformers import LlavaProcessor
+
+    text = config.text_config
+    tokenizer = builtin_tokenizer(
+        vocab_size=int(text.vocab_size),
+        image_token_id=int(config.image_token_index),
+        pad_token_id=_pad_id(config),
+    )
+    tokenizer.model_max_length = int(getattr(text, "max_position_embeddings", 4096))
+    return LlavaProcessor(
+        image_processor=_image_processor_for(config.vision_config),
+        tokenizer=tokenizer,
+        patch_size=int(config.vision_config.patch_size),
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token
+    )
+
+
+def _pad_id(config: Any) -> int | None:
+    for value in (getattr(config, "pad_token_id", None), getattr(config.text_config, "pad_token_id", None)):
+        if isinstance(value, int) and value != int(config.image_token_index):
+            return value
+    return None
+
+
+def _fix_processor(processor: Any, config: Any) -> Any:
+    """Make a loaded processor expand ``<image>`` and left-pad, whatever its saved config said.
+
+    Older llava-hf snapshots save no ``patch_size``; without it the processor cannot count image
+    tokens.  Fill the geometry in from the model config.
+    """
+    if getattr(processor, "patch_size", None) is None:
+        processor.patch_size = int(config.vision_config.patch_size)
+        processor.num_additional_image_tokens = 1
+    if getattr(processor, "vision_feature_select_strategy", None) is None:
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None and _pad_id(config) is not None:
+            try:
+                tokenizer.pad_token = tokenizer.convert_ids_to_tokens(_pad_id(config))
+            except Exception:  # noqa: BLE001 - best effort, padding then needs pad_token from the user
+                pass
+    return processor
+
+
+# --------------------------------------------------------------------------------------------
+# Building / loading
+# --------------------------------------------------------------------------------------------
+
+# Below this fp32 size a random model is built in fp32 and then cast, so its weights are the same
+# numbers in every dtype; above it, it is built directly in the target dtype to save memory.
+_BUILD_FP32_LIMIT_BYTES = 2 * 1024**3
+
+
+def _finalize(model: Any, attn_implementation: str) -> Any:
+    try:
+        model.set_attn_implementation(attn_implementation)
+    except Exception:  # noqa: BLE001 - loading already validated it; keep the loaded choice
+        pass
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _set_generation_ids(model: Any, config: Any, tokenizer: Any | None, *, override: bool = True) -> None:
+    """Give ``generate`` the tokenizer's bos/eos/pad ids (only the missing ones unless ``override``)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    ids = {"pad_token_id": _pad_id(config)}
+    if tokenizer is not None:
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _pad_id(config),
+        }
+    for key, value in ids.items():
+        if value is not None and (override or getattr(gen, key, None) is None):
+            setattr(gen, key, value)
+
+
+def _random_model(config: Any, *, device: str, dtype: torch.dtype, attn_implementation: str, seed: int) -> Any:
+    """Build ``LlavaForConditionalGeneration(config)`` with seeded random weights.
+
+    ``device="meta"`` builds shapes only (no memory, no init).  Small models are initialised in
+    fp32 and cast so that the same seed gives the same numbers in every dtype.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    torch_device = torch.device(device)
+    with torch.device("meta"):
+        shell = LlavaForConditionalGeneration._from_config(
+            config, attn_implementation=attn_implementation, dtype=dtype
+        )
+    if torch_device.type == "meta":
+        return shell
+    n_params = sum(p.numel() for p in shell.parameters())
+    del shell
+    build_dtype = torch.float32 if n_params * 4 <= _BUILD_FP32_LIMIT_BYTES else dtype
+    fork_devices = [torch_device.index or 0] if torch_device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        with torch_device:
+            model = LlavaForConditionalGeneration._from_config(
+                config, attn_implementation=attn_implementation, dtype=build_dtype
+            )
+    if build_dtype != dtype:
+        model = model.to(dtype=dtype)
+    return model
+
+
+def _llava_config(config_dict: dict) -> Any:
+    from transformers import LlavaConfig
+
+    return LlavaConfig(**copy.deepcopy(config_dict))
+
+
+def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa") -> LoadedModel:
+    """Build the built-in ``tiny-llava`` (random, seeded) on CPU in fp32.
+
+    Args:
+        seed: Seed for ``torch.manual_seed`` before construction; the same seed gives bit-identical
+            weights in every process.  The caller's RNG state is left untouched.
+        attn_implementation: ``"sdpa"`` or ``"eager"``.
+
+    Returns:
+        A :class:`LoadedModel` (576 visual tokens per 96-px image, byte-level tokenizer).
+
+    Example:
+        >>> lm = build_tiny_llava(seed=0)
+        >>> lm.model.config.text_config.num_hidden_layers
+        8
+    """
+    return load_model(TINY_ALIAS, seed=seed, attn_implementation=attn_implementation)
+
+
+def _known_aliases() -> str:
+    return ", ".join(sorted(REGISTRY))
+
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$")
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID_RE.match(name)) and ".." not in name and not name.endswith((".", "-"))
+
+
+def _hub_offline() -> bool:
+    truthy = {"1", "true", "yes", "on"}
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in truthy:
+            return True
+    return False
+
+
+def _hf_cache_dir() -> Path:
+    """The hub cache directory, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    try:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE).expanduser()
+    except Exception:  # noqa: BLE001
+        return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def _repo_cache_folder(repo_id: str) -> Path:
+    return _hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+
+
+def _cached_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path | None:
+    """The local snapshot folder of ``repo_id`` in the HF cache, or ``None``; never uses the network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id, cache_dir=str(_hf_cache_dir()), local_files_only=True, allow_patterns=allow_patterns
+        )
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or unreadable cache
+        return None
+    path = Path(str(path))
+    return path if (path / "config.json").is_file() or allow_patterns else None
+
+
+_PROCESSOR_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]
+
+
+def _download_snapshot(repo_id: str, *, weights: bool = True) -> Path | None:
+    """Fetch ``repo_id`` from the hub when allowed; ``None`` on any failure (offline, no network...).
+
+    ``weights=False`` fetches only the config and processor files.
+    """
+    if _hub_offline():
+        return None
+    try:
+        from huggingface_hub import HfApi, constants, snapshot_download
+
+        timeout = float(getattr(constants, "HF_HUB_ETAG_TIMEOUT", 10))
+        HfApi().model_info(repo_id, timeout=timeout)  # fail fast when the hub is unreachable
+        path = snapshot_download(
+            repo_id,
+            cache_dir=str(_hf_cache_dir()),
+            etag_timeout=timeout,
+            allow_patterns=_PROCESSOR_PATTERNS + (["*.safetensors"] if weights else []),
+        )
+    except Exception:  # noqa: BLE001 - every hub error means "not available"
+        return None
+    path = Path(str(path))
+    return path if (path / "config.json").is_file() else None
+
+
+def _read_llava_config(directory: Path, what: str) -> Any:
+    """AutoConfig from a directory, checked to be a LLaVA config."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelNotFoundError(
+            f"{what}: cannot read config.json in {directory} ({type(exc).__name__}: {_first_line(exc)}); "
+            "point --model at a LLaVA checkpoint saved with save_pretrained"
+        ) from exc
+    if getattr(config, "model_type", None) != "llava":
+        raise ModelNotFoundError(
+            f"{what}: {directory} holds a {getattr(config, 'model_type', '?')!r} model, but only LLaVA "
+            f"(model_type 'llava') checkpoints are supported; use one of {_known_aliases()} or a llava-hf checkpoint"
+        )
+    return config
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
+
+
+def _load_directory(
+    directory: Path,
+    *,
+    what: str,
+    device: str,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    seed: int,
+    random_weights: bool,
+) -> tuple[Any, Any]:
+    """(model, processor) from a checkpoint directory (local or a cache snapshot)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    config = _read_llava_config(directory, what)
+    try:
+        processor = AutoProcessor.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelNotFoundError(
+            f"{what}: cannot load the processor (tokenizer + image processor) from {directory} "
+            f"({type(exc).__name__}: {_first_line(exc)}); save it there with processor.save_pretrained(dir)"
+        ) from exc
+    processor = _fix_processor(processor, config)
+
+    if random_weights or torch.device(device).type == "meta":
+        model = _random_model(
+            config, device=device, dtype=dtype, attn_implementation=attn_implementation, seed=seed
+        )
+    else:
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                str(directory),
+                local_files_only=True,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+            )
+        except OSError as exc:
+            raise ModelNotFoundError(
+                f"{what}: weights in {directory} are missing or unreadable ({_first_line(exc)}); "
+                "re-download them or pass --random-weights to build the architecture without weights"
+            ) from exc
+        if torch.device(device) != torch.device("cpu"):
+            model = model.to(device)
+    _set_generation_ids(model, model.config, getattr(processor, "tokenizer", None), override=random_weights)
+    return model, processor
+
+
+def _not_found_message(name: str, repo_id: str) -> str:
+    label = f"model '{name}' ({repo_id})" if name != repo_id else f"model '{repo_id}'"
+    hub = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub is unreachable"
+    return (
+        f"{label}: weights not found in the HF cache at {_repo_cache_folder(repo_id)} and {hub}; "
+        f"fetch them with `huggingface-cli download {repo_id}` or pass --random-weights to build the "
+        "architecture without weights"
+    )
+
+
+def load_model(
+    name: str,
+    *,
+    random_weights: bool = False,
+    device: str = "cpu",
+    dtype: "torch.dtype | str" = "float32",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> LoadedModel:
+    """Load (or build) a LLaVA model and its processor.
+
+    Resolution order: (1) a registry alias (case-insensitive; ``tiny-llava`` is always built in);
+    (2) an existing local directory with ``config.json``; (3) a hub id ``org/name`` (an alias
+    maps to its hub id), looked up in the local HF cache, then on the hub only when
+    ``HF_HUB_OFFLINE`` is not set (short timeout, every error caught).
+
+    Args:
+        name: Alias, local directory or hub id.
+        random_weights: Build the architecture with seeded random weights instead of loading them.
+            For an alias this reads nothing but (optionally) a cached processor; without one, the
+            built-in byte-level tokenizer is used and ``source`` says so.
+        device: A torch device string; ``"meta"`` builds shapes only (no weights, no init).
+        dtype: ``torch.dtype`` or ``float32``/``fp32``/``float16``/``fp16``/``bfloat16``/``bf16``.
+        attn_implementation: ``"sdpa"`` or ``"eager"`` (anything transformers accepts).
+        seed: Seed for random weights (``tiny-llava`` and ``random_weights=True``).
+
+    Returns:
+        A :class:`LoadedModel` in eval mode with gradients off.
+
+    Raises:
+        ModelNotFoundError: Unknown name, missing weights, or a non-LLaVA checkpoint.
+        ValueError: Bad ``dtype``.
+
+    Example:
+        >>> lm = load_model("tiny-llava", dtype="fp32")
+        >>> lm.source
+        'built-in tiny-llava (random, seed 0)'
+        >>> load_model("llava-1.5-7b", random_weights=True, device="meta").model.device.type
+        'meta'
+    """
+    torch_dtype = parse_dtype(dtype)
+    if not isinstance(name, str) or not name.strip():
+        raise ModelNotFoundError(f"empty model name; pass one of {_known_aliases()}, a hub id or a local directory")
+    name_clean = name.strip()
+    spec = resolve_spec(name_clean)
+    kwargs = dict(device=device, dtype=torch_dtype, attn_implementation=attn_implementation, seed=seed)
+
+    # (1) built-in tiny model
+    if spec is not None and spec.hub_id is None:
+        config = _llava_config(spec.config)
+        model = _random_model(config, **kwargs)
+        processor = _builtin_processor(config)
+        _set_generation_ids(model, model.config, processor.tokenizer)
+        source = f"built-in {spec.alias} (random, seed {seed})"
+        return LoadedModel(_finalize(model, attn_implementation), processor, spec, name, source)
+
+    # (1b) alias with random weights: the embedded config, no weights read
+    if spec is not None and random_weights:
+        return _random_from_spec(spec, name, **kwargs)
+
+    # (2) local directory
+    if spec is None:
+        path = Path(name_clean).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelNotFoundError(
+                    f"model '{name}': directory {path} has no config.json; point --model at a checkpoint "
+                    f"saved with save_pretrained, a hub id, or one of {_known_aliases()}"
+                )
+            resolved = path.resolve()
+            model, processor = _load_directory(
+                resolved, what=f"model '{name}'", random_weights=random_weights, **kwargs
+            )
+            if random_weights:
+                source = f"random weights (seed {seed}), config from local directory {resolved}"
+            else:
+                source = f"local directory {resolved}"
+            return LoadedModel(_finalize(model, attn_implementation), processor, None, name, source)
+        if path.exists():
+            raise ModelNotFoundError(
+                f"model '{name}': {path} is a file, not a checkpoint directory; pass a directory with config.json, "
+                f"a hub id, or one of {_known_aliases()}"
+            )
+        if not _is_hub_id(name_clean):
+            raise ModelNotFoundError(
+                f"unknown model '{name}': not a known alias ({_known_aliases()}), an existing directory, "
+                "or a hub id like org/name; pick an alias or pass a checkpoint directory"
+            )
+
+    # (3) hub id, from the HF cache (or the hub when reachable)
+    repo_id = spec.hub_id if spec is not None else name_clean
+    if spec is None:
+        spec = _spec_for_hub_id(repo_id)
+        if spec is not None and random_weights:  # a registered hub id: its embedded config suffices
+            return _random_from_spec(spec, name, **kwargs)
+    snapshot = _cached_snapshot(repo_id)
+    origin = f"HF cache {_repo_cache_folder(repo_id)}"
+    if snapshot is None:
+        snapshot = _download_snapshot(repo_id, weights=not random_weights)
+        origin = f"HF hub {repo_id} (downloaded to {_repo_cache_folder(repo_id)})"
+    if snapshot is None:
+        if random_weights:
+            raise ModelNotFoundError(
+                f"model '{name}': --random-weights needs a config, but {repo_id} is neither a registry alias "
+                f"({_known_aliases()}) nor cached at {_repo_cache_folder(repo_id)}; use an alias or fetch the config "
+                f"with `huggingface-cli download {repo_id} config.json`"
+            )
+        raise ModelNotFoundError(_not_found_message(name_clean, repo_id))
+    model, processor = _load_directory(
+        snapshot, what=f"model '{name}'", random_weights=random_weights, **kwargs
+    )
+    source = origin if not random_weights else f"random weights (seed {seed}), config from {origin}"
+    return LoadedModel(_finalize(model, attn_implementation), processor, spec, name, source)
+
+
+def _random_from_spec(
+    spec: ModelSpec, name: str, *, device: str, dtype: torch.dtype, attn_implementation: str, seed: int
+) -> LoadedModel:
+    """Random weights for a real alias; its cached processor when there is one, else the built-in one."""
+    from transformers import AutoProcessor
+
+    config = _llava_config(spec.config)
+    model = _random_model(config, device=device, dtype=dtype, attn_implementation=attn_implementation, seed=seed)
+    processor = None
+    proc_note = ""
+    hub_id = spec.hub_id or spec.alias
+    snapshot = _cached_snapshot(hub_id, allow_patterns=_PROCESSOR_PATTERNS)
+    if snapshot is not None and any(snapshot.glob("tokenizer*")):
+        try:
+            processor = _fix_processor(AutoProcessor.from_pretrained(str(snapshot), local_files_only=True), config)
+            proc_note = f"processor from HF cache {_repo_cache_folder(hub_id)}"
+        except Exception:  # noqa: BLE001 - fall back to the built-in processor
+            processor = None
+    if processor is None:
+        processor = _builtin_processor(config)
+        proc_note = f"built-in byte-level tokenizer (not the real {hub_id} tokenizer)"
+    _set_generation_ids(model, model.config, processor.tokenizer)
+    source = f"random weights ({spec.alias} architecture, seed {seed}); {proc_note}"
+    return LoadedModel(_finalize(model, attn_implementation), processor, spec, name, source)

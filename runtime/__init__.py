@@ -1,0 +1,14 @@
+"""recipe-compiler's lean runtime: load a pruning recipe and apply it to a stock HF model.
+
+Imports only torch, numpy, safetensors-format parsing and (lazily) transformers.
+
+Example:
+    >>> from runtime import load                                  # doctest: +SKIP
+    >>> handle = load("recipe.safetensors").apply(model)          # doctest: +SKIP
+    >>> model.generate(**inputs)                                  # doctest: +SKIP
+    >>> handle.remove()                                           # doctest: +SKIP
+"""
+from .errors import RecipeError, RecipeMismatchError
+from .recipe import Recipe, load
+
+__all__ = ["Recipe", "RecipeError", "RecipeMismatchError", "load"]

@@ -1,0 +1,123 @@
+"""Partial attention statistics without eager attention.
+
+Two attention implementations are registered with transformers, ``recipe_runtime_sdpa`` and
+``recipe_runtime_eager``. Each calls an optional per-module *probe* with the post-RoPE queries and
+the cache-updated keys, then delegates to the stock kernel with the very same arguments, so a model
+whose probes are idle computes bit-identical outputs. A probe reduces only the query rows it needs
+(chunk by chunk) into per-key sums: nothing L×L is kept.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Callable
+
+import torch
+
+WRAPPED = {"sdpa": "recipe_runtime_sdpa", "eager": "recipe_runtime_eager"}
+UNWRAPPED = {v: k for k, v in WRAPPED.items()}
+
+Probe = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], None]
+_PROBES: "weakref.WeakKeyDictionary[torch.nn.Module, Probe]" = weakref.WeakKeyDictionary()
+_registered = False
+
+
+def _eager_for(module: torch.nn.Module) -> Callable:
+    # Each modelling file defines its own eager_attention_forward; use the module's family's one.
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+
+
+def _make(base: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        probe = _PROBES.get(module)
+        if probe is not None:
+            probe(module, query, key, attention_mask, kwargs.get("scaling") or module.scaling)
+        if base == "sdpa":
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward as stock
+        else:
+            stock = _eager_for(module)
+        return stock(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"recipe_runtime_{base}_attention"
+    return attention
+
+
+def register() -> None:
+    """Register the wrapped implementations (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    masks = {"sdpa": sdpa_mask, "eager": eager_mask}
+    for base, name in WRAPPED.items():
+        AttentionInterface.register(name, _make(base))
+        # Without a mask registration create_causal_mask returns None and padding is silently lost.
+        AttentionMaskInterface.register(name, masks[base])
+    _registered = True
+
+
+def set_probe(module: torch.nn.Module, probe: Probe | None) -> None:
+    """Attach (or with ``None`` detach) a probe to one attention module."""
+    if probe is None:
+        _PROBES.pop(module, None)
+    else:
+        _PROBES[module] = probe
+
+
+def attention_row_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    row_weights: torch.Tensor,
+    head_reduce: str = "max",
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Weighted sums of head-reduced attention rows, computed only for the rows that are needed.
+
+    Args:
+        query: (B, H, Lq, hd) post-RoPE queries.
+        key: (B, KV, Lk, hd) post-RoPE, cache-updated keys (GQA heads are repeated here).
+        attention_mask: None (plain causal, queries are the last Lq positions), a boolean 4D mask
+            (True = attend) or an additive float 4D mask, as transformers passes them.
+        scaling: the softmax scale.
+        row_weights: (B, G, Lq) weights of each query row in each of G groups; rows with zero
+            weight in every group and sample are never computed.
+        head_reduce: "max" (FitPrune) or "mean" over heads of the post-softmax probabilities.
+        chunk: query rows per chunk (memory is B·H·chunk·Lk floats).
+
+    Returns:
+        (B, G, Lk) float32: ``sum_q row_weights[b, g, q] * reduce_h softmax(q·kᵀ)[b, h, q, k]``.
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+        >>> w = torch.zeros(1, 1, 5); w[0, 0, -1] = 1.0
+        >>> attention_row_sums(q, k, None, 0.5, w).shape
+        torch.Size([1, 1, 5])
+    """
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    key_t = key.float().transpose(-1, -2)
+    weights = row_weights.float()
+    out = torch.zeros(batch, weights.shape[1], k_len, dtype=torch.float32, device=query.device)
+    rows = torch.nonzero(weights.abs().sum(dim=(0, 1)) > 0).flatten()
+    key_pos = torch.arange(k_len, device=query.device)
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start : start + chunk]
+        scores = (query[:, :, r].float() @ key_t) * scaling  # (B, H, c, Lk)
+        if attention_mask is None:
+            allowed = key_pos[None, :] <= (r + (k_len - q_len))[:, None]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[:, :, r], float("-inf"))
+        else:
+            scores = scores + attention_mask[:, :, r].float()
+        # Fully masked rows (left padding) give NaN; they carry no attention.
+        probs = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)
+        reduced = probs.amax(dim=1) if head_reduce == "max" else probs.mean(dim=1)
+        out += torch.einsum("bgc,bck->bgk", weights[:, :, r], reduced)
+    return out

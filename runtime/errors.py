@@ -1,0 +1,9 @@
+"""Errors raised by the runtime. Both name the offending file or field and say what to do."""
+
+
+class RecipeError(ValueError):
+    """A recipe file is unreadable, malformed, or from an unknown schema."""
+
+
+class RecipeMismatchError(RecipeError):
+    """A valid recipe was compiled for a different model than the one it is applied to."""

@@ -1,0 +1,349 @@
+"""Visual-token pruning inside a stock HF vision-language model, by forward pre-hooks only.
+
+At a pruning layer (prefill) the hooks gather the kept rows of the hidden states, of (cos, sin)
+and of the position ids (kept tokens keep their original positions), rebuild the attention mask
+from the pruned 2D mask with ``create_causal_mask(layer_idx=...)`` and hand the pruned versions to
+every later layer. Rows of a batch that keep different counts are left re-padded with masked
+dummies. Decode steps only need the mask rebuilt per pruning layer, since each cache layer holds
+its own length. What to drop comes from a :class:`Policy`; a recipe is one policy, the compiler's
+calibration pass and FitPrune search are others.
+
+See ``notes/transformers-5.md`` in the design docs for the measured reasons behind each step.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import torch
+
+from . import attention
+from .adapters import adapter_for
+from .scoring import keep_top, scorer_groups, scores_from_sums
+
+logger = logging.getLogger("runtime")
+
+
+@dataclass
+class Roles:
+    """What each position of the current (possibly pruned) prefill sequence is. All (B, L)."""
+
+    valid: torch.Tensor  # a real token (not padding, not a re-padding dummy)
+    visual: torch.Tensor  # a visual token still alive
+    text: torch.Tensor  # a real token after the last visual token of its row
+    orig_index: torch.Tensor  # position in the original prompt
+    n_visual_input: torch.Tensor  # (B,) visual tokens the row had entering the language model
+
+    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Roles":
+        take = lambda t: t.gather(1, index)  # noqa: E731
+        return replace(
+            self,
+            valid=take(self.valid) & valid,
+            visual=take(self.visual) & valid,
+            text=take(self.text) & valid,
+            orig_index=take(self.orig_index),
+        )
+
+
+class Policy:
+    """Decides, during prefill, which visual tokens each pruning layer keeps.
+
+    Subclasses set ``pruning_layers`` (layers on whose entry tokens may go) and ``probe_layers``
+    (layers whose attention rows they summarise), and implement the three methods.
+    """
+
+    pruning_layers: tuple[int, ...] = ()
+    probe_layers: tuple[int, ...] = ()
+    head_reduce: str = "max"
+
+    def begin(self, roles: Roles) -> None:
+        """Called at the start of each prefill with the unpruned roles."""
+
+    def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
+        """(B, G, L) weights of the query rows to summarise at ``layer``."""
+        raise NotImplementedError
+
+    def on_probe(self, layer: int, sums: torch.Tensor, roles: Roles) -> None:
+        """Receive (B, G, L) attention row sums of ``layer`` for the current sequence."""
+
+    def select(self, layer: int, roles: Roles) -> torch.Tensor:
+        """(B, L) bool: the visual tokens that enter ``layer`` (a subset of ``roles.visual``)."""
+        raise NotImplementedError
+
+
+class RecipePolicy(Policy):
+    """The production policy: per-layer keep counts from a recipe, top-k by the recipe's scorer."""
+
+    def __init__(self, recipe: Any) -> None:
+        self.recipe = recipe
+        self.pruning_layers = tuple(recipe.pruning_layers)
+        self.probe_layers = tuple(layer - 1 for layer in self.pruning_layers)
+        self.head_reduce = recipe.head_reduce
+        self._scores: torch.Tensor | None = None
+        self._keep: torch.Tensor | None = None
+
+    def begin(self, roles: Roles) -> None:
+        counts = [self.recipe.keep_counts_for(int(v)) for v in roles.n_visual_input.tolist()]
+        self._keep = torch.tensor([c.tolist() for c in counts], dtype=torch.long, device=roles.valid.device)
+
+    def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
+        return scorer_groups(self.recipe.scorer, roles.text, roles.visual)
+
+    def on_probe(self, layer: int, sums: torch.Tensor, roles: Roles) -> None:
+        self._scores = scores_from_sums(self.recipe.scorer, sums, roles.text, roles.visual)
+
+    def select(self, layer: int, roles: Roles) -> torch.Tensor:
+        return keep_top(self._scores, roles.visual, self._keep[:, layer])
+
+
+@dataclass
+class _Request:
+    """State of one generate() call / forward, set at prefill and read by decode steps."""
+
+    prompt_len: int
+    roles: Roles
+    kept: dict = field(default_factory=dict)  # pruning layer -> (prompt index, valid), both (B, L')
+    carry: dict = field(default_factory=dict)  # kwargs that later layers must receive
+    tokens_per_layer: list = field(default_factory=list)  # (B,) real tokens entering each layer
+    visual_per_layer: list = field(default_factory=list)  # (B,) visual tokens entering each layer
+    selection: dict = field(default_factory=dict)  # layer -> list of kept visual prompt positions
+
+
+class PruningHandle:
+    """Hooks that prune visual tokens in ``model`` per ``policy``; ``remove()`` undoes everything.
+
+    Use as a context manager or call :meth:`remove`. Not safe for concurrent forwards on the same
+    model (the hooks keep per-request state between prefill and decode, like the KV cache does).
+
+    Args:
+        model: a stock HF VLM of a supported family (see ``runtime.adapters``).
+        policy: a :class:`Policy` or a recipe (wrapped in :class:`RecipePolicy`).
+
+    Example:
+        >>> with load("recipe.safetensors").apply(model):      # doctest: +SKIP
+        ...     out = model.generate(**inputs, max_new_tokens=16)
+    """
+
+    def __init__(self, model: torch.nn.Module, policy: Any) -> None:
+        self.policy = policy if isinstance(policy, Policy) else RecipePolicy(policy)
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.language_model = self.adapter.language_model(model)
+        self.layers = self.adapter.layers(model)
+        self.image_token_id = self.adapter.image_token_id(model)
+        self.last_request: _Request | None = None
+        self._request: _Request | None = None
+        self._forward: dict = {}
+        self._input_ids: torch.Tensor | None = None
+        self._replay: dict | None = None
+        self._hooks: list = []
+        self._probed: list = []
+        self._said: set = set()
+        self._config = self.language_model.config
+        self._saved_impl = self._config._attn_implementation
+        if getattr(model, "_recipe_runtime_handle", None) is not None:
+            raise RuntimeError("this model already has a pruning recipe applied; call handle.remove() first")
+        if self.policy.pruning_layers or self.policy.probe_layers:
+            self._install()
+        model._recipe_runtime_handle = self
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def _install(self) -> None:
+        if self._saved_impl not in attention.WRAPPED:
+            raise RuntimeError(
+                f"attention implementation {self._saved_impl!r} is not supported by the pruning runtime; "
+                "load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        attention.register()
+        self._config._attn_implementation = attention.WRAPPED[self._saved_impl]
+        base = self.adapter.base_model(self.model)
+        self._hooks.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
+        self._hooks.append(self.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+        first = min(self.policy.pruning_layers, default=len(self.layers))
+        for index in range(first, len(self.layers)):
+            hook = self._make_layer_hook(index)
+            self._hooks.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        for index in self.policy.probe_layers:
+            module = self.layers[index].self_attn
+            attention.set_probe(module, self._make_probe(index))
+            self._probed.append(module)
+
+    def remove(self) -> None:
+        """Remove every hook and probe and restore the attention implementation. Idempotent."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for module in self._probed:
+            attention.set_probe(module, None)
+        self._probed.clear()
+        self._config._attn_implementation = self._saved_impl
+        if getattr(self.model, "_recipe_runtime_handle", None) is self:
+            del self.model._recipe_runtime_handle
+        self._request = None
+
+    def __enter__(self) -> "PruningHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    @contextlib.contextmanager
+    def replay(self, selection: dict) -> Iterator[None]:
+        """Force the keep sets of an earlier request (``handle.last_request.selection``).
+
+        Used to check that cached generation equals a no-cache recomputation with the same tokens.
+        """
+        self._replay = selection
+        try:
+            yield
+        finally:
+            self._replay = None
+
+    def _say_once(self, reason: str) -> None:
+        if reason not in self._said:
+            self._said.add(reason)
+            logger.info("recipe runtime: %s; passing the request through unpruned", reason)
+
+    # ----------------------------------------------------------------------------- hooks
+    def _on_base(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._input_ids = ids
+
+    def _on_language_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        ids, self._input_ids = self._input_ids, None
+        self._forward = {"mask": mask, "cache": cache}
+        if embeds is None:
+            return
+        if cache is not None and cache.get_seq_length() > 0:
+            self._forward["prefill"] = False
+            if self._request is not None:
+                self._request.carry = {}  # decode rows keep their own positions; only masks change
+            return
+        self._forward["prefill"] = True
+        self._request = None
+        self.last_request = None
+        if ids is None or ids.shape[:2] != embeds.shape[:2]:
+            return self._say_once("no input_ids reached the model, so image tokens cannot be located")
+        if mask is not None and mask.dim() != 2:
+            return self._say_once("a pre-built 4D attention mask (e.g. a static cache) is not supported yet")
+        visual = ids == self.image_token_id
+        if not bool(visual.any()):
+            return self._say_once("the prompt has no image tokens")
+        valid = mask.bool() if mask is not None else torch.ones_like(visual)
+        visual = visual & valid
+        position = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
+        last_visual = torch.where(visual, position, torch.full_like(position, -1)).amax(dim=1, keepdim=True)
+        roles = Roles(
+            valid=valid,
+            visual=visual,
+            text=valid & (position > last_visual),
+            orig_index=position,
+            n_visual_input=visual.sum(dim=1),
+        )
+        self._request = _Request(prompt_len=visual.shape[1], roles=roles)
+        self.policy.begin(roles)
+
+    def _make_probe(self, layer: int):
+        def probe(module, query, key, attention_mask, scaling):
+            request = self._request
+            if request is None or not self._forward.get("prefill") or query.shape[2] != request.roles.valid.shape[1]:
+                return
+            roles = request.roles
+            weights = self.policy.row_groups(layer, roles).to(query.device)
+            sums = attention.attention_row_sums(query, key, attention_mask, scaling, weights, self.policy.head_reduce)
+            self.policy.on_probe(layer, sums, roles)
+
+        return probe
+
+    def _make_layer_hook(self, layer: int):
+        is_pruning = layer in set(self.policy.pruning_layers)
+
+        def hook(module, args, kwargs):
+            request = self._request
+            if request is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if is_pruning:
+                if self._forward["prefill"]:
+                    hidden = self._prune(layer, request, hidden, kwargs)
+                request.carry["attention_mask"] = self._rebuild_mask(layer, request, hidden)
+            elif self._forward["prefill"]:
+                self._count(request)
+            kwargs.update(request.carry)
+            if args:
+                return (hidden,) + tuple(args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    # ----------------------------------------------------------------------------- prefill
+    def _count(self, request: _Request) -> None:
+        request.tokens_per_layer.append(request.roles.valid.sum(dim=1))
+        request.visual_per_layer.append(request.roles.visual.sum(dim=1))
+
+    def _prune(self, layer: int, request: _Request, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        roles = request.roles
+        if not request.tokens_per_layer:  # layers before the first pruning layer run unpruned
+            request.tokens_per_layer = [roles.valid.sum(dim=1)] * layer
+            request.visual_per_layer = [roles.visual.sum(dim=1)] * layer
+        if self._replay is not None and layer in self._replay:
+            wanted = self._replay[layer]
+            kept_visual = torch.zeros_like(roles.visual)
+            for row, positions in enumerate(wanted):
+                kept_visual[row] = torch.isin(roles.orig_index[row], positions.to(roles.orig_index.device))
+            kept_visual &= roles.visual
+        else:
+            kept_visual = self.policy.select(layer, roles) & roles.visual
+        request.selection[layer] = [roles.orig_index[row][kept_visual[row]].cpu() for row in range(kept_visual.shape[0])]
+        keep = (roles.valid & ~roles.visual) | kept_visual
+
+        # Kept positions in order, each row left re-padded with masked dummies to the longest row.
+        lengths = keep.sum(dim=1)
+        width = int(lengths.max())
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]  # kept first, in order
+        shift = width - lengths
+        slot = torch.arange(width, device=keep.device).expand(keep.shape[0], -1)
+        valid = slot >= shift[:, None]
+        index = torch.where(valid, order.gather(1, (slot - shift[:, None]).clamp(min=0)), torch.zeros_like(slot))
+
+        batch = hidden.shape[0]
+        hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        cos, sin = request.carry.get("position_embeddings", kwargs["position_embeddings"])
+        gather_rows = lambda t: t.expand(batch, *t.shape[1:]).gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        request.carry["position_embeddings"] = (gather_rows(cos), gather_rows(sin))
+        position_ids = request.carry.get("position_ids", kwargs.get("position_ids"))
+        if position_ids is not None:
+            request.carry["position_ids"] = position_ids.expand(batch, -1).gather(1, index)
+        request.roles = roles.gather(index, valid)
+        request.kept[layer] = (request.roles.orig_index, valid)
+        self._count(request)
+        self.last_request = request
+        return hidden
+
+    def _rebuild_mask(self, layer: int, request: _Request, hidden: torch.Tensor) -> Any:
+        from transformers.masking_utils import create_causal_mask
+
+        mask2d, cache = self._forward["mask"], self._forward["cache"]
+        prompt = request.prompt_len
+        orig_index, valid = request.kept[layer]
+        if mask2d is None:  # no padding anywhere: the prompt part is the dummy mask, new tokens are real
+            new = 0 if self._forward["prefill"] else cache.get_seq_length() + hidden.shape[1] - prompt
+            tail = torch.ones(valid.shape[0], new, dtype=torch.bool, device=valid.device)
+            pruned = torch.cat([valid, tail], dim=1)
+        else:
+            head = mask2d[:, :prompt].bool().gather(1, orig_index) & valid
+            pruned = torch.cat([head, mask2d[:, prompt:].bool()], dim=1)
+        return create_causal_mask(
+            config=self._config,
+            inputs_embeds=hidden,
+            attention_mask=pruned,
+            past_key_values=cache,
+            position_ids=None,
+            layer_idx=layer,
+        )

@@ -1,0 +1,373 @@
+"""The recipe: a per-layer visual-token schedule plus its provenance, stored as safetensors.
+
+Numbers live in tensors (``keep_ratio`` float32 [L], ``keep_count`` int32 [L]); provenance lives in
+``__metadata__`` strings (JSON where nested). Files are written with sorted keys and no timestamps,
+so the same recipe always gives the same bytes, and atomically (temp file + rename), so a reader
+never sees half a file. Reading validates the header size before reading anything else, then every
+field, and raises :class:`RecipeError` naming what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import RecipeError, RecipeMismatchError
+
+SCHEMA = "1"
+SCORERS = ("fitprune", "text-mean", "last-token")
+HEAD_REDUCTIONS = ("max", "mean")
+PRE_LLM_METHODS = ("none",)
+FINGERPRINT_FIELDS = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "visual_tokens", "config_hash")
+
+_MAX_HEADER_BYTES = 1 << 20  # a schema-1 header is a few KiB; anything near this is not ours
+_MAX_LAYERS = 1024
+_DTYPES = {"F32": (np.dtype("<f4"), 4), "I32": (np.dtype("<i4"), 4)}
+_META_PREFIX = "recipe_compiler."
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A compiled pruning recipe for one model architecture.
+
+    Attributes:
+        keep_count: int [L]. Visual tokens alive entering each decoder layer, for an image with
+            ``fingerprint["visual_tokens"]`` tokens. ``keep_count[0]`` is that full count.
+        scorer: which visual tokens go at a pruning layer: "fitprune", "text-mean", "last-token".
+        fingerprint: the model facts the recipe was compiled for (see ``runtime.adapters``).
+        head_reduce: how attention heads are combined when scoring ("max" as FitPrune, or "mean").
+        pre_llm: the pre-LLM stage, ``{"method": "none"}`` in schema 1 recipes compiled today.
+        provenance: budget, achieved FLOPs fraction, divergence, search method and parameters,
+            calibration fingerprint, package versions. Informational; never drives pruning.
+
+    Example:
+        >>> r = Recipe.keep_all({"model_type": "llava", "num_layers": 2, "hidden_size": 8, "num_heads": 2,
+        ...                      "num_kv_heads": 2, "visual_tokens": 4, "config_hash": "0" * 16})
+        >>> r.keep_ratio.tolist()
+        [1.0, 1.0]
+    """
+
+    keep_count: np.ndarray
+    scorer: str
+    fingerprint: dict
+    head_reduce: str = "max"
+    pre_llm: dict = field(default_factory=lambda: {"method": "none"})
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_count", np.asarray(self.keep_count, dtype=np.int32).copy())
+        _validate(self)
+
+    @classmethod
+    def keep_all(cls, fingerprint: dict, scorer: str = "fitprune", **kwargs: Any) -> "Recipe":
+        """A recipe that prunes nothing (the model must behave exactly as unpatched)."""
+        counts = np.full(int(fingerprint["num_layers"]), int(fingerprint["visual_tokens"]), dtype=np.int32)
+        return cls(keep_count=counts, scorer=scorer, fingerprint=dict(fingerprint), **kwargs)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.keep_count.shape[0])
+
+    @property
+    def reference_visual_tokens(self) -> int:
+        return int(self.fingerprint["visual_tokens"])
+
+    @property
+    def keep_ratio(self) -> np.ndarray:
+        """float32 [L]: fraction of an image's visual tokens alive entering each layer."""
+        return (self.keep_count.astype(np.float64) / self.reference_visual_tokens).astype(np.float32)
+
+    def keep_counts_for(self, n_visual: int) -> np.ndarray:
+        """Per-layer keep counts for an image with ``n_visual`` tokens (ratios scale other sizes).
+
+        Args:
+            n_visual: the image's visual-token count at the language model's input.
+
+        Returns:
+            int64 [L], non-increasing, ``[0] == n_visual``.
+        """
+        if n_visual == self.reference_visual_tokens:
+            return self.keep_count.astype(np.int64)
+        scaled = np.floor(self.keep_ratio.astype(np.float64) * n_visual + 0.5).astype(np.int64)
+        return np.minimum.accumulate(np.clip(scaled, 0, n_visual))
+
+    @property
+    def pruning_layers(self) -> list[int]:
+        """Layers on whose entry visual tokens are dropped (keep count falls)."""
+        return [int(l) for l in np.nonzero(np.diff(self.keep_count) < 0)[0] + 1]
+
+    def check_model(self, model: Any) -> None:
+        """Raise :class:`RecipeMismatchError` naming the first field where ``model`` differs."""
+        from .adapters import adapter_for
+
+        try:
+            actual = adapter_for(model).fingerprint(model)
+        except TypeError as exc:
+            raise RecipeMismatchError(f"recipe was compiled for {self.fingerprint['model_type']!r}: {exc}") from None
+        for key in FINGERPRINT_FIELDS:
+            if actual[key] != self.fingerprint[key]:
+                raise RecipeMismatchError(
+                    f"recipe does not fit this model: {key} is {self.fingerprint[key]!r} in the recipe "
+                    f"but {actual[key]!r} in the model; compile a recipe for this model"
+                )
+
+    def apply(self, model: Any, **options: Any) -> "PruningHandle":  # noqa: F821
+        """Patch ``model`` (a stock HF VLM) to prune visual tokens per this recipe.
+
+        Hooks only: no forward is replaced and no weight changes. ``handle.remove()`` (or leaving
+        ``with recipe.apply(model):``) restores the model exactly.
+
+        Args:
+            model: e.g. ``LlavaForConditionalGeneration``; must match the recipe's fingerprint.
+            **options: passed to :class:`runtime.pruner.PruningHandle`.
+
+        Returns:
+            The :class:`runtime.pruner.PruningHandle`.
+
+        Example:
+            >>> handle = load("recipe.safetensors").apply(model)   # doctest: +SKIP
+            >>> model.generate(**inputs); handle.remove()           # doctest: +SKIP
+        """
+        from .pruner import PruningHandle
+
+        self.check_model(model)
+        return PruningHandle(model, self, **options)
+
+    def to_bytes(self) -> bytes:
+        """Serialise to safetensors bytes: sorted keys, no timestamps, so equal recipes give equal bytes."""
+        metadata = {
+            "format": "pt",
+            _META_PREFIX + "schema": SCHEMA,
+            _META_PREFIX + "fingerprint": _dumps(self.fingerprint),
+            _META_PREFIX + "scorer": self.scorer,
+            _META_PREFIX + "head_reduce": self.head_reduce,
+            _META_PREFIX + "pre_llm": _dumps(self.pre_llm),
+            _META_PREFIX + "provenance": _dumps(self.provenance),
+        }
+        return _encode_safetensors(
+            {"keep_count": self.keep_count.astype("<i4"), "keep_ratio": self.keep_ratio.astype("<f4")}, metadata
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the recipe atomically: the file at ``path`` is either the old one or the whole new one.
+
+        Args:
+            path: destination file; its directory must exist and be writable.
+
+        Returns:
+            The path written.
+
+        Raises:
+            RecipeError: the destination cannot be written (the message names it and the OS reason).
+        """
+        try:
+            return write_atomic(path, self.to_bytes())
+        except OSError as exc:
+            raise RecipeError(f"cannot write recipe to {path}: {exc.strerror or exc}; choose a writable path") from None
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``.
+
+    Raises:
+        OSError: the directory is missing or not writable (no partial file is left behind).
+    """
+    path = Path(path)
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+    finally:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path
+
+
+def load(path: str | os.PathLike) -> Recipe:
+    """Read and validate a recipe file.
+
+    Args:
+        path: a ``.safetensors`` recipe written by ``recipe-compile`` or :meth:`Recipe.save`.
+
+    Returns:
+        The :class:`Recipe`.
+
+    Raises:
+        RecipeError: missing, unreadable, not a recipe, an unknown schema, or inconsistent values;
+            the message names the file and the problem.
+
+    Example:
+        >>> recipe = load("recipe.safetensors")          # doctest: +SKIP
+        >>> handle = recipe.apply(model)                  # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            return from_bytes_stream(handle, os.fstat(handle.fileno()).st_size, source=str(path))
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} not found; check the path") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe path {path} is a directory; pass the .safetensors file") from None
+    except PermissionError:
+        raise RecipeError(f"recipe file {path} is not readable (permission denied)") from None
+
+
+def from_bytes(data: bytes, source: str = "<bytes>") -> Recipe:
+    """Parse and validate recipe bytes (see :func:`load`)."""
+    import io
+
+    return from_bytes_stream(io.BytesIO(data), len(data), source=source)
+
+
+def from_bytes_stream(stream: Any, size: int, source: str) -> Recipe:
+    def bad(reason: str) -> RecipeError:
+        return RecipeError(f"{source} is not a valid recipe: {reason}")
+
+    if size < 8:
+        raise bad(f"file is {size} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", stream.read(8))
+    if header_len > _MAX_HEADER_BYTES or header_len > size - 8:
+        raise bad(f"header length {header_len} does not fit a {size}-byte recipe file (truncated or not safetensors)")
+    raw = stream.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise bad("header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("no string __metadata__; it was not written by recipe-compiler")
+    if metadata.get(_META_PREFIX + "schema") is None:
+        raise bad("no recipe_compiler.schema in the metadata; it was not written by recipe-compiler")
+    if metadata[_META_PREFIX + "schema"] != SCHEMA:
+        raise bad(
+            f"schema {metadata[_META_PREFIX + 'schema']!r} is not supported (this runtime reads schema {SCHEMA}); "
+            "upgrade recipe-compiler or recompile the recipe"
+        )
+
+    data_len = size - 8 - header_len
+    tensors: dict[str, np.ndarray] = {}
+    for name in ("keep_count", "keep_ratio"):
+        entry = header.get(name)
+        if not isinstance(entry, dict):
+            raise bad(f"tensor {name!r} is missing")
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        expected = "I32" if name == "keep_count" else "F32"
+        if dtype_name != expected:
+            raise bad(f"tensor {name!r} has dtype {dtype_name!r}, expected {expected}")
+        if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and 1 <= shape[0] <= _MAX_LAYERS):
+            raise bad(f"tensor {name!r} has shape {shape!r}, expected [num_layers] with 1..{_MAX_LAYERS} layers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise bad(f"tensor {name!r} has malformed data_offsets {offsets!r}")
+        begin, end = offsets
+        if not (0 <= begin <= end <= data_len) or end - begin != shape[0] * _DTYPES[dtype_name][1]:
+            raise bad(f"tensor {name!r} data_offsets {offsets!r} do not fit the file (truncated or corrupt)")
+        tensors[name] = (begin, end, _DTYPES[dtype_name][0], shape[0])
+    extra = sorted(set(header) - {"keep_count", "keep_ratio"})
+    if extra:
+        raise bad(f"unexpected tensors {extra} for schema {SCHEMA}")
+
+    body = stream.read(data_len)
+    if len(body) != data_len:
+        raise bad("file ended early (truncated)")
+    arrays = {name: np.frombuffer(body[b:e], dtype=dt, count=n).copy() for name, (b, e, dt, n) in tensors.items()}
+
+    def meta_json(key: str) -> Any:
+        value = metadata.get(_META_PREFIX + key)
+        if value is None:
+            raise bad(f"metadata {_META_PREFIX + key} is missing")
+        try:
+            return json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise bad(f"metadata {_META_PREFIX + key} is not valid JSON") from None
+
+    fingerprint, pre_llm, provenance = meta_json("fingerprint"), meta_json("pre_llm"), meta_json("provenance")
+    if not isinstance(provenance, dict):
+        raise bad("metadata recipe_compiler.provenance is not a JSON object")
+    try:
+        recipe = Recipe(
+            keep_count=arrays["keep_count"],
+            scorer=metadata.get(_META_PREFIX + "scorer", ""),
+            fingerprint=fingerprint,
+            head_reduce=metadata.get(_META_PREFIX + "head_reduce", ""),
+            pre_llm=pre_llm,
+            provenance=provenance,
+        )
+    except RecipeError as exc:
+        raise bad(str(exc)) from None
+    ratio = arrays["keep_ratio"]
+    if not np.array_equal(ratio, recipe.keep_ratio):
+        raise bad("keep_ratio disagrees with keep_count / visual_tokens (edited or corrupt)")
+    return recipe
+
+
+def _validate(recipe: Recipe) -> None:
+    fp = recipe.fingerprint
+    if not isinstance(fp, dict) or any(k not in fp for k in FINGERPRINT_FIELDS):
+        missing = [k for k in FINGERPRINT_FIELDS if not isinstance(fp, dict) or k not in fp]
+        raise RecipeError(f"fingerprint lacks {missing}")
+    for key in FINGERPRINT_FIELDS:
+        value = fp[key]
+        if key in ("model_type", "config_hash"):
+            if not isinstance(value, str) or not value:
+                raise RecipeError(f"fingerprint {key} must be a non-empty string, got {value!r}")
+        elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise RecipeError(f"fingerprint {key} must be a positive integer, got {value!r}")
+    counts = recipe.keep_count
+    if counts.ndim != 1 or counts.shape[0] != fp["num_layers"]:
+        raise RecipeError(f"keep_count has {counts.shape[0] if counts.ndim == 1 else counts.shape} entries but the model has {fp['num_layers']} layers")
+    v = fp["visual_tokens"]
+    if counts.min() < 0 or counts.max() > v:
+        raise RecipeError(f"keep_count must lie in [0, {v}], got values {counts.min()}..{counts.max()}")
+    if counts[0] != v:
+        raise RecipeError(f"keep_count[0] must be {v} (every visual token enters layer 0), got {counts[0]}")
+    if np.any(np.diff(counts) > 0):
+        layer = int(np.nonzero(np.diff(counts) > 0)[0][0]) + 1
+        raise RecipeError(f"keep_count must be non-increasing, but it rises at layer {layer}")
+    if recipe.scorer not in SCORERS:
+        raise RecipeError(f"scorer {recipe.scorer!r} is unknown; this runtime knows {', '.join(SCORERS)}")
+    if recipe.head_reduce not in HEAD_REDUCTIONS:
+        raise RecipeError(f"head_reduce {recipe.head_reduce!r} is unknown; expected one of {', '.join(HEAD_REDUCTIONS)}")
+    if not isinstance(recipe.pre_llm, dict) or recipe.pre_llm.get("method") not in PRE_LLM_METHODS:
+        method = recipe.pre_llm.get("method") if isinstance(recipe.pre_llm, dict) else recipe.pre_llm
+        raise RecipeError(f"pre-LLM stage {method!r} is not supported by this runtime (knows {', '.join(PRE_LLM_METHODS)})")
+    if not isinstance(recipe.provenance, dict):
+        raise RecipeError("provenance must be a dict")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _encode_safetensors(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    codes = {np.dtype("<f4"): "F32", np.dtype("<i4"): "I32"}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset, blobs = 0, []
+    for name in sorted(arrays):
+        blob = np.ascontiguousarray(arrays[name]).tobytes()
+        header[name] = {"dtype": codes[arrays[name].dtype], "shape": list(arrays[name].shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)

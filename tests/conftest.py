@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny real architectures built from configs, the shipped calibration data."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the suite also runs from a plain checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny-llava with SDPA attention (576 visual tokens per image, 8 layers, GQA)."""
+    from recipe_compiler.models import build_tiny_llava
+
+    return build_tiny_llava(seed=0, attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session")
+def tiny_eager():
+    from recipe_compiler.models import build_tiny_llava
+
+    return build_tiny_llava(seed=0, attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def calibration():
+    from recipe_compiler.calibration import load_calibration
+
+    return load_calibration(samples=6)
+
+
+def make_inputs(loaded, samples, prompts=None):
+    """Processor inputs for samples (left-padded when prompts differ in length)."""
+    from recipe_compiler.calibration import load_image
+
+    prompts = prompts or [s.prompt for s in samples]
+    return loaded.processor(
+        images=[load_image(s) for s in samples],
+        text=[loaded.format_prompt(p) for p in prompts],
+        return_tensors="pt",
+        padding=True,
+    )

@@ -1,0 +1,32 @@
+"""The serving side stays lean: importing and applying with `runtime` pulls in nothing heavy."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("scipy", "click", "tqdm", "recipe_compiler", "matplotlib")
+
+
+def _loaded_after(statement: str) -> list[str]:
+    code = f"import sys, json; {statement}; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(out.stdout)
+
+
+def test_import_runtime_loads_no_compiler_dependencies():
+    assert _loaded_after("import runtime; from runtime import load, Recipe") == []
+
+
+def test_applying_recipes_adds_nothing_beyond_torch_itself():
+    # torch 2.13 imports tqdm on its own; the runtime must not add anything to that.
+    baseline = set(_loaded_after("import torch, numpy"))
+    used = set(_loaded_after("import runtime.pruner, runtime.scoring, runtime.attention, runtime.adapters"))
+    assert used <= baseline, sorted(used - baseline)
+
+
+def test_runtime_source_never_imports_the_compiler():
+    for path in (ROOT / "runtime").glob("*.py"):
+        text = path.read_text()
+        for name in HEAVY:
+            assert f"import {name}" not in text and f"from {name}" not in text, f"{path.name} imports {name}"

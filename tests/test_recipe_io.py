@@ -1,0 +1,197 @@
+"""Recipe files: round trip, identical bytes, safetensors compatibility, clear errors, atomic writes."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from runtime import Recipe, RecipeError, load
+from runtime.recipe import from_bytes
+
+FINGERPRINT = {
+    "model_type": "llava", "num_layers": 4, "hidden_size": 64, "num_heads": 4,
+    "num_kv_heads": 2, "visual_tokens": 10, "config_hash": "00112233aabbccdd",
+}
+
+
+def _recipe(**overrides):
+    fields = dict(keep_count=np.array([10, 7, 7, 3]), scorer="fitprune", fingerprint=FINGERPRINT,
+                  provenance={"budget": 0.5, "search": "optimal", "nested": {"b": 1, "a": [1, 2]}})
+    fields.update(overrides)
+    return Recipe(**fields)
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+    recipe = _recipe()
+    loaded = load(recipe.save(tmp_path / "r.safetensors"))
+    assert loaded.keep_count.tolist() == [10, 7, 7, 3]
+    assert np.array_equal(loaded.keep_ratio, np.array([1.0, 0.7, 0.7, 0.3], dtype=np.float32))
+    assert (loaded.scorer, loaded.head_reduce, loaded.pre_llm) == ("fitprune", "max", {"method": "none"})
+    assert loaded.fingerprint == FINGERPRINT and loaded.provenance == recipe.provenance
+    assert loaded.pruning_layers == [1, 3]
+
+
+def test_same_recipe_gives_identical_bytes_across_processes(tmp_path):
+    code = (
+        "import numpy as np, sys; from runtime import Recipe; "
+        f"Recipe(keep_count=np.array([10,7,7,3]), scorer='fitprune', fingerprint={FINGERPRINT!r}, "
+        "provenance={'z': 1, 'a': {'y': 2, 'b': 3}, 'm': 0.1}).save(sys.argv[1])"
+    )
+    paths = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_file_is_plain_safetensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    path = _recipe().save(tmp_path / "r.safetensors")
+    arrays = load_file(str(path))
+    assert arrays["keep_count"].dtype == np.int32 and arrays["keep_ratio"].dtype == np.float32
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "pt" and metadata["recipe_compiler.schema"] == "1"
+    assert json.loads(metadata["recipe_compiler.fingerprint"]) == FINGERPRINT
+
+
+@pytest.mark.parametrize("counts, scale", [(576, 576), (1152, 1152), (288, 288)])
+def test_ratios_scale_to_other_image_sizes(counts, scale):
+    fingerprint = dict(FINGERPRINT, num_layers=3, visual_tokens=576)
+    recipe = Recipe(keep_count=np.array([576, 300, 40]), scorer="fitprune", fingerprint=fingerprint)
+    expected = {576: [576, 300, 40], 1152: [1152, 600, 80], 288: [288, 150, 20]}[counts]
+    assert recipe.keep_counts_for(scale).tolist() == expected
+
+
+def _header(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n])
+
+
+def _with_header(data: bytes, mutate) -> bytes:
+    header = _header(data)
+    (n,) = struct.unpack("<Q", data[:8])
+    mutate(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
+def _meta(key, value):
+    def mutate(header):
+        if value is None:
+            header["__metadata__"].pop(key)
+        else:
+            header["__metadata__"][key] = value
+    return mutate
+
+
+GOOD = _recipe().to_bytes()
+BAD_FILES = {
+    "empty": (b"", "too short"),
+    "truncated": (GOOD[: len(GOOD) - 5], "truncated"),
+    "random bytes": (os.urandom(64), "header length"),
+    "huge header length": (struct.pack("<Q", 1 << 40) + b"{}", "header length"),
+    "header not json": (struct.pack("<Q", 8) + b"{not js}", "not valid JSON"),
+    "header not an object": (struct.pack("<Q", 8) + b"[1,2,3] ", "not a JSON object"),
+    "foreign safetensors": (_with_header(GOOD, lambda h: h.pop("__metadata__")), "not written by recipe-compiler"),
+    "unknown schema": (_with_header(GOOD, _meta("recipe_compiler.schema", "9")), "schema '9' is not supported"),
+    "missing fingerprint": (_with_header(GOOD, _meta("recipe_compiler.fingerprint", None)), "fingerprint is missing"),
+    "fingerprint not json": (_with_header(GOOD, _meta("recipe_compiler.fingerprint", "{oops")), "not valid JSON"),
+    "unknown scorer": (_with_header(GOOD, _meta("recipe_compiler.scorer", "magic")), "scorer 'magic' is unknown"),
+    "unknown pre-llm": (_with_header(GOOD, _meta("recipe_compiler.pre_llm", '{"method":"g-prune"}')), "pre-LLM stage 'g-prune'"),
+    "wrong dtype": (_with_header(GOOD, lambda h: h["keep_count"].update(dtype="F32")), "dtype 'F32'"),
+    "wrong shape": (_with_header(GOOD, lambda h: h["keep_count"].update(shape=[2, 2])), "shape"),
+    "offsets outside": (_with_header(GOOD, lambda h: h["keep_count"].update(data_offsets=[0, 4000])), "data_offsets"),
+    "missing tensor": (_with_header(GOOD, lambda h: h.pop("keep_ratio")), "'keep_ratio' is missing"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_files_raise_recipe_error_naming_the_problem(tmp_path, name):
+    data, reason = BAD_FILES[name]
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(RecipeError, match=reason) as info:
+        load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "counts, reason",
+    [
+        ([10, 7, 8, 3], "non-increasing"),
+        ([9, 7, 7, 3], r"keep_count\[0\] must be 10"),
+        ([10, 7, 7, -1], r"in \[0, 10\]"),
+        ([10, 7, 7], "3 entries but the model has 4 layers"),
+    ],
+)
+def test_inconsistent_schedules_are_rejected(counts, reason):
+    with pytest.raises(RecipeError, match=reason):
+        _recipe(keep_count=np.array(counts))
+    # The same schedule smuggled into a file is rejected on load too.
+    good = _recipe()
+    data = bytearray(good.to_bytes())
+    if len(counts) == 4:
+        (n,) = struct.unpack("<Q", data[:8])
+        begin = 8 + n + _header(bytes(data))["keep_count"]["data_offsets"][0]
+        data[begin : begin + 16] = np.array(counts, dtype="<i4").tobytes()
+        with pytest.raises(RecipeError):
+            from_bytes(bytes(data))
+
+
+def test_edited_ratio_is_detected():
+    data = bytearray(GOOD)
+    (n,) = struct.unpack("<Q", data[:8])
+    begin = 8 + n + _header(GOOD)["keep_ratio"]["data_offsets"][0]
+    data[begin + 4 : begin + 8] = np.array([0.5], dtype="<f4").tobytes()
+    with pytest.raises(RecipeError, match="keep_ratio disagrees"):
+        from_bytes(bytes(data))
+
+
+def test_missing_and_directory_paths(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load(tmp_path / "nope.safetensors")
+    with pytest.raises(RecipeError, match="is a directory"):
+        load(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_directory_gives_recipe_error_and_leaves_nothing(tmp_path):
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    directory.chmod(0o500)
+    try:
+        with pytest.raises(RecipeError, match="cannot write recipe"):
+            _recipe().save(directory / "r.safetensors")
+        assert list(directory.iterdir()) == []
+    finally:
+        directory.chmod(0o700)
+
+
+def test_missing_directory_gives_recipe_error(tmp_path):
+    with pytest.raises(RecipeError, match="cannot write recipe"):
+        _recipe().save(tmp_path / "no" / "such" / "r.safetensors")
+
+
+def test_overwrite_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "r.safetensors"
+    _recipe().save(path)
+    _recipe(keep_count=np.array([10, 5, 5, 5])).save(path)
+    assert load(path).keep_count.tolist() == [10, 5, 5, 5]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]
+
+
+def test_write_error_gives_one_line_recipe_error_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RecipeError, match="cannot write recipe") as info:
+        _recipe().save(blocker / "r.safetensors")
+    assert "\n" not in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]

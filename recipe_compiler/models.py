@@ -909,3 +909,29 @@ def _random_from_spec(
     _set_generation_ids(model, model.config, processor.tokenizer)
     source = f"random weights ({spec.alias} architecture, seed {seed}); {proc_note}"
     return LoadedModel(_finalize(model, attn_implementation), processor, spec, name, source)
+
+
+def build_random(
+    spec: ModelSpec, *, device: str = "cpu", dtype: "torch.dtype | str" = "float32",
+    attn_implementation: str = "sdpa", seed: int = 0,
+) -> LoadedModel:
+    """Build any :class:`ModelSpec`'s architecture with seeded random weights (no disk, no network).
+
+    For benchmarks at real shapes (shapes, not weights, set the speed) and for specs that are not
+    in the registry.
+
+    Args:
+        spec: the architecture (``spec.config`` is a LlavaConfig dict).
+        device, dtype, attn_implementation, seed: as for :func:`load_model`.
+
+    Returns:
+        A :class:`LoadedModel` with the built-in tokenizer unless a processor is cached.
+
+    Example:
+        >>> m = build_random(REGISTRY["tiny-llava"])
+        >>> m.model.config.text_config.num_hidden_layers
+        8
+    """
+    return _random_from_spec(
+        spec, spec.alias, device=device, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, seed=seed
+    )

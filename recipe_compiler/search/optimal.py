@@ -140,7 +140,7 @@ def _raise_greedily(p: _Problem, k: np.ndarray) -> np.ndarray:
             free[l] = True
             val[l] = gain[i]
         else:
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 i = _last_argmax(np.where(ok, gain / extra, -np.inf))
             free[l] = False
             val[l] = gain[i] / extra[i]
@@ -175,7 +175,7 @@ def _repair(p: _Problem, k: np.ndarray, one_step: bool) -> np.ndarray | None:
         cur_t = p.table[p.rows, k][:, None]
         cur_c = p.cost[p.rows, k][:, None]
         lower = np.concatenate((k[1:], [0]))[:, None]  # x >= k_{l+1}
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", over="ignore"):
             loss = p.table - cur_t
             saved = cur_c - p.cost
         ok = (cols < k[:, None]) & (cols >= lower) & p.finite & (saved > 0)
@@ -186,7 +186,7 @@ def _repair(p: _Problem, k: np.ndarray, one_step: bool) -> np.ndarray | None:
         if one_step and enough.any():
             score = np.where(enough, loss, np.inf)
         else:
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 score = np.where(ok, loss / saved, np.inf)
         l, x = np.unravel_index(int(np.argmin(score)), score.shape)
         k[l] = x

@@ -1,0 +1,89 @@
+"""Shared bench helpers: the mid-size architecture, the machine's name, timing, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from recipe_compiler.models import LLAVA_15_PROMPT_TEMPLATE, REGISTRY, ModelSpec  # noqa: E402
+
+
+def mid_spec() -> ModelSpec:
+    """A mid-size random LLaVA: LLaVA-1.5's 576 visual tokens per 336-px image, a ~85M-parameter
+    12-layer Llama (hidden 768), and a deliberately small CLIP tower so the language model, where
+    pruning acts, dominates prefill time on a CPU."""
+    config = {
+        "model_type": "llava",
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 336, "patch_size": 14,
+            "projection_dim": 64, "hidden_act": "quick_gelu",
+        },
+        "text_config": {
+            "model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5, "vocab_size": 32064, "pad_token_id": 32001,
+        },
+        "image_token_index": 32000, "pad_token_id": 32001, "projector_hidden_act": "gelu",
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "image_seq_length": 576,
+    }
+    return ModelSpec(alias="bench-mid", hub_id=None, config=config, prompt_template=LLAVA_15_PROMPT_TEMPLATE,
+                     description="mid-size random LLaVA for benchmarks (12x768 Llama, 576 visual tokens)")
+
+
+def spec_for(name: str) -> ModelSpec:
+    if name == "mid":
+        return mid_spec()
+    if name.lower() not in REGISTRY:
+        raise SystemExit(f"unknown model {name!r}: use 'mid' or one of {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name.lower()]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def timed(fn, repeats: int, warmup: int = 1, device: str = "cpu") -> dict:
+    """Median and spread of ``fn()`` wall time in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) * 1000)
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "repeats": repeats}
+
+
+def emit(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")

@@ -1,0 +1,113 @@
+"""Prefill time and KV-cache bytes: pruned vs unpruned vs the ideal, at several budgets.
+
+For each budget a recipe is compiled (optimal search, fitprune scorer) on a few calibration
+samples, then one prompt's prefill (``use_cache=True``, batch ``--batch``) is timed with and
+without the recipe. The ideal is what the FLOPs budget promises: time × flops_fraction for the
+language model (the vision encoder is not pruned and is reported separately).
+
+    python bench/prefill.py                                # mid-size random LLaVA on this CPU
+    python bench/prefill.py --model llava-1.5-7b --device cuda --dtype bfloat16 --out bench/results/prefill-h100.json
+
+Prints JSON; ``--out`` also writes it.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import emit, machine, spec_for, timed
+
+from recipe_compiler.calibration import load_calibration, load_image
+from recipe_compiler.collect import collect_statistics
+from recipe_compiler.compile import CompileConfig, compile_recipe
+from recipe_compiler.models import build_random
+
+
+def kv_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mid", help="'mid' (default) or a registry alias, built with random weights")
+    parser.add_argument("--budgets", default="1.0,0.45,0.25")
+    parser.add_argument("--samples", type=int, default=8, help="calibration samples used to compile each recipe")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per timed prefill")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    spec = spec_for(args.model)
+    loaded = build_random(spec, device=args.device, dtype=args.dtype)
+    model = loaded.model
+    calibration = load_calibration(samples=args.samples)
+    stats = collect_statistics(model, loaded.processor, calibration, format_prompt=loaded.format_prompt)
+    prompts = load_calibration(split="heldout").samples[: args.batch]
+    inputs = loaded.processor(
+        images=[load_image(s) for s in prompts], text=[loaded.format_prompt(s.prompt) for s in prompts],
+        return_tensors="pt", padding=True,
+    ).to(args.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+
+    def prefill():
+        with torch.no_grad():
+            return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    def vision():
+        with torch.no_grad():
+            model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+    unpruned = timed(prefill, args.repeats, device=args.device)
+    unpruned_kv = kv_bytes(prefill().past_key_values)
+    vision_time = timed(vision, args.repeats, device=args.device)
+    results = []
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt, statistics=stats)
+        recipe = compiled.recipe
+        with recipe.apply(model) as handle:
+            pruned = timed(prefill, args.repeats, device=args.device)
+            pruned_kv = kv_bytes(prefill().past_key_values)
+            request = handle.last_request
+        tokens = (torch.stack(request.tokens_per_layer, 1).float().mean(0) if request else
+                  inputs["attention_mask"].sum(1).float().mean().expand(recipe.num_layers))
+        fraction = compiled.verification.flops_fraction
+        lm_unpruned = unpruned["median_ms"] - vision_time["median_ms"]
+        lm_pruned = pruned["median_ms"] - vision_time["median_ms"]
+        results.append({
+            "budget": budget,
+            "flops_fraction": round(fraction, 6),
+            "keep_count": recipe.keep_count.tolist(),
+            "visual_token_equivalent": round(compiled.visual_token_equivalent, 2),
+            "prefill_ms": round(pruned["median_ms"], 2),
+            "prefill_ms_range": [round(pruned["min_ms"], 2), round(pruned["max_ms"], 2)],
+            "speedup": round(unpruned["median_ms"] / pruned["median_ms"], 3),
+            "lm_speedup": round(lm_unpruned / lm_pruned, 3),
+            "ideal_lm_speedup": round(1 / fraction, 3),
+            "lm_speedup_vs_ideal": round((lm_unpruned / lm_pruned) * fraction, 3),
+            "kv_bytes": pruned_kv,
+            "kv_fraction": round(pruned_kv / unpruned_kv, 4),
+            "ideal_kv_fraction": round(float(tokens.mean()) / inputs["attention_mask"].sum(1).float().mean().item(), 4),
+            "kl": round(compiled.verification.kl, 6),
+        })
+    emit({
+        "bench": "prefill",
+        "machine": machine(),
+        "model": {"name": args.model, "layers": model.config.text_config.num_hidden_layers,
+                  "hidden": model.config.text_config.hidden_size, "visual_tokens": stats.max_visual,
+                  "random_weights": True, "dtype": args.dtype, "device": args.device},
+        "prompt_tokens": int(inputs["attention_mask"].sum(1).max()),
+        "batch": args.batch,
+        "calibration_samples": args.samples,
+        "unpruned": {"prefill_ms": round(unpruned["median_ms"], 2), "kv_bytes": unpruned_kv,
+                     "vision_encoder_ms": round(vision_time["median_ms"], 2)},
+        "results": results,
+        "notes": "speedup = unpruned / pruned prefill wall time (median); lm_* subtract the unpruned vision-encoder time; "
+                 "ideal_lm_speedup = 1 / flops_fraction; kv_fraction = pruned / unpruned KV bytes after prefill.",
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()

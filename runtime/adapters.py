@@ -86,7 +86,21 @@ class FamilyAdapter:
         return int(getattr(config, "image_token_id", None) or config.image_token_index)
 
     def reference_visual_tokens(self, config: Any) -> int:
+        """Visual tokens of the family's reference image: the unit of a recipe's ``keep_count``."""
         raise NotImplementedError
+
+    def prunable_visual_tokens(self, model: torch.nn.Module, input_ids: torch.Tensor, base_kwargs: dict) -> torch.Tensor:
+        """(B, L) bool: the positions a recipe may drop, at prefill.
+
+        Args:
+            model: the VLM the hooks are on.
+            input_ids: (B, L) prompt ids as the base model received them.
+            base_kwargs: the other keyword arguments of the base model's forward (e.g. ``image_sizes``).
+
+        The default is every image placeholder token; families override it to protect tokens
+        that carry layout (LLaVA-NeXT's row-end newlines) or to add video tokens.
+        """
+        return input_ids == self.image_token_id(model)
 
     def fingerprint(self, model: torch.nn.Module) -> dict:
         """Architecture facts a recipe depends on, plus a hash of the architecture-relevant config.

@@ -137,6 +137,7 @@ class PruningHandle:
         self._request: _Request | None = None
         self._forward: dict = {}
         self._input_ids: torch.Tensor | None = None
+        self._base_kwargs: dict = {}
         self._replay: dict | None = None
         self._hooks: list = []
         self._probed: list = []
@@ -208,14 +209,15 @@ class PruningHandle:
 
     # ----------------------------------------------------------------------------- hooks
     def _on_base(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self._input_ids = ids
+        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._base_kwargs = kwargs  # image_sizes, grids…: what an adapter needs to find visual tokens
 
     def _on_language_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
         cache = kwargs.get("past_key_values")
         ids, self._input_ids = self._input_ids, None
+        base_kwargs, self._base_kwargs = self._base_kwargs, {}
         self._forward = {"mask": mask, "cache": cache}
         if embeds is None:
             return
@@ -231,7 +233,7 @@ class PruningHandle:
             return self._say_once("no input_ids reached the model, so image tokens cannot be located")
         if mask is not None and mask.dim() != 2:
             return self._say_once("a pre-built 4D attention mask (e.g. a static cache) is not supported yet")
-        visual = ids == self.image_token_id
+        visual = self.adapter.prunable_visual_tokens(self.model, ids, base_kwargs)
         if not bool(visual.any()):
             return self._say_once("the prompt has no image tokens")
         valid = mask.bool() if mask is not None else torch.ones_like(visual)

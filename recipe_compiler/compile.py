@@ -153,7 +153,7 @@ def compile_recipe(
         )
 
     started = time.perf_counter()
-    table = divergence_table(statistics, config.scorer)
+    table = divergence_table(statistics, config.scorer, v_ref=v_ref)
     details: dict[str, Any] = {}
     if config.search == "optimal":
         costs = cost_table(shape, statistics.n_other, statistics.n_visual, v_ref)

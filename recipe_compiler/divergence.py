@@ -79,20 +79,23 @@ def _normalised(values: np.ndarray) -> np.ndarray:
     return np.divide(x, total, out=np.zeros_like(x), where=total > 0)
 
 
-def divergence_table(stats: Statistics, scorer: str = "fitprune") -> np.ndarray:
+def divergence_table(stats: Statistics, scorer: str = "fitprune", v_ref: int | None = None) -> np.ndarray:
     """Mean divergence of keeping the ``k`` top-ranked visual tokens entering each layer.
 
     For sample ``s`` at layer ``l >= 1``: rank the visual tokens by :func:`ranking_scores`
-    (highest kept; ties kept by lower position first), keep ``k_s = round_half_up(k·n_visual/V)``;
+    (highest kept; ties kept by lower position first), keep ``k_s = round_half_up(k·n_visual/G)``
+    where ``G`` is the grid (``v_ref``, default the widest sample ``V``);
     ``lost_cross`` = mass of ``cross[s, l] / sum(cross[s, l])`` on the dropped tokens, likewise
     ``lost_self``; ``D_s = ½·(−log max(1 − lost_cross, 1e-6) − log max(1 − lost_self, 1e-6))``.
 
     Args:
         stats: calibration statistics.
         scorer: one of :data:`SCORERS`.
+        v_ref: the recipe's reference visual-token count (grid size); samples with other counts
+            (other image sizes) keep the same fraction. Default: ``V``.
 
     Returns:
-        float64 ``[L, V + 1]``: ``[l, k]`` = mean over samples of ``D_s``. Row 0 is 0 at ``k = V``
+        float64 ``[L, G + 1]``: ``[l, k]`` = mean over samples of ``D_s``. Row 0 is 0 at ``k = G``
         and ``+inf`` elsewhere (nothing can be pruned before layer 0 runs). Each row is
         non-increasing in ``k``.
 
@@ -108,12 +111,15 @@ def divergence_table(stats: Statistics, scorer: str = "fitprune") -> np.ndarray:
     n_visual = np.asarray(stats.n_visual, dtype=np.int64)
     if n_visual.shape != (S,) or np.any(n_visual < 0) or np.any(n_visual > V):
         raise ValueError(f"stats.n_visual must hold one count in [0, {V}] per sample, got {n_visual!r}")
-    table = np.zeros((L, V + 1), dtype=np.float64)
-    table[0, :V] = np.inf
+    grid = V if v_ref is None else int(v_ref)
+    if grid < 1:
+        raise ValueError(f"v_ref must be a positive token count, got {v_ref!r}")
+    table = np.zeros((L, grid + 1), dtype=np.float64)
+    table[0, :grid] = np.inf
     if L == 1:
         return table
 
-    ks = scale_counts(np.arange(V + 1)[None, :], n_visual[:, None], V)  # [S, V+1]
+    ks = scale_counts(np.arange(grid + 1)[None, :], n_visual[:, None], grid)  # [S, G+1], each <= n_visual[s]
     positions = np.arange(V)
     # Layers in chunks of about 2^20 entries: fast (cache-sized) and light on memory.
     step = max(1, (1 << 20) // max(1, S * V))
@@ -126,8 +132,8 @@ def divergence_table(stats: Statistics, scorer: str = "fitprune") -> np.ndarray:
         # Dropped last: positions beyond the sample's count (never kept, no mass) and NaN scores.
         key = np.where(valid & ~np.isnan(scores), -scores, np.inf)
         order = np.argsort(key, axis=-1, kind="stable")  # best first; ties by position
-        index = np.broadcast_to(ks[:, None, :], (S, n, V + 1))
-        total = np.zeros((S, n, V + 1), dtype=np.float64)
+        index = np.broadcast_to(ks[:, None, :], (S, n, grid + 1))
+        total = np.zeros((S, n, grid + 1), dtype=np.float64)
         for values in (stats.cross, stats.self_attn):
             p = np.where(valid, _normalised(values[:, start:stop]), 0.0)
             p_sorted = np.take_along_axis(p, order, axis=-1)

@@ -90,12 +90,11 @@ class Recipe:
             n_visual: the image's visual-token count at the language model's input.
 
         Returns:
-            int64 [L], non-increasing, ``[0] == n_visual``.
+            int64 [L], non-increasing, ``[0] == n_visual``; ``round_half_up(keep_count · n_visual / visual_tokens)``.
         """
-        if n_visual == self.reference_visual_tokens:
-            return self.keep_count.astype(np.int64)
-        scaled = np.floor(self.keep_ratio.astype(np.float64) * n_visual + 0.5).astype(np.int64)
-        return np.minimum.accumulate(np.clip(scaled, 0, n_visual))
+        # round_half_up(keep · n / v_ref) in integers: exactly what the compiler planned with.
+        v_ref = self.reference_visual_tokens
+        return (2 * self.keep_count.astype(np.int64) * int(n_visual) + v_ref) // (2 * v_ref)
 
     @property
     def pruning_layers(self) -> list[int]:

@@ -159,3 +159,19 @@ def test_large_table_is_fast():
         best = min(best, time.perf_counter() - start)
     assert table.shape == (L, V + 1)
     assert best < 1.0, f"divergence_table took {best:.2f} s for S=24, L=80, V=2880"
+
+
+def test_reference_grid_scales_each_samples_count():
+    """With v_ref, column k means the same fraction k/v_ref for images of every size."""
+    rng = np.random.default_rng(3)
+    small, large = 4, 8
+    cross = np.full((2, 3, large), np.nan, dtype=np.float32)
+    cross[0, :, :small] = rng.random((3, small))
+    cross[1] = rng.random((3, large))
+    stats = Statistics(cross, cross.copy(), cross.copy(), np.array([small, large]), np.array([5, 5]), np.array([20, 24]))
+    table = divergence_table(stats, "text-mean", v_ref=16)
+    assert table.shape == (3, 17)
+    assert table[0, 16] == 0 and np.isinf(table[0, :16]).all()
+    # k = 8 of 16 is half of each image: the same as the default grid's k = 4 of 8.
+    assert np.allclose(table[1:, 8], divergence_table(stats, "text-mean")[1:, 4])
+    assert np.all(np.diff(table[1:], axis=1) <= 1e-12)

@@ -471,6 +471,11 @@ def _image_processor_for(vision_config: Any) -> Any:
 
 
 def _builtin_processor(config: Any) -> Any:
+    """The family's processor with the built-in tokenizer, sized from the model config."""
+    return FAMILY_PROCESSORS[config.model_type](config)
+
+
+def _builtin_llava_processor(config: Any) -> Any:
     """LlavaProcessor with the built-in tokenizer, sized from a LlavaConfig."""
     from transformers import LlavaProcessor
 
@@ -488,6 +493,11 @@ def _builtin_processor(config: Any) -> Any:
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token
     )
+
+
+# model_type -> builder of the offline processor (built-in tokenizer) for random / built-in models.
+# A family is supported by the registry and loader once it has an entry here.
+FAMILY_PROCESSORS: dict[str, Any] = {"llava": _builtin_llava_processor}
 
 
 def _pad_id(config: Any) -> int | None:
@@ -555,17 +565,23 @@ def _set_generation_ids(model: Any, config: Any, tokenizer: Any | None, *, overr
             setattr(gen, key, value)
 
 
+def _model_class(config: Any) -> Any:
+    """The ``…ForConditionalGeneration`` class of a supported family's config."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText._model_mapping[type(config)]
+
+
 def _random_model(config: Any, *, device: str, dtype: torch.dtype, attn_implementation: str, seed: int) -> Any:
-    """Build ``LlavaForConditionalGeneration(config)`` with seeded random weights.
+    """Build the family's ``…ForConditionalGeneration(config)`` with seeded random weights.
 
     ``device="meta"`` builds shapes only (no memory, no init).  Small models are initialised in
     fp32 and cast so that the same seed gives the same numbers in every dtype.
     """
-    from transformers import LlavaForConditionalGeneration
-
+    model_class = _model_class(config)
     torch_device = torch.device(device)
     with torch.device("meta"):
-        shell = LlavaForConditionalGeneration._from_config(
+        shell = model_class._from_config(
             config, attn_implementation=attn_implementation, dtype=dtype
         )
     if torch_device.type == "meta":
@@ -577,7 +593,7 @@ def _random_model(config: Any, *, device: str, dtype: torch.dtype, attn_implemen
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         with torch_device:
-            model = LlavaForConditionalGeneration._from_config(
+            model = model_class._from_config(
                 config, attn_implementation=attn_implementation, dtype=build_dtype
             )
     if build_dtype != dtype:
@@ -586,9 +602,14 @@ def _random_model(config: Any, *, device: str, dtype: torch.dtype, attn_implemen
 
 
 def _llava_config(config_dict: dict) -> Any:
-    from transformers import LlavaConfig
+    """The transformers config object of an embedded config dict (any supported family)."""
+    from transformers import AutoConfig
 
-    return LlavaConfig(**copy.deepcopy(config_dict))
+    config = copy.deepcopy(config_dict)
+    model_type = config.pop("model_type")
+    if model_type not in FAMILY_PROCESSORS:
+        raise ModelNotFoundError(f"model type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILY_PROCESSORS))}")
+    return AutoConfig.for_model(model_type, **config)
 
 
 def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa") -> LoadedModel:
@@ -701,10 +722,10 @@ def _read_llava_config(directory: Path, what: str) -> Any:
             f"{what}: cannot read config.json in {directory} ({type(exc).__name__}: {_first_line(exc)}); "
             "point --model at a LLaVA checkpoint saved with save_pretrained"
         ) from exc
-    if getattr(config, "model_type", None) != "llava":
+    if getattr(config, "model_type", None) not in FAMILY_PROCESSORS:
         raise ModelNotFoundError(
-            f"{what}: {directory} holds a {getattr(config, 'model_type', '?')!r} model, but only LLaVA "
-            f"(model_type 'llava') checkpoints are supported; use one of {_known_aliases()} or a llava-hf checkpoint"
+            f"{what}: {directory} holds a {getattr(config, 'model_type', '?')!r} model, which is not supported "
+            f"(supported model types: {', '.join(sorted(FAMILY_PROCESSORS))}); use one of {_known_aliases()}"
         )
     return config
 
@@ -725,7 +746,7 @@ def _load_directory(
     random_weights: bool,
 ) -> tuple[Any, Any]:
     """(model, processor) from a checkpoint directory (local or a cache snapshot)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     config = _read_llava_config(directory, what)
     try:
@@ -743,7 +764,7 @@ def _load_directory(
         )
     else:
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(
+            model = _model_class(config).from_pretrained(
                 str(directory),
                 local_files_only=True,
                 dtype=dtype,

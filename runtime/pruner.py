@@ -83,10 +83,15 @@ class RecipePolicy(Policy):
         self.head_reduce = recipe.head_reduce
         self._scores: torch.Tensor | None = None
         self._keep: torch.Tensor | None = None
+        self._counts: dict[int, torch.Tensor] = {}  # visual tokens of a row -> keep counts per layer
 
     def begin(self, roles: Roles) -> None:
-        counts = [self.recipe.keep_counts_for(int(v)) for v in roles.n_visual_input.tolist()]
-        self._keep = torch.tensor([c.tolist() for c in counts], dtype=torch.long, device=roles.valid.device)
+        rows = []
+        for n_visual in roles.n_visual_input.tolist():
+            if n_visual not in self._counts:
+                self._counts[n_visual] = torch.from_numpy(self.recipe.keep_counts_for(n_visual))
+            rows.append(self._counts[n_visual])
+        self._keep = torch.stack(rows).to(roles.valid.device)
 
     def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
         return scorer_groups(self.recipe.scorer, roles.text, roles.visual)
@@ -108,7 +113,15 @@ class _Request:
     carry: dict = field(default_factory=dict)  # kwargs that later layers must receive
     tokens_per_layer: list = field(default_factory=list)  # (B,) real tokens entering each layer
     visual_per_layer: list = field(default_factory=list)  # (B,) visual tokens entering each layer
-    selection: dict = field(default_factory=dict)  # layer -> list of kept visual prompt positions
+    kept_visual: dict = field(default_factory=dict)  # layer -> (prompt index, kept-visual mask), (B, L)
+
+    @property
+    def selection(self) -> dict:
+        """layer -> per row, the prompt positions of the visual tokens kept entering that layer."""
+        return {
+            layer: [index[row][mask[row]].cpu() for row in range(mask.shape[0])]
+            for layer, (index, mask) in self.kept_visual.items()
+        }
 
 
 class PruningHandle:
@@ -302,7 +315,7 @@ class PruningHandle:
             kept_visual &= roles.visual
         else:
             kept_visual = self.policy.select(layer, roles) & roles.visual
-        request.selection[layer] = [roles.orig_index[row][kept_visual[row]].cpu() for row in range(kept_visual.shape[0])]
+        request.kept_visual[layer] = (roles.orig_index, kept_visual)
         keep = (roles.valid & ~roles.visual) | kept_visual
 
         # Kept positions in order, each row left re-padded with masked dummies to the longest row.

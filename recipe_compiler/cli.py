@@ -105,6 +105,7 @@ def _compile(args: argparse.Namespace) -> int:
         _check_writable(Path(args.save_stats), "statistics")
     config = CompileConfig(budget=args.budget, search=args.search, scorer=args.scorer, head_reduce=args.head_reduce, batch_size=args.batch_size)
     dtype = parse_dtype(args.dtype)
+    _check_device(args.device)
     calibration = load_calibration(args.calibration, samples=args.samples)
     statistics = load_statistics(args.stats) if args.stats else None
 
@@ -135,6 +136,23 @@ def _compile(args: argparse.Namespace) -> int:
         f"| time {stage_times} | wrote {output}"
     )
     return 0
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CompileError(f"device {name!r} is not a torch device; use cpu, cuda, cuda:1, mps, …") from None
+    available = {
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+    }.get(device.type, lambda: True)
+    if not available():
+        raise CompileError(f"device {name!r} is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CompileError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _check_writable(path: Path, what: str) -> None:

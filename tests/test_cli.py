@@ -92,6 +92,8 @@ BAD_COMPILES = {
     "corrupt image": (["--budget", "0.5", "--calibration", "<corrupt>"], "broken.png"),
     "unknown model": (["--budget", "0.5", "--model", "not-a-model"], "not-a-model"),
     "bad dtype": (["--budget", "0.5", "--dtype", "float8"], "float8"),
+    "bad device": (["--budget", "0.5", "--device", "gpu0"], "not a torch device"),
+    "unavailable device": (["--budget", "0.5", "--device", "cuda" if not __import__("torch").cuda.is_available() else "cuda:99"], "device 'cuda"),
     "output dir missing": (["--budget", "0.5", "-o", "/no/such/dir/r.safetensors"], "does not exist"),
     "corrupt stats": (["--budget", "0.5", "--stats", "<garbage>"], "not a statistics file"),
 }

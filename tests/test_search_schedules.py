@@ -43,8 +43,14 @@ def flops(cost: np.ndarray, k: np.ndarray) -> float:
 
 
 def cheapest_budget(cost: np.ndarray) -> float:
-    """FLOPs of (V, 0, …, 0): the cheapest schedule when cost rows increase in k."""
-    return float(cost[0, -1] + cost[1:, 0].sum())
+    """FLOPs of (V, 0, …, 0): the cheapest schedule when cost rows increase in k.
+
+    Summed exactly as ``check_valid`` sums a schedule, so a budget at this value is feasible
+    to the last bit (another summation order can land one ulp below it).
+    """
+    cheapest = np.zeros(cost.shape[0], dtype=np.int64)
+    cheapest[0] = cost.shape[1] - 1
+    return float(np.sum(cost[np.arange(cost.shape[0]), cheapest]))
 
 
 def budget_between(cost: np.ndarray, fraction: float) -> float:

@@ -66,7 +66,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--search", choices=SEARCHES, default="optimal", help="schedule search (default: optimal)")
     parser.add_argument("--scorer", choices=SCORERS, default="fitprune", help="run-time scorer recorded in the recipe (default: fitprune)")
     parser.add_argument("--head-reduce", choices=("max", "mean"), default="max", help="how attention heads are combined (default: max)")
-    parser.add_argument("--device", default="cpu", help="torch device for calibration (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device for calibration (default: cpu; under torchrun, cuda means cuda:LOCAL_RANK)")
+    parser.add_argument("--device-map", type=_device_map, help="spread a checkpoint's layers over devices: auto, balanced, sequential or a JSON map (needs accelerate: pip install 'recipe-compiler[big]')")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
     parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa", help="attention kernel (default: sdpa)")
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="calibration samples per forward (default: 4)")
@@ -82,44 +83,65 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
     """``recipe-compile``: see ``recipe-compile --help``. Returns the exit code."""
     parser = _compile_parser()
     args = parser.parse_args(argv)
+    from .distributed import RankFailed, env_world, from_env
+
+    rank, world, _ = env_world()
     try:
-        return _compile(args)
-    except (CompileError, RecipeError, ValueError) as exc:
-        print(f"recipe-compile: error: {_one_line(exc)}", file=sys.stderr)
+        _check_device(args.device)
+        with from_env(args.device) as (sharding, device):  # under torchrun: join the process group
+            args.device = device
+            return _compile(args, sharding)
+    except (CompileError, RecipeError, ValueError, RankFailed) as exc:
+        if rank == 0:  # every rank fails alike (inputs are checked on all, then agreed); say it once
+            print(f"recipe-compile: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("recipe-compile: interrupted; no recipe was written", file=sys.stderr)
         return 130
 
 
-def _compile(args: argparse.Namespace) -> int:
+def _compile(args: argparse.Namespace, sharding=None) -> int:
     from .calibration import load_calibration
     from .compile import CompileConfig, compile_recipe
+    from .distributed import SINGLE
     from .models import load_model, parse_dtype
     from .statistics import load_statistics, save_statistics
 
+    sharding = sharding or SINGLE
     timings = {}
     output = Path(args.output)
-    _check_writable(output, "recipe")
-    if args.save_stats:
-        _check_writable(Path(args.save_stats), "statistics")
-    config = CompileConfig(budget=args.budget, search=args.search, scorer=args.scorer, head_reduce=args.head_reduce, batch_size=args.batch_size)
-    dtype = parse_dtype(args.dtype)
-    _check_device(args.device)
-    calibration = load_calibration(args.calibration, samples=args.samples)
-    statistics = load_statistics(args.stats) if args.stats else None
+    try:  # every rank checks the inputs; all then agree, so a bad input stops every rank, none hangs
+        if sharding.is_main:  # only rank 0 writes
+            _check_writable(output, "recipe")
+            if args.save_stats:
+                _check_writable(Path(args.save_stats), "statistics")
+        config = CompileConfig(budget=args.budget, search=args.search, scorer=args.scorer, head_reduce=args.head_reduce, batch_size=args.batch_size)
+        dtype = parse_dtype(args.dtype)
+        _check_device(args.device)
+        if args.device_map is not None and sharding.world > 1:
+            raise CompileError("--device-map cannot be combined with torchrun: each rank would spread the model over every GPU; use one process")
+        calibration = load_calibration(args.calibration, samples=args.samples)
+        statistics = load_statistics(args.stats) if args.stats else None
 
-    started = time.perf_counter()
-    loaded = load_model(
-        args.model, random_weights=args.random_weights, device=args.device, dtype=dtype,
-        attn_implementation=args.attn_implementation, seed=args.seed,
-    )
-    timings["load"] = time.perf_counter() - started
+        started = time.perf_counter()
+        placement = {} if args.device_map is None else {"device_map": args.device_map}
+        loaded = load_model(
+            args.model, random_weights=args.random_weights, device=args.device, dtype=dtype,
+            attn_implementation=args.attn_implementation, seed=args.seed, **placement,
+        )
+        timings["load"] = time.perf_counter() - started
+    except Exception as exc:  # noqa: BLE001 - re-raised by agree() on this rank
+        sharding.agree(exc)
+        raise
+    sharding.agree(None)
 
     result = compile_recipe(
         loaded.model, loaded.processor, calibration, config,
-        format_prompt=loaded.format_prompt, statistics=statistics, progress=None if args.quiet else _progress_bars(),
+        format_prompt=loaded.format_prompt, statistics=statistics,
+        progress=None if args.quiet or not sharding.is_main else _progress_bars(), sharding=sharding,
     )
+    if not sharding.is_main:  # rank 0 writes and reports; the statistics and recipe are the same on every rank
+        return 0
     timings.update(result.timings)
     started = time.perf_counter()
     if args.save_stats:
@@ -136,6 +158,26 @@ def _compile(args: argparse.Namespace) -> int:
         f"| time {stage_times} | wrote {output}"
     )
     return 0
+
+
+def _device_map(text: str):
+    """``--device-map``: a strategy name passed through to ``from_pretrained``, or a JSON object."""
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"device map is not valid JSON ({exc.msg}): {text!r}") from None
+        if not isinstance(value, dict) or not value:
+            raise argparse.ArgumentTypeError(f"device map must be a non-empty JSON object of module → device, got {text!r}")
+        return value
+    if text not in DEVICE_MAP_STRATEGIES:
+        raise argparse.ArgumentTypeError(
+            f"device map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object such as '{{\"\": \"cpu\"}}', got {text!r}"
+        )
+    return text
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def _check_device(name: str) -> None:

@@ -8,7 +8,7 @@ L×L is kept. The result is a :class:`~recipe_compiler.statistics.Statistics`.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from runtime.adapters import model_fingerprint
 from runtime.pruner import Policy, PruningHandle, Roles
 
 from .calibration import CalibrationSet, load_image
+from .distributed import SINGLE, Sharding, batches_of
 from .statistics import Statistics
 
 HEAD_REDUCTIONS = ("max", "mean")
@@ -67,6 +68,7 @@ def collect_statistics(
     batch_size: int = 4,
     head_reduce: str = "max",
     progress: Callable[[int], None] | None = None,
+    sharding: Sharding = SINGLE,
 ) -> Statistics:
     """Run the calibration set through ``model`` and collect attention statistics at every layer.
 
@@ -78,6 +80,8 @@ def collect_statistics(
         batch_size: samples per forward (left-padded batches give the same statistics).
         head_reduce: "max" (FitPrune) or "mean" over attention heads.
         progress: called with the number of samples finished after each batch.
+        sharding: under torchrun, which global batches this rank runs; every rank gets the
+            same :class:`Statistics` (rows gathered in global sample order).
 
     Returns:
         :class:`Statistics` with S = len(calibration) samples.
@@ -91,30 +95,41 @@ def collect_statistics(
 
     num_layers = len(adapter_for(model).layers(model))
     policy = StatisticsPolicy(num_layers, head_reduce)
-    device = next(model.parameters()).device
+    mine = []
     with PruningHandle(model, policy), torch.no_grad():
-        for batch in _batches(calibration.samples, batch_size):
-            inputs = processor(
-                images=[load_image(s) for s in batch],
-                text=[format_prompt(s.prompt) for s in batch],
-                return_tensors="pt",
-                padding=True,
-            )
-            inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+        for index, (_, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
+            inputs = model_inputs(model, processor, batch, format_prompt)
             before = len(policy.rows)
             model(**inputs, use_cache=False, logits_to_keep=1)
             if len(policy.rows) != before + len(batch):
                 raise RuntimeError("the calibration forward did not reach the pruning hooks (no image tokens?)")
+            mine.append((index, policy.rows[before:]))
             if progress is not None:
                 progress(len(batch))
-    return _assemble(policy.rows, head_reduce, json.dumps(model_fingerprint(model), sort_keys=True), calibration.fingerprint())
+    rows = [row for batch_rows in sharding.gather(mine) for row in batch_rows]
+    return _assemble(rows, head_reduce, json.dumps(model_fingerprint(model), sort_keys=True), calibration.fingerprint())
 
 
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where model inputs go: the device of the token embeddings (the first layer under a device map)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
+def model_inputs(model: torch.nn.Module, processor: Any, batch: Sequence, format_prompt: Callable[[str], str]) -> dict:
+    """Processor inputs for one batch of samples (left padded), on the model's input device and dtype."""
+    inputs = processor(
+        images=[load_image(s) for s in batch],
+        text=[format_prompt(s.prompt) for s in batch],
+        return_tensors="pt",
+        padding=True,
+    )
+    device = input_device(model)
+    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    return inputs
 
 
 def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp: str) -> Statistics:

@@ -18,14 +18,17 @@ from runtime.recipe import HEAD_REDUCTIONS, SCORERS, Recipe
 
 from .calibration import CalibrationSet
 from .collect import collect_statistics
+from .distributed import SINGLE, Sharding
 from .divergence import divergence_table, schedule_objective
 from .errors import BudgetError, StatisticsError
 from .flops import LMShape, cost_table, layer_flops, min_feasible_budget, visual_token_equivalent
-from .search.optimal import optimal_schedule
+from .search import SEARCHES as TABLE_SEARCHES
 from .statistics import Statistics
 from .verify import Verification, verify_recipe
 
-SEARCHES = ("optimal", "fitprune")
+# Searches on the statistics alone, then FitPrune's model-in-the-loop search.
+SEARCHES = (*TABLE_SEARCHES, "fitprune")
+_SEARCH_METHODS = {"optimal": "lagrangian-dp", "gsearch": "greedy-epsilon-bisection", "psigmoid": "sigmoid-fit"}
 # Verified FLOPs fractions are compared with the budget up to floating-point summation order only.
 BUDGET_RTOL = 1e-9
 
@@ -103,6 +106,7 @@ def compile_recipe(
     format_prompt: Callable[[str], str] = lambda p: p,
     statistics: Statistics | None = None,
     progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
+    sharding: Sharding = SINGLE,
 ) -> CompileResult:
     """Compile a recipe for ``model`` on ``calibration`` under ``config``.
 
@@ -114,6 +118,10 @@ def compile_recipe(
         format_prompt: the model's chat template for one image and a prompt.
         statistics: reuse statistics from an earlier run (must be from this model and set).
         progress: ``progress(stage, total) -> step`` factory for progress bars; ``step(n)`` advances.
+            Under torchrun ``total`` counts this rank's samples only.
+        sharding: data-parallel split of the model-in-the-loop stages (see
+            :mod:`recipe_compiler.distributed`); every rank returns the same result, byte for
+            byte what a single process returns.
 
     Returns:
         :class:`CompileResult`.
@@ -132,14 +140,15 @@ def compile_recipe(
     fingerprint = model_fingerprint(model)
     shape = LMShape.from_config(adapter_for(model).text_config(model))
     v_ref = fingerprint["visual_tokens"]
-    common = dict(format_prompt=format_prompt, batch_size=config.batch_size)
+    common = dict(format_prompt=format_prompt, batch_size=config.batch_size, sharding=sharding)
+    share = sharding.share(len(calibration), config.batch_size)  # samples this rank runs per pass
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
     if statistics is None:
         statistics = collect_statistics(
             model, processor, calibration, head_reduce=config.head_reduce,
-            progress=step("calibrate", len(calibration)), **common,
+            progress=step("calibrate", share), **common,
         )
     else:
         _check_statistics(statistics, fingerprint, calibration, config)
@@ -155,17 +164,18 @@ def compile_recipe(
     started = time.perf_counter()
     table = divergence_table(statistics, config.scorer, v_ref=v_ref)
     details: dict[str, Any] = {}
-    if config.search == "optimal":
+    if config.search in TABLE_SEARCHES:
         costs = cost_table(shape, statistics.n_other, statistics.n_visual, v_ref)
-        budget_flops = config.budget * float(np.mean(layer_flops(shape, statistics.n_tokens.astype(np.float64)))) * shape.num_layers
-        keep = optimal_schedule(table, costs, budget_flops * (1 - 1e-12))
-        search_params = {"method": "lagrangian-dp", "grid": int(v_ref) + 1}
+        # The unpruned cost from the same table the search sums, so budget 1.0 admits keep-all exactly.
+        budget_flops = config.budget * float(np.sum(costs[:, v_ref]))
+        keep = TABLE_SEARCHES[config.search](table, costs, budget_flops)
+        search_params = {"method": _SEARCH_METHODS[config.search], "grid": int(v_ref) + 1}
     else:
         from .search.fitprune import fitprune_search
 
         found = fitprune_search(
             model, processor, calibration, statistics, shape, config.budget, v_ref,
-            progress=step("search", 7 * len(calibration)), **common,
+            progress=step("search", 7 * share), **common,
         )
         if found is None:
             raise BudgetError(f"the FitPrune search found no alpha meeting budget {config.budget:g}; try a larger budget or --search optimal")
@@ -188,7 +198,7 @@ def compile_recipe(
     recipe = Recipe(keep_count=keep, scorer=config.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce, provenance=provenance)
 
     started = time.perf_counter()
-    verification = verify_recipe(model, processor, calibration, recipe, shape, progress=step("verify", len(calibration)), **common)
+    verification = verify_recipe(model, processor, calibration, recipe, shape, progress=step("verify", share), **common)
     timings["verify"] = time.perf_counter() - started
     if verification.flops_fraction > config.budget * (1 + BUDGET_RTOL):
         raise RuntimeError(

@@ -26,6 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from recipe_compiler.configs_llava_next import (
+    LLAVA_16_MISTRAL_7B_CONFIG,
+    LLAVA_16_VICUNA_7B_CONFIG,
+    LLAVA_16_VICUNA_13B_CONFIG,
+    LLAVA_NEXT_MISTRAL_PROMPT_TEMPLATE,
+    TINY_LLAVA_NEXT_CONFIG,
+)
 from recipe_compiler.errors import ModelNotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +44,7 @@ __all__ = [
     "LoadedModel",
     "ModelSpec",
     "build_tiny_llava",
+    "build_tiny_llava_next",
     "builtin_tokenizer",
     "load_model",
     "parse_dtype",
@@ -223,6 +231,42 @@ REGISTRY: dict[str, ModelSpec] = {
 
 TINY_ALIAS = "tiny-llava"
 
+# LLaVA-NeXT (LLaVA-1.6, anyres); the embedded configs live in configs_llava_next.py.
+TINY_LLAVA_NEXT_ALIAS = "tiny-llava-next"
+REGISTRY.update(
+    {
+        "llava-v1.6-vicuna-7b": ModelSpec(
+            alias="llava-v1.6-vicuna-7b",
+            hub_id="llava-hf/llava-v1.6-vicuna-7b-hf",
+            config=LLAVA_16_VICUNA_7B_CONFIG,
+            prompt_template=LLAVA_15_PROMPT_TEMPLATE,
+            description="LLaVA-1.6 (NeXT) 7B (Vicuna-7B + CLIP ViT-L/14-336 anyres, up to 2880 visual tokens + 48 newlines per image)",
+        ),
+        "llava-v1.6-mistral-7b": ModelSpec(
+            alias="llava-v1.6-mistral-7b",
+            hub_id="llava-hf/llava-v1.6-mistral-7b-hf",
+            config=LLAVA_16_MISTRAL_7B_CONFIG,
+            prompt_template=LLAVA_NEXT_MISTRAL_PROMPT_TEMPLATE,
+            description="LLaVA-1.6 (NeXT) Mistral 7B (Mistral-7B-Instruct-v0.2 GQA 32/8 + CLIP ViT-L/14-336 anyres)",
+        ),
+        "llava-v1.6-vicuna-13b": ModelSpec(
+            alias="llava-v1.6-vicuna-13b",
+            hub_id="llava-hf/llava-v1.6-vicuna-13b-hf",
+            config=LLAVA_16_VICUNA_13B_CONFIG,
+            prompt_template=LLAVA_15_PROMPT_TEMPLATE,
+            description="LLaVA-1.6 (NeXT) 13B (Vicuna-13B + CLIP ViT-L/14-336 anyres)",
+        ),
+        TINY_LLAVA_NEXT_ALIAS: ModelSpec(
+            alias=TINY_LLAVA_NEXT_ALIAS,
+            hub_id=None,
+            config=TINY_LLAVA_NEXT_CONFIG,
+            prompt_template=LLAVA_15_PROMPT_TEMPLATE,
+            description="built-in tiny random LLaVA-NeXT (CLIP 2x32 @32px crops patch 4, 5 anyres pinpoints up to 64x64, "
+            "Llama 8x64 GQA 4/2; up to 320 visual tokens + 16 newlines per image)",
+        ),
+    }
+)
+
 
 def resolve_spec(name: str) -> ModelSpec | None:
     """Look a name up in the registry.
@@ -284,19 +328,22 @@ class LoadedModel:
             prompt: The question, without any ``<image>`` placeholder.
 
         Returns:
-            The full prompt, with one ``<image>`` placeholder (the spec's template, else LLaVA-1.5's).
+            The full prompt with one image placeholder (the spec's template, else its family's, else LLaVA-1.5's).
 
         Example:
             >>> build_tiny_llava().format_prompt("Hi?")
             'USER: <image>\\nHi? ASSISTANT:'
         """
-        template = self.spec.prompt_template if self.spec is not None else LLAVA_15_PROMPT_TEMPLATE
+        if self.spec is not None:
+            template = self.spec.prompt_template
+        else:  # a hub id or directory outside the registry: its family's template
+            template = FAMILY_PROMPT_TEMPLATES.get(self.model.config.model_type, LLAVA_15_PROMPT_TEMPLATE)
         return template.replace("{prompt}", prompt)
 
     @property
     def image_token_id(self) -> int:
         """Id of the ``<image>`` placeholder token in ``input_ids``."""
-        return int(self.model.config.image_token_index)
+        return _image_token_id(self.model.config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +414,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def builtin_tokenizer(
-    vocab_size: int, image_token_id: int, pad_token_id: int | None = None
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int | None = None,
+    *,
+    image_token: str = IMAGE_TOKEN,
+    special_tokens: dict[str, int] | None = None,
 ) -> "transformers.PreTrainedTokenizerFast":
     """Build the offline byte-level tokenizer used by tiny-llava and random-weight models.
 
@@ -383,9 +435,12 @@ def builtin_tokenizer(
         vocab_size: Size of the model's embedding table; all ids are below it.
         image_token_id: Id of ``<image>`` (e.g. 32000 for LLaVA-1.5).
         pad_token_id: Id of ``<pad>``; ``None`` puts it right after ``</s>``'s free slot.
+        image_token: The image placeholder's text (``"<|image_pad|>"`` for Qwen2-VL).
+        special_tokens: Further never-split tokens and their ids, e.g. Qwen's
+            ``{"<|vision_start|>": 151652, ...}``.
 
     Returns:
-        A ``PreTrainedTokenizerFast`` with ``tokenizer.image_token == "<image>"``.
+        A ``PreTrainedTokenizerFast`` with ``tokenizer.image_token == image_token``.
 
     Raises:
         ValueError: Ids out of range, clashing, or a vocabulary too small to hold 256 bytes and
@@ -406,7 +461,8 @@ def builtin_tokenizer(
             raise ValueError(f"{label} must be an int, got {value!r}")
     if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
         raise ValueError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
-    needed = 256 + 5
+    special_tokens = dict(special_tokens or {})
+    needed = 256 + 5 + len(special_tokens)
     if vocab_size < needed:
         raise ValueError(f"vocab_size {vocab_size} is too small for the byte-level tokenizer; use at least {needed}")
     for label, value in (("image_token_id", image_token_id), ("pad_token_id", pad_token_id)):
@@ -414,8 +470,15 @@ def builtin_tokenizer(
             raise ValueError(f"{label} {value} is outside the vocabulary [0, {vocab_size}); pick an id below vocab_size")
     if pad_token_id is not None and pad_token_id == image_token_id:
         raise ValueError(f"pad_token_id and image_token_id are both {image_token_id}; give them different ids")
+    fixed = [image_token_id] + ([pad_token_id] if pad_token_id is not None else [])
+    for token, value in special_tokens.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+            raise ValueError(f"special token {token!r} has id {value!r}, not an int in [0, {vocab_size})")
+        if value in fixed:
+            raise ValueError(f"special token {token!r} reuses id {value}; give every special token its own id")
+        fixed.append(value)
 
-    vocab: dict[str, int] = {IMAGE_TOKEN: image_token_id}
+    vocab: dict[str, int] = {image_token: image_token_id, **special_tokens}
     if pad_token_id is not None:
         vocab["<pad>"] = pad_token_id
     taken = set(vocab.values())
@@ -433,7 +496,7 @@ def builtin_tokenizer(
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)]
+        [AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", "<pad>", image_token, *special_tokens)]
     )
     bos_id = vocab["<s>"]
     backend.post_processor = processors.TemplateProcessing(
@@ -447,7 +510,7 @@ def builtin_tokenizer(
         pad_token="<pad>",
         padding_side="left",
         clean_up_tokenization_spaces=False,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": image_token},
     )
     return tokenizer
 
@@ -500,9 +563,76 @@ def _builtin_llava_processor(config: Any) -> Any:
 FAMILY_PROCESSORS: dict[str, Any] = {"llava": _builtin_llava_processor}
 
 
+def _builtin_llava_next_processor(config: Any) -> Any:
+    """LlavaNextProcessor with the built-in tokenizer and the PIL anyres image processor (no torchvision).
+
+    Sized from a LlavaNextConfig: crops of ``vision_config.image_size``, the config's grid
+    pinpoints, CLIP normalisation.  Returns ``image_sizes`` and 5D ``pixel_values`` (image, crop,
+    C, H, W); pads on the left.
+    """
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    text = config.text_config
+    tokenizer = builtin_tokenizer(
+        vocab_size=int(text.vocab_size),
+        image_token_id=int(config.image_token_index),
+        pad_token_id=_pad_id(config),
+    )
+    tokenizer.model_max_length = int(getattr(text, "max_position_embeddings", 4096))
+    size = int(config.vision_config.image_size)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        do_pad=True,
+        image_mean=list(_CLIP_MEAN),
+        image_std=list(_CLIP_STD),
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=int(config.vision_config.patch_size),
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token
+    )
+
+
+FAMILY_PROCESSORS["llava_next"] = _builtin_llava_next_processor
+# model_type -> prompt template for models outside the registry (default: LLaVA-1.5's).
+FAMILY_PROMPT_TEMPLATES: dict[str, str] = {}
+# model_type -> loader(directory, config) of a saved processor, tried when AutoProcessor cannot load
+# it (Qwen2-VL's processor insists on a video processor, which needs torchvision).
+FAMILY_PROCESSOR_LOADERS: dict[str, Any] = {}
+
+
+def _saved_processor(directory: Path, config: Any) -> Any:
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        loader = FAMILY_PROCESSOR_LOADERS.get(getattr(config, "model_type", None))
+        if loader is None:
+            raise
+        try:
+            return loader(directory, config)
+        except Exception:  # noqa: BLE001 - report AutoProcessor's reason, the usual one
+            raise exc from None
+
+
+def _image_token_id(config: Any) -> int:
+    index = getattr(config, "image_token_index", None)  # LLaVA names it so; Qwen2-VL says image_token_id
+    return int(index if index is not None else config.image_token_id)
+
+
 def _pad_id(config: Any) -> int | None:
     for value in (getattr(config, "pad_token_id", None), getattr(config.text_config, "pad_token_id", None)):
-        if isinstance(value, int) and value != int(config.image_token_index):
+        if isinstance(value, int) and value != _image_token_id(config):
             return value
     return None
 
@@ -513,10 +643,11 @@ def _fix_processor(processor: Any, config: Any) -> Any:
     Older llava-hf snapshots save no ``patch_size``; without it the processor cannot count image
     tokens.  Fill the geometry in from the model config.
     """
-    if getattr(processor, "patch_size", None) is None:
+    llava_geometry = hasattr(config, "vision_feature_select_strategy")  # Qwen2-VL processors count on their own
+    if llava_geometry and getattr(processor, "patch_size", None) is None:
         processor.patch_size = int(config.vision_config.patch_size)
         processor.num_additional_image_tokens = 1
-    if getattr(processor, "vision_feature_select_strategy", None) is None:
+    if llava_geometry and getattr(processor, "vision_feature_select_strategy", None) is None:
         processor.vision_feature_select_strategy = config.vision_feature_select_strategy
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
@@ -629,6 +760,25 @@ def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa") -> Loaded
         8
     """
     return load_model(TINY_ALIAS, seed=seed, attn_implementation=attn_implementation)
+
+
+def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa") -> LoadedModel:
+    """Build the built-in ``tiny-llava-next`` (random, seeded) on CPU in fp32.
+
+    Args:
+        seed: Seed for the weights; the caller's RNG state is left untouched.
+        attn_implementation: ``"sdpa"`` or ``"eager"``.
+
+    Returns:
+        A :class:`LoadedModel` (``LlavaNextForConditionalGeneration``; a 64x64 image gives 320
+        visual tokens + 16 newlines, other aspect ratios fewer; byte-level tokenizer).
+
+    Example:
+        >>> lm = build_tiny_llava_next(seed=0)
+        >>> lm.model.config.model_type
+        'llava_next'
+    """
+    return load_model(TINY_LLAVA_NEXT_ALIAS, seed=seed, attn_implementation=attn_implementation)
 
 
 def _known_aliases() -> str:
@@ -744,13 +894,12 @@ def _load_directory(
     attn_implementation: str,
     seed: int,
     random_weights: bool,
+    device_map: Any = None,
 ) -> tuple[Any, Any]:
     """(model, processor) from a checkpoint directory (local or a cache snapshot)."""
-    from transformers import AutoProcessor
-
     config = _read_llava_config(directory, what)
     try:
-        processor = AutoProcessor.from_pretrained(str(directory), local_files_only=True)
+        processor = _saved_processor(directory, config)
     except Exception as exc:  # noqa: BLE001
         raise ModelNotFoundError(
             f"{what}: cannot load the processor (tokenizer + image processor) from {directory} "
@@ -769,13 +918,14 @@ def _load_directory(
                 local_files_only=True,
                 dtype=dtype,
                 attn_implementation=attn_implementation,
+                **({} if device_map is None else {"device_map": device_map}),
             )
         except OSError as exc:
             raise ModelNotFoundError(
                 f"{what}: weights in {directory} are missing or unreadable ({_first_line(exc)}); "
                 "re-download them or pass --random-weights to build the architecture without weights"
             ) from exc
-        if torch.device(device) != torch.device("cpu"):
+        if device_map is None and torch.device(device) != torch.device("cpu"):
             model = model.to(device)
     _set_generation_ids(model, model.config, getattr(processor, "tokenizer", None), override=random_weights)
     return model, processor
@@ -799,6 +949,7 @@ def load_model(
     dtype: "torch.dtype | str" = "float32",
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    device_map: "str | dict | None" = None,
 ) -> LoadedModel:
     """Load (or build) a LLaVA model and its processor.
 
@@ -816,6 +967,8 @@ def load_model(
         dtype: ``torch.dtype`` or ``float32``/``fp32``/``float16``/``fp16``/``bfloat16``/``bf16``.
         attn_implementation: ``"sdpa"`` or ``"eager"`` (anything transformers accepts).
         seed: Seed for random weights (``tiny-llava`` and ``random_weights=True``).
+        device_map: passed to ``from_pretrained(device_map=...)`` (``"auto"``, a dict…) to spread
+            a checkpoint over devices; needs ``accelerate``; ``device`` is then not used.
 
     Returns:
         A :class:`LoadedModel` in eval mode with gradients off.
@@ -837,6 +990,8 @@ def load_model(
     name_clean = name.strip()
     spec = resolve_spec(name_clean)
     kwargs = dict(device=device, dtype=torch_dtype, attn_implementation=attn_implementation, seed=seed)
+    if device_map is not None:
+        _check_device_map(random_weights or (spec is not None and spec.hub_id is None))
 
     # (1) built-in tiny model
     if spec is not None and spec.hub_id is None:
@@ -862,7 +1017,7 @@ def load_model(
                 )
             resolved = path.resolve()
             model, processor = _load_directory(
-                resolved, what=f"model '{name}'", random_weights=random_weights, **kwargs
+                resolved, what=f"model '{name}'", random_weights=random_weights, device_map=device_map, **kwargs
             )
             if random_weights:
                 source = f"random weights (seed {seed}), config from local directory {resolved}"
@@ -900,18 +1055,31 @@ def load_model(
             )
         raise ModelNotFoundError(_not_found_message(name_clean, repo_id))
     model, processor = _load_directory(
-        snapshot, what=f"model '{name}'", random_weights=random_weights, **kwargs
+        snapshot, what=f"model '{name}'", random_weights=random_weights, device_map=device_map, **kwargs
     )
     source = origin if not random_weights else f"random weights (seed {seed}), config from {origin}"
     return LoadedModel(_finalize(model, attn_implementation), processor, spec, name, source)
+
+
+def _check_device_map(built: bool) -> None:
+    """A device map needs a checkpoint loaded from disk and accelerate; say so in one line."""
+    if built:
+        raise ValueError(
+            "--device-map applies to weights loaded from a checkpoint (a local directory or a cached hub id); "
+            "built-in and --random-weights models are built on --device"
+        )
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "--device-map needs accelerate, which is not installed; pip install 'recipe-compiler[big]' (or pip install accelerate)"
+        ) from None
 
 
 def _random_from_spec(
     spec: ModelSpec, name: str, *, device: str, dtype: torch.dtype, attn_implementation: str, seed: int
 ) -> LoadedModel:
     """Random weights for a real alias; its cached processor when there is one, else the built-in one."""
-    from transformers import AutoProcessor
-
     config = _llava_config(spec.config)
     model = _random_model(config, device=device, dtype=dtype, attn_implementation=attn_implementation, seed=seed)
     processor = None
@@ -920,7 +1088,7 @@ def _random_from_spec(
     snapshot = _cached_snapshot(hub_id, allow_patterns=_PROCESSOR_PATTERNS)
     if snapshot is not None and any(snapshot.glob("tokenizer*")):
         try:
-            processor = _fix_processor(AutoProcessor.from_pretrained(str(snapshot), local_files_only=True), config)
+            processor = _fix_processor(_saved_processor(snapshot, config), config)
             proc_note = f"processor from HF cache {_repo_cache_folder(hub_id)}"
         except Exception:  # noqa: BLE001 - fall back to the built-in processor
             processor = None
@@ -956,3 +1124,6 @@ def build_random(
     return _random_from_spec(
         spec, spec.alias, device=device, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, seed=seed
     )
+
+
+from recipe_compiler import qwen2_vl as _qwen2_vl  # noqa: E402,F401  (registers the Qwen2-VL / Qwen2.5-VL aliases and processors)

@@ -15,7 +15,9 @@ import torch
 from runtime.pruner import PruningHandle
 from runtime.recipe import Recipe
 
-from .calibration import CalibrationSet, load_image
+from .calibration import CalibrationSet
+from .collect import model_inputs
+from .distributed import SINGLE, Sharding, batches_of
 from .flops import LMShape, layer_flops
 
 
@@ -48,6 +50,7 @@ def verify_recipe(
     format_prompt: Callable[[str], str] = lambda p: p,
     batch_size: int = 4,
     progress: Callable[[int], None] | None = None,
+    sharding: Sharding = SINGLE,
 ) -> Verification:
     """Run ``recipe`` on ``calibration`` and measure FLOPs and next-token drift.
 
@@ -56,6 +59,8 @@ def verify_recipe(
         recipe: the recipe to check (it must fit ``model``).
         shape: the language model's shape for the exact FLOPs model.
         progress: called with the number of samples finished after each batch.
+        sharding: under torchrun, which global batches this rank runs; the per-sample results
+            are gathered in global order, so every rank computes the same means.
 
     Returns:
         :class:`Verification`.
@@ -64,19 +69,9 @@ def verify_recipe(
         >>> v = verify_recipe(m.model, m.processor, cal, recipe, LMShape.from_config(cfg))  # doctest: +SKIP
         >>> v.flops_fraction <= 0.45                                                          # doctest: +SKIP
     """
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    pruned_flops, full_flops, visual, kls, agree = [], [], [], [], []
-    for start in range(0, len(calibration.samples), batch_size):
-        batch = calibration.samples[start : start + batch_size]
-        inputs = processor(
-            images=[load_image(s) for s in batch],
-            text=[format_prompt(s.prompt) for s in batch],
-            return_tensors="pt",
-            padding=True,
-        )
-        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    mine = []
+    for index, (_, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
+        inputs = model_inputs(model, processor, batch, format_prompt)
         with torch.no_grad():
             full_logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
             with recipe.apply(model) as handle:
@@ -85,19 +80,23 @@ def verify_recipe(
         real_tokens = inputs["attention_mask"].sum(dim=1).cpu().numpy().astype(np.float64)
         if request is not None:
             tokens = torch.stack(request.tokens_per_layer, dim=1).cpu().numpy().astype(np.float64)
-            visual.append(torch.stack(request.visual_per_layer, dim=1).cpu().numpy().astype(np.float64))
+            visual = torch.stack(request.visual_per_layer, dim=1).cpu().numpy().astype(np.float64)
         else:  # nothing was pruned (keep-all recipe): every token entered every layer
             tokens = np.repeat(real_tokens[:, None], shape.num_layers, axis=1)
             n_visual = (inputs["input_ids"] == handle.image_token_id).sum(dim=1).cpu().numpy()
-            visual.append(np.repeat(n_visual[:, None].astype(np.float64), shape.num_layers, axis=1))
-        pruned_flops.append(layer_flops(shape, tokens).sum(axis=1))
-        full_flops.append(layer_flops(shape, real_tokens) * shape.num_layers)
+            visual = np.repeat(n_visual[:, None].astype(np.float64), shape.num_layers, axis=1)
         log_p = torch.log_softmax(full_logits, dim=-1)
         log_q = torch.log_softmax(pruned_logits, dim=-1)
-        kls.append((log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0).cpu().numpy())
-        agree.append((full_logits.argmax(-1) == pruned_logits.argmax(-1)).cpu().numpy())
+        mine.append((index, (
+            layer_flops(shape, tokens).sum(axis=1),
+            layer_flops(shape, real_tokens) * shape.num_layers,
+            visual,
+            (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0).cpu().numpy(),
+            (full_logits.argmax(-1) == pruned_logits.argmax(-1)).cpu().numpy(),
+        )))
         if progress is not None:
             progress(len(batch))
+    pruned_flops, full_flops, visual, kls, agree = (list(column) for column in zip(*sharding.gather(mine)))
     return Verification(
         flops_fraction=float(np.mean(np.concatenate(pruned_flops)) / np.mean(np.concatenate(full_flops))),
         visual_tokens_per_layer=np.concatenate(visual).mean(axis=0),

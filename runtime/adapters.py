@@ -151,3 +151,7 @@ class LlavaAdapter(FamilyAdapter):
 def model_fingerprint(model: torch.nn.Module) -> dict:
     """The fingerprint a recipe for ``model`` must carry (see :meth:`FamilyAdapter.fingerprint`)."""
     return adapter_for(model).fingerprint(model)
+
+
+from . import adapters_llava_next  # noqa: E402,F401  (registers llava_next)
+from . import adapters_qwen2_vl  # noqa: E402,F401  (registers qwen2_vl, qwen2_5_vl)

@@ -252,7 +252,8 @@ class PruningHandle:
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
         visual = visual & valid
         position = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
-        last_visual = torch.where(visual, position, torch.full_like(position, -1)).amax(dim=1, keepdim=True)
+        image = (visual | (ids == self.image_token_id)) & valid  # protected placeholders (NeXT newlines) are not text
+        last_visual = torch.where(image, position, torch.full_like(position, -1)).amax(dim=1, keepdim=True)
         roles = Roles(
             valid=valid,
             visual=visual,
@@ -271,7 +272,7 @@ class PruningHandle:
             roles = request.roles
             weights = self.policy.row_groups(layer, roles).to(query.device)
             sums = attention.attention_row_sums(query, key, attention_mask, scaling, weights, self.policy.head_reduce)
-            self.policy.on_probe(layer, sums, roles)
+            self.policy.on_probe(layer, sums.to(roles.valid.device), roles)  # layers may sit on other devices
 
         return probe
 
@@ -328,13 +329,13 @@ class PruningHandle:
         index = torch.where(valid, order.gather(1, (slot - shift[:, None]).clamp(min=0)), torch.zeros_like(slot))
 
         batch = hidden.shape[0]
-        hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        hidden = hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
         cos, sin = request.carry.get("position_embeddings", kwargs["position_embeddings"])
-        gather_rows = lambda t: t.expand(batch, *t.shape[1:]).gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        gather_rows = lambda t: t.expand(batch, *t.shape[1:]).gather(1, index.to(t.device)[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
         request.carry["position_embeddings"] = (gather_rows(cos), gather_rows(sin))
         position_ids = request.carry.get("position_ids", kwargs.get("position_ids"))
         if position_ids is not None:
-            request.carry["position_ids"] = position_ids.expand(batch, -1).gather(1, index)
+            request.carry["position_ids"] = position_ids.expand(batch, -1).gather(1, index.to(position_ids.device))
         request.roles = roles.gather(index, valid)
         request.kept[layer] = (request.roles.orig_index, valid)
         self._count(request)
@@ -352,12 +353,12 @@ class PruningHandle:
             tail = torch.ones(valid.shape[0], new, dtype=torch.bool, device=valid.device)
             pruned = torch.cat([valid, tail], dim=1)
         else:
-            head = mask2d[:, :prompt].bool().gather(1, orig_index) & valid
+            head = mask2d[:, :prompt].bool().gather(1, orig_index.to(mask2d.device)) & valid.to(mask2d.device)
             pruned = torch.cat([head, mask2d[:, prompt:].bool()], dim=1)
         return create_causal_mask(
             config=self._config,
             inputs_embeds=hidden,
-            attention_mask=pruned,
+            attention_mask=pruned.to(hidden.device),
             past_key_values=cache,
             position_ids=None,
             layer_idx=layer,

@@ -51,15 +51,16 @@ def test_statistics_equal_eager_output_attentions_on_a_left_padded_batch(tiny, t
 
 
 @pytest.mark.parametrize("budget", [0.45, 0.6, 0.8])
-def test_optimal_is_no_worse_than_fitprune_and_both_meet_the_budget(tiny, calibration, stats, budget):
+def test_optimal_is_no_worse_than_any_search_and_all_meet_the_budget(tiny, calibration, stats, budget):
     results = {
         search: compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(budget, search=search),
                                format_prompt=tiny.format_prompt, statistics=stats)
-        for search in ("optimal", "fitprune")
+        for search in ("optimal", "gsearch", "psigmoid", "fitprune")
     }
     table = divergence_table(stats, "fitprune")
     objectives = {s: schedule_objective(table, r.recipe.keep_count) for s, r in results.items()}
-    assert objectives["optimal"] <= objectives["fitprune"] + 1e-12
+    for other in ("gsearch", "psigmoid", "fitprune"):
+        assert objectives["optimal"] <= objectives[other] + 1e-12, other
     for result in results.values():
         assert result.verification.flops_fraction <= budget * (1 + BUDGET_RTOL)
         assert np.all(np.diff(result.recipe.keep_count) <= 0)
@@ -90,7 +91,7 @@ def test_statistics_from_another_calibration_set_are_refused(tiny, calibration, 
         (dict(budget=1.01), BudgetError, r"\(0, 1\]"),
         (dict(budget=float("nan")), BudgetError, "number"),
         (dict(budget="0.5"), BudgetError, "number"),
-        (dict(budget=0.5, search="bayes"), ValueError, "optimal, fitprune"),
+        (dict(budget=0.5, search="bayes"), ValueError, "optimal, gsearch, psigmoid, fitprune"),
         (dict(budget=0.5, scorer="random"), ValueError, "fitprune, text-mean, last-token"),
         (dict(budget=0.5, head_reduce="sum"), ValueError, "max, mean"),
         (dict(budget=0.5, batch_size=0), ValueError, "positive integer"),
@@ -99,3 +100,8 @@ def test_statistics_from_another_calibration_set_are_refused(tiny, calibration, 
 def test_config_validates_on_construction(kwargs, error, message):
     with pytest.raises(error, match=message):
         CompileConfig(**kwargs)
+
+
+def test_budget_one_keeps_every_token(tiny, calibration, stats):
+    result = compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(1.0), format_prompt=tiny.format_prompt, statistics=stats)
+    assert result.recipe.pruning_layers == [] and result.verification.flops_fraction == 1.0

@@ -158,7 +158,8 @@ def test_large_table_is_fast():
         table = divergence_table(stats, "fitprune")
         best = min(best, time.perf_counter() - start)
     assert table.shape == (L, V + 1)
-    assert best < 1.0, f"divergence_table took {best:.2f} s for S=24, L=80, V=2880"
+    # ~0.45 s on the 2-core CI machine when idle; the margin keeps a busy machine from failing it.
+    assert best < 3.0, f"divergence_table took {best:.2f} s for S=24, L=80, V=2880"
 
 
 def test_reference_grid_scales_each_samples_count():

@@ -62,11 +62,17 @@ def _state_digest(model) -> str:
 
 @pytest.mark.parametrize("alias", sorted(REGISTRY))
 def test_every_embedded_config_builds_a_llava_config(alias):
+    from transformers import AutoConfig
+
+    from recipe_compiler.models import FAMILY_PROCESSORS
+
     spec = REGISTRY[alias]
     assert spec.alias == alias
-    config = LlavaConfig(**spec.config)
-    assert config.model_type == "llava"
-    assert "{prompt}" in spec.prompt_template and "<image>" in spec.prompt_template
+    fields = {k: v for k, v in spec.config.items() if k != "model_type"}
+    config = AutoConfig.for_model(spec.config["model_type"], **fields)  # the family's own config class
+    assert config.model_type == spec.config["model_type"] in FAMILY_PROCESSORS
+    assert "{prompt}" in spec.prompt_template
+    assert "<image>" in spec.prompt_template or "<|image_pad|>" in spec.prompt_template  # Qwen2-VL's placeholder
     assert spec.description
 
 

@@ -21,7 +21,9 @@ import torch
 
 from runtime.pruner import Policy, PruningHandle, Roles
 
-from ..calibration import CalibrationSet, load_image
+from ..calibration import CalibrationSet
+from ..collect import model_inputs
+from ..distributed import SINGLE, Sharding, batches_of
 from ..flops import LMShape, layer_flops, schedule_flops_fraction
 from ..methods.fitprune import bisect_alpha, layer_prune_set, recipe_from_counts, stopping_layer
 from ..statistics import Statistics
@@ -89,6 +91,7 @@ def fitprune_search(
     batch_size: int = 4,
     tol: float = 0.01,
     progress: Callable[[int], None] | None = None,
+    sharding: Sharding = SINGLE,
 ) -> FitPruneResult | None:
     """Bisect FitPrune's alpha with the model in the loop; return the feasible recipe or None.
 
@@ -100,6 +103,8 @@ def fitprune_search(
         v_ref: the model's reference visual-token count (the recipe's unit).
         tol: bisection stops when the alpha bracket is this narrow (0.01 → 7 evaluations).
         progress: called with the number of samples run after each batch.
+        sharding: under torchrun, which global batches this rank runs. Token and pruned counts
+            are gathered in global sample order, so every rank takes the same bisection step.
 
     Returns:
         :class:`FitPruneResult`, or None if no alpha meets the budget.
@@ -111,25 +116,18 @@ def fitprune_search(
 
     def evaluate(alpha: float) -> bool:
         policy = FitPruneRulePolicy(stats, alpha, num_layers)
-        tokens = np.zeros((stats.num_samples, num_layers), dtype=np.float64)
-        device = next(model.parameters()).device
+        mine = []
         with PruningHandle(model, policy) as handle, torch.no_grad():
-            for start in range(0, len(calibration.samples), batch_size):
-                batch = calibration.samples[start : start + batch_size]
+            for index, (start, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
                 policy.sample_ids = list(range(start, start + len(batch)))
-                inputs = processor(
-                    images=[load_image(s) for s in batch],
-                    text=[format_prompt(s.prompt) for s in batch],
-                    return_tensors="pt",
-                    padding=True,
-                )
-                inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
-                inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
-                model(**inputs, use_cache=False, logits_to_keep=1)
+                model(**model_inputs(model, processor, batch, format_prompt), use_cache=False, logits_to_keep=1)
                 per_layer = torch.stack(handle.last_request.tokens_per_layer, dim=1).cpu().numpy()
-                tokens[start : start + len(batch)] = per_layer
+                mine.append((index, (per_layer, [policy.pruned[s] for s in policy.sample_ids])))
                 if progress is not None:
                     progress(len(batch))
+        gathered = sharding.gather(mine)  # every rank: all batches, in global sample order
+        tokens = np.concatenate([per_layer for per_layer, _ in gathered]).astype(np.float64)
+        pruned_rows = [row for _, rows in gathered for row in rows]
         flops = layer_flops(shape, tokens)  # [S, L]
         spent = np.concatenate([np.zeros((stats.num_samples, 1)), np.cumsum(flops, axis=1)], axis=1)
         entering = np.concatenate([tokens, tokens[:, -1:]], axis=1)
@@ -137,7 +135,7 @@ def fitprune_search(
         stop = stopping_layer(np.stack([spent, remaining], axis=-1), budget_flops)
         if stop is None:
             return False
-        pruned = np.stack([policy.pruned[s] for s in range(stats.num_samples)]).astype(np.float64)
+        pruned = np.stack(pruned_rows).astype(np.float64)
         pruned *= v_ref / stats.n_visual[:, None]  # express every sample in reference tokens
         per_layer_pruned = recipe_from_counts(pruned, stop)
         keep = _keep_from_pruned(per_layer_pruned, v_ref)

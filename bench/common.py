@@ -87,3 +87,30 @@ def emit(result: dict, out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
+
+
+def paired(baseline, candidate, setup, teardown, repeats: int, device: str = "cpu") -> tuple[dict, dict]:
+    """Time ``baseline`` and ``candidate`` alternately (A, B, A, B, …) so drift hits both alike.
+
+    ``setup``/``teardown`` run around each candidate call, outside the timed region (e.g. applying
+    and removing a recipe). Returns the two timing summaries as :func:`timed` does.
+    """
+    def once(fn) -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1000
+
+    baseline()
+    setup(); candidate(); teardown()  # warm-up both paths
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(once(baseline))
+        setup()
+        b.append(once(candidate))
+        teardown()
+    summary = lambda xs: {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "repeats": repeats}  # noqa: E731
+    return summary(a), summary(b)

@@ -41,11 +41,38 @@ def mid_spec() -> ModelSpec:
                      description="mid-size random LLaVA for benchmarks (12x768 Llama, 576 visual tokens)")
 
 
+MID_TEXT = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "num_key_value_heads": 12}
+
+
+def mid_family_spec(tiny_alias: str) -> ModelSpec:
+    """A family's built-in tiny model (its vision tower and image layout) with the mid-size LM."""
+    import copy
+    import dataclasses
+
+    tiny = REGISTRY[tiny_alias]
+    config = copy.deepcopy(tiny.config)
+    config["text_config"].update(MID_TEXT)
+    config["text_config"].pop("head_dim", None)
+    if config.get("model_type", "").startswith("qwen"):
+        config["text_config"]["num_key_value_heads"] = 2  # Qwen2's GQA layout
+        # The vision merger projects into the LM's width (Qwen2-VL: hidden_size; Qwen2.5-VL: out_hidden_size).
+        vision = config["vision_config"]
+        vision["out_hidden_size" if "out_hidden_size" in vision else "hidden_size"] = MID_TEXT["hidden_size"]
+        for rope in (config["text_config"].get("rope_scaling"), config["text_config"].get("rope_parameters")):
+            if isinstance(rope, dict) and "mrope_section" in rope:
+                rope["mrope_section"] = [8, 12, 12]  # head_dim 64 → 32 rotary pairs, split as Qwen2-VL-7B splits its 64
+    return dataclasses.replace(tiny, alias=f"mid-{tiny_alias.removeprefix('tiny-')}", config=config,
+                               description=f"{tiny.description}; mid-size 12x768 LM for benchmarks")
+
+
 def spec_for(name: str) -> ModelSpec:
     if name == "mid":
         return mid_spec()
+    if name in ("mid-llava-next", "mid-qwen2-vl"):
+        return mid_family_spec(name.replace("mid-", "tiny-"))
     if name.lower() not in REGISTRY:
-        raise SystemExit(f"unknown model {name!r}: use 'mid' or one of {', '.join(sorted(REGISTRY))}")
+        raise SystemExit(f"unknown model {name!r}: use 'mid', 'mid-llava-next', 'mid-qwen2-vl' or one of {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name.lower()]
 
 

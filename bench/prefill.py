@@ -13,6 +13,7 @@ Prints JSON; ``--out`` also writes it.
 from __future__ import annotations
 
 import argparse
+import inspect
 
 import torch
 
@@ -30,7 +31,7 @@ def kv_bytes(cache) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mid", help="'mid' (default) or a registry alias, built with random weights")
+    parser.add_argument("--model", default="mid", help="'mid' (default), 'mid-llava-next', 'mid-qwen2-vl' or a registry alias, built with random weights")
     parser.add_argument("--budgets", default="1.0,0.45,0.25")
     parser.add_argument("--samples", type=int, default=8, help="calibration samples used to compile each recipe")
     parser.add_argument("--batch", type=int, default=1, help="prompts per timed prefill")
@@ -56,9 +57,12 @@ def main() -> None:
         with torch.no_grad():
             return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    def vision():
+    image_features = model.model.get_image_features
+    vision_inputs = {k: v for k, v in inputs.items() if k in inspect.signature(image_features).parameters}
+
+    def vision():  # the family's own feature path (image_sizes for NeXT, image_grid_thw for Qwen)
         with torch.no_grad():
-            model.model.get_image_features(pixel_values=inputs["pixel_values"])
+            image_features(**vision_inputs)
 
     unpruned_kv = kv_bytes(prefill().past_key_values)
     vision_time = timed(vision, args.repeats, device=args.device)

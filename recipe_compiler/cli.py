@@ -76,6 +76,12 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-stats", help="also write the calibration statistics to this file")
     parser.add_argument("--stats", help="reuse statistics saved with --save-stats instead of calibrating")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--pre-llm", choices=("none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection", "auto"), default="none",
+                        help="pre-LLM stage (drops tokens before the language model); auto compares them all and prints a candidate table (default: none)")
+    parser.add_argument("--gprune-threshold", type=float, help="G-Prune similarity threshold in [-1, 1] (default: 0.5)")
+    parser.add_argument("--gprune-temperature", type=float, help="G-Prune softmax temperature > 0 (default: 0.03)")
+    parser.add_argument("--gprune-steps", type=int, help="G-Prune propagation steps >= 0 (default: 5)")
+    parser.add_argument("--pre-llm-ratio", type=float, help="keep ratio of a fixed-ratio pre-LLM stage in (0, 1] (default: the best of a grid)")
     return parser
 
 
@@ -115,7 +121,10 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
             _check_writable(output, "recipe")
             if args.save_stats:
                 _check_writable(Path(args.save_stats), "statistics")
-        config = CompileConfig(budget=args.budget, search=args.search, scorer=args.scorer, head_reduce=args.head_reduce, batch_size=args.batch_size)
+        config = CompileConfig(budget=args.budget, search=args.search, scorer=args.scorer, head_reduce=args.head_reduce, batch_size=args.batch_size,
+                               pre_llm=args.pre_llm, pre_llm_ratio=args.pre_llm_ratio,
+                               gprune={k: v for k, v in (("threshold", args.gprune_threshold), ("temperature", args.gprune_temperature),
+                                                         ("steps", args.gprune_steps)) if v is not None} or None)
         dtype = parse_dtype(args.dtype)
         _check_device(args.device)
         if args.device_map is not None and sharding.world > 1:
@@ -151,10 +160,14 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
 
     v = result.verification
     v_ref = result.recipe.reference_visual_tokens
+    if args.pre_llm == "auto":  # the candidate table, then the usual summary line
+        print(result.details["pre_llm_table"])
+    stage = result.recipe.pre_llm
+    stage_text = "" if stage["method"] == "none" else f" | pre-llm {stage['method']}" + (f" {stage['keep_ratio']:g}" if "keep_ratio" in stage else "")
     stage_times = " ".join(f"{k} {timings[k]:.1f}s" for k in ("load", "calibrate", "search", "verify", "write"))
     print(
         f"budget {args.budget:g} | flops {v.flops_fraction:.4f} | visual tokens {result.visual_token_equivalent:.1f}/{v_ref} "
-        f"| divergence {result.divergence:.4f} | kl {v.kl:.4g} | top1 {v.top1_agreement:.2f} | search {args.search} "
+        f"| divergence {result.divergence:.4f} | kl {v.kl:.4g} | top1 {v.top1_agreement:.2f} | search {args.search}{stage_text} "
         f"| time {stage_times} | wrote {output}"
     )
     return 0
@@ -235,13 +248,13 @@ def _one_line(exc: BaseException) -> str:
 def inspect_main(argv: Sequence[str] | None = None) -> int:
     """``recipe-inspect RECIPE``: print a recipe's schedule and provenance. Returns the exit code."""
     parser = _Parser(prog="recipe-inspect", description="Print a recipe's per-layer schedule and provenance.")
-    parser.add_argument("recipe", help="recipe file (.safetensors)")
+    parser.add_argument("recipe", help="recipe file (.safetensors), or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    from runtime.recipe import load
+    from runtime.presets import resolve
 
     try:
-        recipe = load(args.recipe)
+        recipe = resolve(args.recipe)  # a file, or a FitPrune published preset
     except RecipeError as exc:
         print(f"recipe-inspect: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE

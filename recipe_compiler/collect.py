@@ -26,11 +26,32 @@ HEAD_REDUCTIONS = ("max", "mean")
 class StatisticsPolicy(Policy):
     """Prunes nothing; at every layer records cross, self and last-row attention per visual token."""
 
-    def __init__(self, num_layers: int, head_reduce: str = "max") -> None:
+    def __init__(self, num_layers: int, head_reduce: str = "max", prellm: bool = False, prellm_params: dict | None = None) -> None:
         self.probe_layers = tuple(range(num_layers))
         self.head_reduce = head_reduce
         self.num_layers = num_layers
         self.rows: list[dict] = []
+        self.stage = None
+        if prellm:  # pre-LLM scores from the same pass: vision hooks + the layer-0 input embeddings
+            from runtime.prellm_stage import PreLLMStage
+
+            self.stage = PreLLMStage("g-prune", params=prellm_params, capture={"attention", "features"})
+
+    def attach(self, model: torch.nn.Module) -> list:
+        return self.stage.attach(model) if self.stage is not None else []
+
+    def on_inputs(self, embeds: torch.Tensor, roles: Roles) -> None:
+        if self.stage is None:
+            return
+        self.stage.on_inputs(embeds)
+        for entry in self._batch:
+            entry["prellm"] = {}
+        for image in self.stage.scores(roles):
+            store = self._batch[image["row"]]["prellm"]
+            for name in ("gprune", "fopru", "clssim"):
+                part = image[name].float().cpu().numpy()
+                store[name] = part if name not in store else np.concatenate([store[name], part])
+        self.stage.on_inputs(None)
 
     def begin(self, roles: Roles) -> None:
         self._roles = roles
@@ -69,6 +90,7 @@ def collect_statistics(
     head_reduce: str = "max",
     progress: Callable[[int], None] | None = None,
     sharding: Sharding = SINGLE,
+    prellm_params: dict | None = None,
 ) -> Statistics:
     """Run the calibration set through ``model`` and collect attention statistics at every layer.
 
@@ -82,6 +104,8 @@ def collect_statistics(
         progress: called with the number of samples finished after each batch.
         sharding: under torchrun, which global batches this rank runs; every rank gets the
             same :class:`Statistics` (rows gathered in global sample order).
+        prellm_params: G-Prune ``threshold``, ``temperature``, ``steps`` for the recorded scores
+            (default: G-Prune's 0.5, 0.03, 5).
 
     Returns:
         :class:`Statistics` with S = len(calibration) samples.
@@ -93,8 +117,18 @@ def collect_statistics(
         raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
     from runtime.adapters import adapter_for
 
+    from runtime.prellm_stage import check_supported
+
     num_layers = len(adapter_for(model).layers(model))
-    policy = StatisticsPolicy(num_layers, head_reduce)
+    try:
+        check_supported(model)
+        prellm = True
+    except (ValueError, AttributeError):
+        prellm = False
+    from runtime.prellm_stage import GPRUNE_DEFAULTS
+
+    params = {**GPRUNE_DEFAULTS, **(prellm_params or {})}
+    policy = StatisticsPolicy(num_layers, head_reduce, prellm=prellm, prellm_params=params)
     mine = []
     with PruningHandle(model, policy), torch.no_grad():
         for index, (_, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
@@ -107,7 +141,12 @@ def collect_statistics(
             if progress is not None:
                 progress(len(batch))
     rows = [row for batch_rows in sharding.gather(mine) for row in batch_rows]
-    return _assemble(rows, head_reduce, json.dumps(model_fingerprint(model), sort_keys=True), calibration.fingerprint())
+    stats = _assemble(rows, head_reduce, json.dumps(model_fingerprint(model), sort_keys=True), calibration.fingerprint())
+    if stats.prellm:
+        from dataclasses import replace
+
+        stats = replace(stats, prellm_params=json.dumps(params, sort_keys=True))
+    return stats
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -139,7 +178,14 @@ def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp:
     for s, row in enumerate(rows):
         for name in arrays:
             arrays[name][s, :, : row["n_visual"]] = np.stack(row[name])
+    prellm = {}
+    if all("prellm" in r for r in rows):
+        for name in ("gprune", "fopru", "clssim"):
+            prellm[name] = np.full((samples, width), np.nan, dtype=np.float32)
+            for s, row in enumerate(rows):
+                prellm[name][s, : row["n_visual"]] = row["prellm"][name]
     return Statistics(
+        prellm=prellm,
         cross=arrays["cross"],
         self_attn=arrays["self"],
         last=arrays["last"],

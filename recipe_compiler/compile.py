@@ -44,6 +44,10 @@ class CompileConfig:
         scorer: run-time scorer recorded in the recipe, one of ``runtime.recipe.SCORERS``.
         head_reduce: "max" (FitPrune) or "mean" over attention heads.
         batch_size: calibration samples per forward.
+        pre_llm: pre-LLM stage, one of ``prellm_search.PRE_LLM_CHOICES``; ``auto`` evaluates every
+            stage (and none) with the in-LLM schedule and keeps the least divergence in budget.
+        pre_llm_ratio: fix a fixed-ratio stage's keep ratio instead of trying a grid.
+        gprune: G-Prune ``threshold`` / ``temperature`` / ``steps`` overrides (defaults 0.5, 0.03, 5).
 
     Example:
         >>> CompileConfig(budget=0.45).search
@@ -55,6 +59,9 @@ class CompileConfig:
     scorer: str = "fitprune"
     head_reduce: str = "max"
     batch_size: int = 4
+    pre_llm: str = "none"
+    pre_llm_ratio: float | None = None
+    gprune: dict | None = None
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -70,6 +77,24 @@ class CompileConfig:
             raise ValueError(f"scorer {self.scorer!r} is unknown; choose one of {', '.join(SCORERS)}")
         if self.head_reduce not in HEAD_REDUCTIONS:
             raise ValueError(f"head_reduce {self.head_reduce!r} is unknown; choose one of {', '.join(HEAD_REDUCTIONS)}")
+        from .prellm_search import PRE_LLM_CHOICES
+
+        if self.pre_llm not in PRE_LLM_CHOICES:
+            raise ValueError(f"pre-LLM stage {self.pre_llm!r} is unknown; choose one of {', '.join(PRE_LLM_CHOICES)}")
+        if self.pre_llm != "none" and self.search not in TABLE_SEARCHES:
+            raise ValueError(f"--pre-llm {self.pre_llm} needs a table search ({', '.join(TABLE_SEARCHES)}), not {self.search!r}")
+        if self.pre_llm_ratio is not None:
+            r = self.pre_llm_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                raise ValueError(f"pre-LLM keep ratio must be a number in (0, 1], got {r!r}")
+            if self.pre_llm in ("none", "auto", "cls-inflection"):
+                raise ValueError(f"a pre-LLM keep ratio needs a fixed-ratio stage (g-prune, fopru-rank, fopru-row), not {self.pre_llm!r}")
+        for key, value in (self.gprune or {}).items():
+            ok = {"threshold": lambda v: -1 <= v <= 1, "temperature": lambda v: 0 < v < math.inf,
+                  "steps": lambda v: isinstance(v, int) and 0 <= v <= 10**6}.get(key)
+            if ok is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"G-Prune parameter {key}={value!r} is unknown or out of range "
+                                 "(threshold in [-1, 1], temperature > 0, steps a non-negative integer)")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
 
@@ -148,13 +173,17 @@ def compile_recipe(
     if statistics is None:
         statistics = collect_statistics(
             model, processor, calibration, head_reduce=config.head_reduce,
-            progress=step("calibrate", share), **common,
+            progress=step("calibrate", share), prellm_params=config.gprune, **common,
         )
     else:
         _check_statistics(statistics, fingerprint, calibration, config)
     timings["calibrate"] = time.perf_counter() - started
 
     smallest = min_feasible_budget(shape, statistics.n_other, statistics.n_visual, v_ref)
+    if config.pre_llm != "none":
+        return _compile_with_stage(
+            model, processor, calibration, config, statistics, shape, fingerprint, v_ref, timings, step, share, common
+        )
     if config.budget < smallest * (1 - BUDGET_RTOL):
         raise BudgetError(
             f"budget {config.budget:g} cannot be met: even dropping every visual token after layer 0 spends "
@@ -215,12 +244,86 @@ def compile_recipe(
     return CompileResult(recipe, statistics, verification, float(divergence), float(equivalent), timings, details)
 
 
+def _compile_with_stage(model, processor, calibration, config, statistics, shape, fingerprint, v_ref, timings, step, share, common):
+    """``--pre-llm``: evaluate the stage(s) with the in-LLM schedule, keep the best, verify it."""
+    from . import prellm_search
+
+    started = time.perf_counter()
+    methods = ("none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection") if config.pre_llm == "auto" else (config.pre_llm,)
+    candidates = []
+    for method in methods:
+        found = prellm_search.evaluate(
+            statistics, shape, v_ref, config.budget, method, config.scorer, TABLE_SEARCHES[config.search],
+            keep_ratio=config.pre_llm_ratio,
+        )
+        if method == "cls-inflection":  # one line per stage: its best stage-2 (K, ratio), else its cheapest
+            chosen_here = prellm_search.best(found)
+            found = [chosen_here or min(found, key=lambda c: c.flops_fraction)]
+        candidates.extend(found)
+    chosen = prellm_search.best(candidates)
+    if chosen is None:
+        cheapest = min(c.flops_fraction for c in candidates)
+        raise BudgetError(
+            f"budget {config.budget:g} cannot be met with --pre-llm {config.pre_llm}: the cheapest candidate spends "
+            f"{cheapest:.4f} of the prefill FLOPs; use --budget {math.ceil(cheapest * 1000) / 1000:g} or more"
+        )
+    timings["search"] = time.perf_counter() - started
+    keep = chosen.keep.astype(np.int32)
+    search_params = {
+        "method": "cls-inflection-grid" if chosen.method == "cls-inflection" else _SEARCH_METHODS[config.search],
+        "grid": int(v_ref) + 1,
+        "pre_llm": config.pre_llm,
+    }
+    provenance = {
+        "budget": config.budget,
+        "search": config.search,
+        "search_params": search_params,
+        "head_reduce": config.head_reduce,
+        "divergence": round(float(chosen.divergence), 9),
+        "calibration": {"fingerprint": calibration.fingerprint(), "samples": len(calibration)},
+        "versions": _versions(),
+    }
+
+    def build(prov):
+        return Recipe(keep_count=keep, scorer=chosen.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce,
+                      pre_llm=chosen.pre_llm, provenance=prov)
+
+    recipe = build(provenance)
+    started = time.perf_counter()
+    verification = verify_recipe(model, processor, calibration, recipe, shape, progress=step("verify", share), **common)
+    timings["verify"] = time.perf_counter() - started
+    if verification.flops_fraction > config.budget * (1 + BUDGET_RTOL):
+        raise RuntimeError(
+            f"internal error: the verified FLOPs fraction {verification.flops_fraction:.6f} exceeds the budget "
+            f"{config.budget} with pre-LLM stage {chosen.method}; please report this with the command line"
+        )
+    provenance.update(
+        flops_fraction=round(verification.flops_fraction, 9),
+        kl=round(verification.kl, 9),
+        top1_agreement=round(verification.top1_agreement, 9),
+    )
+    recipe = build(provenance)
+    n_post = None
+    if chosen.method != "none":
+        n_post = prellm_search.survivors(statistics, chosen.method, chosen.keep_ratio).sum(axis=1)
+    equivalent = visual_token_equivalent(shape, statistics.n_other, statistics.n_visual, keep, v_ref, n_survivors=n_post)
+    details = {"pre_llm_candidates": candidates, "pre_llm_chosen": chosen,
+               "pre_llm_table": prellm_search.format_candidates(candidates, chosen)}
+    return CompileResult(recipe, statistics, verification, float(chosen.divergence), float(equivalent), timings, details)
+
+
 def _check_statistics(stats: Statistics, fingerprint: dict, calibration: CalibrationSet, config: CompileConfig) -> None:
     theirs = json.loads(stats.model_fingerprint) if stats.model_fingerprint else {}
     if theirs != fingerprint:
         raise StatisticsError("the saved statistics were collected on a different model; recollect them without --stats")
     if stats.calibration_fingerprint != calibration.fingerprint():
         raise StatisticsError("the saved statistics were collected on a different calibration set or --samples; recollect them")
+    if config.pre_llm in ("g-prune", "auto") and stats.prellm:
+        from runtime.prellm_stage import GPRUNE_DEFAULTS
+
+        wanted = json.dumps({**GPRUNE_DEFAULTS, **(config.gprune or {})}, sort_keys=True)
+        if stats.prellm_params != wanted:
+            raise StatisticsError(f"the saved statistics hold G-Prune scores for {stats.prellm_params or 'unknown parameters'}, not {wanted}; recollect them")
     if stats.head_reduce != config.head_reduce:
         raise StatisticsError(f"the saved statistics use head_reduce={stats.head_reduce!r}, not {config.head_reduce!r}")
 

@@ -79,7 +79,9 @@ def _normalised(values: np.ndarray) -> np.ndarray:
     return np.divide(x, total, out=np.zeros_like(x), where=total > 0)
 
 
-def divergence_table(stats: Statistics, scorer: str = "fitprune", v_ref: int | None = None) -> np.ndarray:
+def divergence_table(
+    stats: Statistics, scorer: str = "fitprune", v_ref: int | None = None, survivors: np.ndarray | None = None
+) -> np.ndarray:
     """Mean divergence of keeping the ``k`` top-ranked visual tokens entering each layer.
 
     For sample ``s`` at layer ``l >= 1``: rank the visual tokens by :func:`ranking_scores`
@@ -93,6 +95,10 @@ def divergence_table(stats: Statistics, scorer: str = "fitprune", v_ref: int | N
         scorer: one of :data:`SCORERS`.
         v_ref: the recipe's reference visual-token count (grid size); samples with other counts
             (other image sizes) keep the same fraction. Default: ``V``.
+        survivors: optional bool ``[S, V]``, the tokens a pre-LLM stage lets into layer 0. Counts
+            are then relative to each sample's survivors (``k_s = round_half_up(k·n_post/G)``),
+            only survivors are ranked, and the pre-dropped tokens' mass counts as lost at every
+            layer, row 0 included (``[0, G]`` = the layer-0 loss of the stage alone).
 
     Returns:
         float64 ``[L, G + 1]``: ``[l, k]`` = mean over samples of ``D_s``. Row 0 is 0 at ``k = G``
@@ -114,13 +120,22 @@ def divergence_table(stats: Statistics, scorer: str = "fitprune", v_ref: int | N
     grid = V if v_ref is None else int(v_ref)
     if grid < 1:
         raise ValueError(f"v_ref must be a positive token count, got {v_ref!r}")
+    positions = np.arange(V)
+    alive = positions[None, :] < n_visual[:, None]
+    if survivors is not None:
+        survivors = np.asarray(survivors, dtype=bool)
+        if survivors.shape != (S, V):
+            raise ValueError(f"survivors must be a bool [S, V] = {(S, V)} mask, got {survivors.shape}")
+        alive = alive & survivors
+    n_post = alive.sum(axis=1)
     table = np.zeros((L, grid + 1), dtype=np.float64)
     table[0, :grid] = np.inf
+    if survivors is not None:
+        table[0, grid] = _pre_dropped_divergence(stats, alive, n_visual)
     if L == 1:
         return table
 
-    ks = scale_counts(np.arange(grid + 1)[None, :], n_visual[:, None], grid)  # [S, G+1], each <= n_visual[s]
-    positions = np.arange(V)
+    ks = scale_counts(np.arange(grid + 1)[None, :], n_post[:, None], grid)  # [S, G+1], each <= n_post[s]
     # Layers in chunks of about 2^20 entries: fast (cache-sized) and light on memory.
     step = max(1, (1 << 20) // max(1, S * V))
     for start in range(1, L, step):
@@ -130,7 +145,7 @@ def divergence_table(stats: Statistics, scorer: str = "fitprune", v_ref: int | N
         scores = _base_scores(stats, scorer, slice(start - 1, stop - 1))  # [S, n, V]
         valid = positions[None, None, :] < n_visual[:, None, None]
         # Dropped last: positions beyond the sample's count (never kept, no mass) and NaN scores.
-        key = np.where(valid & ~np.isnan(scores), -scores, np.inf)
+        key = np.where(valid & alive[:, None, :] & ~np.isnan(scores), -scores, np.inf)
         order = np.argsort(key, axis=-1, kind="stable")  # best first; ties by position
         index = np.broadcast_to(ks[:, None, :], (S, n, grid + 1))
         total = np.zeros((S, n, grid + 1), dtype=np.float64)
@@ -144,6 +159,17 @@ def divergence_table(stats: Statistics, scorer: str = "fitprune", v_ref: int | N
             total += -np.log(np.maximum(1.0 - lost_at_k, _MIN_KEPT))
         table[start:stop] = 0.5 * np.mean(total, axis=0)
     return table
+
+
+def _pre_dropped_divergence(stats: Statistics, alive: np.ndarray, n_visual: np.ndarray) -> float:
+    """Mean layer-0 divergence of dropping the non-``alive`` tokens before the language model."""
+    valid = np.arange(stats.cross.shape[2])[None, :] < n_visual[:, None]
+    total = np.zeros(stats.cross.shape[0], dtype=np.float64)
+    for values in (stats.cross, stats.self_attn):
+        p = np.where(valid, _normalised(values[:, 0]), 0.0)
+        lost = np.sum(np.where(alive, 0.0, p), axis=-1)
+        total += -np.log(np.maximum(1.0 - lost, _MIN_KEPT))
+    return float(0.5 * np.mean(total))
 
 
 def schedule_objective(table: Any, keep_counts: Any) -> float:

@@ -316,7 +316,7 @@ def min_feasible_budget(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int)
 
 
 def visual_token_equivalent(
-    shape: LMShape, n_other: Any, n_visual: Any, keep_counts: Any, v_ref: int
+    shape: LMShape, n_other: Any, n_visual: Any, keep_counts: Any, v_ref: int, n_survivors: Any = None
 ) -> float:
     """The constant visual-token count with the same mean FLOPs as a schedule.
 
@@ -333,6 +333,8 @@ def visual_token_equivalent(
         n_visual: int ``[S]``, visual tokens per sample.
         keep_counts: int ``[num_layers]``, visual tokens (reference count) alive entering each layer.
         v_ref: reference visual-token count.
+        n_survivors: int ``[S]``, visual tokens left by a pre-LLM stage (the schedule then scales
+            with them); ``c`` stays relative to ``n_visual``.
 
     Returns:
         ``c`` in ``[0, v_ref]``.
@@ -345,7 +347,8 @@ def visual_token_equivalent(
     v_ref = _check_v_ref(v_ref)
     other, visual = _check_samples(n_other, n_visual)
     keep = _check_keep(keep_counts, shape, v_ref)
-    target = _schedule_mean_flops(shape, other, visual, keep, v_ref)
+    scaled = visual if n_survivors is None else _check_samples(n_other, n_survivors)[1]
+    target = _schedule_mean_flops(shape, other, scaled, keep, v_ref)
     a, b = shape._coefficients()
     L = float(shape.num_layers)
     o = other.astype(np.float64)

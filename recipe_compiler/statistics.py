@@ -5,7 +5,7 @@ A pure container (numpy only). The calibration pass that fills it lives in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,12 @@ class Statistics:
         head_reduce: "max" or "mean".
         model_fingerprint: JSON string of the model fingerprint the statistics were taken on.
         calibration_fingerprint: hex digest of the calibration set (images and prompts).
+        prellm: optional pre-LLM scores per visual token (prompt order), float32 [S, V] each, NaN
+            beyond a sample's count: ``gprune`` (G-Prune propagated information, default
+            parameters), ``fopru`` (CLS→patch attention at the vision feature layer, head mean),
+            ``clssim`` (patch–CLS cosine similarity at the feature layer). Empty when the model
+            has no supported pre-LLM stage (e.g. LLaVA-NeXT, Qwen2-VL).
+        prellm_params: JSON of the G-Prune parameters ``gprune`` was computed with.
     """
 
     cross: np.ndarray
@@ -41,6 +47,8 @@ class Statistics:
     head_reduce: str = "max"
     model_fingerprint: str = ""
     calibration_fingerprint: str = ""
+    prellm: dict = field(default_factory=dict)
+    prellm_params: str = ""
 
     @property
     def num_samples(self) -> int:
@@ -72,6 +80,7 @@ class Statistics:
 
 _ARRAYS = ("cross", "self_attn", "last", "n_visual", "n_text", "n_tokens")
 _STATS_SCHEMA = "recipe_compiler.statistics/1"
+PRELLM_SCORES = ("gprune", "fopru", "clssim")
 
 
 def save_statistics(stats: Statistics, path) -> None:
@@ -98,8 +107,11 @@ def save_statistics(stats: Statistics, path) -> None:
         "head_reduce": stats.head_reduce,
         "model_fingerprint": stats.model_fingerprint,
         "calibration_fingerprint": stats.calibration_fingerprint,
+        "prellm_params": stats.prellm_params,
     }
-    data = save({name: np.ascontiguousarray(getattr(stats, name)) for name in _ARRAYS}, metadata=metadata)
+    arrays = {name: np.ascontiguousarray(getattr(stats, name)) for name in _ARRAYS}
+    arrays.update({f"prellm_{name}": np.ascontiguousarray(value) for name, value in stats.prellm.items()})
+    data = save(arrays, metadata=metadata)
     try:
         write_atomic(path, data)
     except OSError as exc:
@@ -134,8 +146,13 @@ def load_statistics(path) -> Statistics:
     s, l, v = arrays["cross"].shape if arrays["cross"].ndim == 3 else (0, 0, 0)
     if s == 0 or any(arrays[n].shape != (s, l, v) for n in ("self_attn", "last")) or any(arrays[n].shape != (s,) for n in ("n_visual", "n_text", "n_tokens")):
         raise StatisticsError(f"{path} has inconsistent array shapes; recollect the statistics")
+    prellm = {name: arrays[f"prellm_{name}"] for name in PRELLM_SCORES if f"prellm_{name}" in arrays}
+    if any(value.shape != (s, v) for value in prellm.values()):
+        raise StatisticsError(f"{path} has inconsistent pre-LLM score shapes; recollect the statistics")
     return Statistics(
         **{name: arrays[name] for name in _ARRAYS},
+        prellm=prellm,
+        prellm_params=metadata.get("prellm_params", ""),
         head_reduce=metadata.get("head_reduce", "max"),
         model_fingerprint=metadata.get("model_fingerprint", ""),
         calibration_fingerprint=metadata.get("calibration_fingerprint", ""),

@@ -58,8 +58,21 @@ class Policy:
     probe_layers: tuple[int, ...] = ()
     head_reduce: str = "max"
 
+    def attach(self, model: torch.nn.Module) -> list:
+        """Install extra hooks on ``model`` (e.g. on the vision encoder); return their handles.
+
+        Called once when the :class:`PruningHandle` installs; the handles are removed with it.
+        """
+        return []
+
     def begin(self, roles: Roles) -> None:
         """Called at the start of each prefill with the unpruned roles."""
+
+    def on_inputs(self, embeds: torch.Tensor, roles: Roles) -> None:
+        """Receive the (B, L, D) language-model input embeddings of a prefill, after :meth:`begin`.
+
+        They are the hidden states entering layer 0: at image positions, the projected features.
+        """
 
     def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
         """(B, G, L) weights of the query rows to summarise at ``layer``."""
@@ -74,24 +87,47 @@ class Policy:
 
 
 class RecipePolicy(Policy):
-    """The production policy: per-layer keep counts from a recipe, top-k by the recipe's scorer."""
+    """The production policy: per-layer keep counts from a recipe, top-k by the recipe's scorer.
+
+    A recipe with a pre-LLM stage also prunes on entry to layer 0 (the stage's selection); the
+    in-LLM schedule then scales with each row's visual tokens *after* the stage.
+    """
 
     def __init__(self, recipe: Any) -> None:
         self.recipe = recipe
-        self.pruning_layers = tuple(recipe.pruning_layers)
-        self.probe_layers = tuple(layer - 1 for layer in self.pruning_layers)
+        in_llm = tuple(recipe.pruning_layers)
+        self.probe_layers = tuple(layer - 1 for layer in in_llm)
+        self.stage = None
+        method = (getattr(recipe, "pre_llm", None) or {}).get("method", "none")
+        if method != "none":
+            from .prellm_stage import PreLLMStage
+
+            spec = recipe.pre_llm
+            self.stage = PreLLMStage(method, spec.get("keep_ratio", 1.0), spec.get("params", {}))
+            in_llm = (0, *in_llm)
+        self.pruning_layers = in_llm
         self.head_reduce = recipe.head_reduce
         self._scores: torch.Tensor | None = None
         self._keep: torch.Tensor | None = None
         self._counts: dict[int, torch.Tensor] = {}  # visual tokens of a row -> keep counts per layer
 
-    def begin(self, roles: Roles) -> None:
+    def attach(self, model: torch.nn.Module) -> list:
+        return self.stage.attach(model) if self.stage is not None else []
+
+    def _set_counts(self, n_visual: torch.Tensor, device: torch.device) -> None:
         rows = []
-        for n_visual in roles.n_visual_input.tolist():
-            if n_visual not in self._counts:
-                self._counts[n_visual] = torch.from_numpy(self.recipe.keep_counts_for(n_visual))
-            rows.append(self._counts[n_visual])
-        self._keep = torch.stack(rows).to(roles.valid.device)
+        for n in n_visual.tolist():
+            if n not in self._counts:
+                self._counts[n] = torch.from_numpy(self.recipe.keep_counts_for(n))
+            rows.append(self._counts[n])
+        self._keep = torch.stack(rows).to(device)
+
+    def begin(self, roles: Roles) -> None:
+        self._set_counts(roles.n_visual_input, roles.valid.device)
+
+    def on_inputs(self, embeds: torch.Tensor, roles: Roles) -> None:
+        if self.stage is not None:
+            self.stage.on_inputs(embeds)
 
     def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
         return scorer_groups(self.recipe.scorer, roles.text, roles.visual)
@@ -100,6 +136,10 @@ class RecipePolicy(Policy):
         self._scores = scores_from_sums(self.recipe.scorer, sums, roles.text, roles.visual)
 
     def select(self, layer: int, roles: Roles) -> torch.Tensor:
+        if layer == 0 and self.stage is not None:
+            kept = self.stage.keep(roles) & roles.visual
+            self._set_counts(kept.sum(dim=1), roles.valid.device)  # the schedule is relative to survivors
+            return kept
         return keep_top(self._scores, roles.visual, self._keep[:, layer])
 
 
@@ -153,6 +193,7 @@ class PruningHandle:
         self._base_kwargs: dict = {}
         self._replay: dict | None = None
         self._hooks: list = []
+        self._policy_hooks: list = []
         self._probed: list = []
         self._said: set = set()
         self._config = self.language_model.config
@@ -170,6 +211,7 @@ class PruningHandle:
                 f"attention implementation {self._saved_impl!r} is not supported by the pruning runtime; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
+        self._policy_hooks = list(self.policy.attach(self.model))
         attention.register()
         self._config._attn_implementation = attention.WRAPPED[self._saved_impl]
         base = self.adapter.base_model(self.model)
@@ -186,9 +228,10 @@ class PruningHandle:
 
     def remove(self) -> None:
         """Remove every hook and probe and restore the attention implementation. Idempotent."""
-        for hook in self._hooks:
+        for hook in (*self._hooks, *self._policy_hooks):
             hook.remove()
         self._hooks.clear()
+        self._policy_hooks.clear()
         for module in self._probed:
             attention.set_probe(module, None)
         self._probed.clear()
@@ -263,6 +306,7 @@ class PruningHandle:
         )
         self._request = _Request(prompt_len=visual.shape[1], roles=roles)
         self.policy.begin(roles)
+        self.policy.on_inputs(embeds, roles)
 
     def _make_probe(self, layer: int):
         def probe(module, query, key, attention_mask, scaling):

@@ -23,7 +23,8 @@ from .errors import RecipeError, RecipeMismatchError
 SCHEMA = "1"
 SCORERS = ("fitprune", "text-mean", "last-token")
 HEAD_REDUCTIONS = ("max", "mean")
-PRE_LLM_METHODS = ("none",)
+PRE_LLM_METHODS = ("none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection")
+FIXED_RATIO_PRE_LLM = ("g-prune", "fopru-rank", "fopru-row")
 FINGERPRINT_FIELDS = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "visual_tokens", "config_hash")
 
 _MAX_HEADER_BYTES = 1 << 20  # a schema-1 header is a few KiB; anything near this is not ours
@@ -42,7 +43,16 @@ class Recipe:
         scorer: which visual tokens go at a pruning layer: "fitprune", "text-mean", "last-token".
         fingerprint: the model facts the recipe was compiled for (see ``runtime.adapters``).
         head_reduce: how attention heads are combined when scoring ("max" as FitPrune, or "mean").
-        pre_llm: the pre-LLM stage, ``{"method": "none"}`` in schema 1 recipes compiled today.
+        pre_llm: the pre-LLM stage (tokens dropped on entry to layer 0), a JSON-able dict:
+            ``{"method": "none"}``; ``{"method": "g-prune", "keep_ratio": r, "params":
+            {"threshold": s, "temperature": τ, "steps": t}}``; ``{"method": "fopru-rank" |
+            "fopru-row", "keep_ratio": r, "params": {}}``; or ``{"method": "cls-inflection",
+            "params": {"stage2_layer": K, "stage2_ratio": ρ}}`` (a per-image count at the knee,
+            then stage 2: at layer ``K`` keep the fraction ``ρ`` of the survivors by the
+            ``text-mean`` scorer; stage 2 *is* the in-LLM schedule, so ``keep_count`` must be
+            ``v`` before ``K`` and ``round_half_up(ρ·v)`` from ``K`` on, and the scorer
+            ``text-mean``). With a stage, ``keep_count`` is relative to the tokens that survive it:
+            a row keeps ``round_half_up(keep_count · n_survivors / v)``.
         provenance: budget, achieved FLOPs fraction, divergence, search method and parameters,
             calibration fingerprint, package versions. Informational; never drives pruning.
 
@@ -339,11 +349,59 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError(f"scorer {recipe.scorer!r} is unknown; this runtime knows {', '.join(SCORERS)}")
     if recipe.head_reduce not in HEAD_REDUCTIONS:
         raise RecipeError(f"head_reduce {recipe.head_reduce!r} is unknown; expected one of {', '.join(HEAD_REDUCTIONS)}")
-    if not isinstance(recipe.pre_llm, dict) or recipe.pre_llm.get("method") not in PRE_LLM_METHODS:
-        method = recipe.pre_llm.get("method") if isinstance(recipe.pre_llm, dict) else recipe.pre_llm
-        raise RecipeError(f"pre-LLM stage {method!r} is not supported by this runtime (knows {', '.join(PRE_LLM_METHODS)})")
+    _validate_pre_llm(recipe)
     if not isinstance(recipe.provenance, dict):
         raise RecipeError("provenance must be a dict")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _validate_pre_llm(recipe: Recipe) -> None:
+    spec = recipe.pre_llm
+    if not isinstance(spec, dict) or spec.get("method") not in PRE_LLM_METHODS:
+        method = spec.get("method") if isinstance(spec, dict) else spec
+        raise RecipeError(f"pre-LLM stage {method!r} is not supported by this runtime (knows {', '.join(PRE_LLM_METHODS)})")
+    method = spec["method"]
+    allowed = {"method"} if method == "none" else {"method", "params"} if method == "cls-inflection" else {"method", "keep_ratio", "params"}
+    extra = sorted(set(spec) - allowed)
+    if extra:
+        raise RecipeError(f"pre-LLM stage {method!r} has unexpected field(s) pre_llm.{', pre_llm.'.join(extra)}")
+    if method == "none":
+        return
+    params = spec.get("params", {})
+    if not isinstance(params, dict):
+        raise RecipeError(f"pre-LLM stage {method!r}: pre_llm.params must be an object, got {params!r}")
+    if method in FIXED_RATIO_PRE_LLM:
+        ratio = spec.get("keep_ratio")
+        if not _is_number(ratio) or not 0 < ratio <= 1:
+            raise RecipeError(f"pre-LLM stage {method!r}: pre_llm.keep_ratio must be a number in (0, 1], got {ratio!r}")
+    if method == "g-prune":
+        ranges = {"threshold": (-1.0, 1.0), "temperature": (1e-12, float("inf")), "steps": (0, 10**6)}
+        for key, value in params.items():
+            if key not in ranges:
+                raise RecipeError(f"pre-LLM stage 'g-prune': unknown parameter pre_llm.params.{key} (threshold, temperature, steps)")
+            low, high = ranges[key]
+            if not _is_number(value) or not low <= value <= high or (key == "steps" and not isinstance(value, int)):
+                raise RecipeError(f"pre-LLM stage 'g-prune': pre_llm.params.{key}={value!r} is out of range")
+    elif method in ("fopru-rank", "fopru-row"):
+        if params:
+            raise RecipeError(f"pre-LLM stage {method!r}: unexpected pre_llm.params {sorted(params)}")
+    else:  # cls-inflection: stage 2 is the in-LLM schedule
+        if set(params) != {"stage2_layer", "stage2_ratio"}:
+            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params must hold stage2_layer and stage2_ratio, got {sorted(params)}")
+        layer, ratio = params["stage2_layer"], params["stage2_ratio"]
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < recipe.num_layers:
+            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params.stage2_layer must be an integer in [1, {recipe.num_layers - 1}], got {layer!r}")
+        if not _is_number(ratio) or not 0 <= ratio <= 1:
+            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params.stage2_ratio must be a number in [0, 1], got {ratio!r}")
+        v = recipe.reference_visual_tokens
+        expected = np.array([v] * layer + [int(np.floor(ratio * v + 0.5))] * (recipe.num_layers - layer), dtype=np.int32)
+        if not np.array_equal(recipe.keep_count, expected):
+            raise RecipeError("pre-LLM stage 'cls-inflection': keep_count must be the stage-2 schedule (v before stage2_layer, round(stage2_ratio·v) after)")
+        if recipe.scorer != "text-mean":
+            raise RecipeError(f"pre-LLM stage 'cls-inflection': stage 2 uses the text-mean scorer, but the recipe's scorer is {recipe.scorer!r}")
 
 
 def _dumps(value: Any) -> str:

@@ -1,0 +1,177 @@
+"""Runtime at budgets 1.0 / 0.45 / 0.25: prefill time, decode time per token, KV bytes, and the
+runtime's own overhead (scoring probes, top-k + gather, mask rebuild) as a share of prefill.
+
+For each budget a recipe is compiled (optimal search, fitprune scorer) on a few calibration
+samples. Then, on one held-out prompt (batch ``--batch``):
+
+* prefill: unpruned and pruned ``use_cache=True`` forwards timed alternately (medians); the
+  language-model speed-up subtracts the (unpruned) vision-encoder time; the ideal is
+  ``1 / flops_fraction`` (≈ ``1 / budget``);
+* decode: ``generate`` of ``1`` and ``1 + --decode-tokens`` tokens (``min_new_tokens`` forces the
+  length), alternately unpruned and pruned; per token = difference / ``--decode-tokens``;
+* KV bytes of the prefill's cache;
+* overhead: the handle's probes (attention-row sums for scoring), ``_prune`` (top-k selection and
+  the gathers of hidden states, cos/sin, positions) and ``_rebuild_mask`` are wrapped with timers
+  during extra pruned prefills; their total over the pruned prefill's wall time.
+
+    python bench/runtime.py --out bench/results/runtime-mid-cpu.json     # mid-size random LLaVA
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics as stats
+import time
+
+import torch
+
+from common import emit, machine, paired, spec_for, timed
+
+from recipe_compiler.calibration import load_calibration, load_image
+from recipe_compiler.collect import collect_statistics
+from recipe_compiler.compile import CompileConfig, compile_recipe
+from recipe_compiler.evaluate import kv_bytes
+from recipe_compiler.models import build_random
+from runtime import attention
+
+
+def instrument(handle) -> dict:
+    """Wrap the handle's probes, ``_prune`` and ``_rebuild_mask`` with timers; returns the totals (seconds; reported per prefill in ms)."""
+    totals = {"scoring_probe_ms": 0.0, "select_and_gather_ms": 0.0, "mask_rebuild_ms": 0.0}
+
+    def timer(fn, key):
+        def wrapped(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[key] += time.perf_counter() - start
+        return wrapped
+
+    for module in handle._probed:
+        attention.set_probe(module, timer(attention._PROBES[module], "scoring_probe_ms"))
+    handle._prune = timer(handle._prune, "select_and_gather_ms")
+    handle._rebuild_mask = timer(handle._rebuild_mask, "mask_rebuild_ms")
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mid", help="'mid' (default) or a registry alias, built with random weights")
+    parser.add_argument("--budgets", default="1.0,0.45,0.25")
+    parser.add_argument("--samples", type=int, default=8, help="calibration samples used to compile each recipe")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a shared CPU")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_avg_start = os.getloadavg()
+
+    spec = spec_for(args.model)
+    loaded = build_random(spec, device=args.device, dtype=args.dtype)
+    model = loaded.model
+    calibration = load_calibration(samples=args.samples)
+    statistics = collect_statistics(model, loaded.processor, calibration, format_prompt=loaded.format_prompt)
+    prompts = load_calibration(split="heldout").samples[: args.batch]
+    inputs = loaded.processor(
+        images=[load_image(s) for s in prompts], text=[loaded.format_prompt(s.prompt) for s in prompts],
+        return_tensors="pt", padding=True,
+    ).to(args.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+
+    def prefill():
+        with torch.no_grad():
+            return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    def generate(n):
+        def run():
+            with torch.no_grad():
+                model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return run
+
+    def vision():
+        with torch.no_grad():
+            model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+    vision_ms = timed(vision, args.repeats, device=args.device)["median_ms"]
+    unpruned_kv = kv_bytes(prefill().past_key_values)
+    d = args.decode_tokens
+    results = []
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt, statistics=statistics)
+        recipe, fraction = compiled.recipe, compiled.verification.flops_fraction
+        handles = []
+        apply, remove = (lambda: handles.append(recipe.apply(model))), (lambda: handles.pop().remove())
+        base_pf, pruned_pf = paired(prefill, prefill, apply, remove, args.repeats, device=args.device)
+        base_g1, pruned_g1 = paired(generate(1), generate(1), apply, remove, max(3, args.repeats // 2), device=args.device)
+        base_gn, pruned_gn = paired(generate(1 + d), generate(1 + d), apply, remove, max(3, args.repeats // 2), device=args.device)
+        decode_unpruned = (base_gn["median_ms"] - base_g1["median_ms"]) / d
+        decode_pruned = (pruned_gn["median_ms"] - pruned_g1["median_ms"]) / d
+
+        with recipe.apply(model) as handle:
+            pruned_kv = kv_bytes(prefill().past_key_values)
+            totals = instrument(handle)
+            walls = []
+            prefill()  # warm-up, not counted
+            for key in totals:
+                totals[key] = 0.0
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                prefill()
+                walls.append(time.perf_counter() - start)
+        overhead = {k: v / args.repeats * 1000 for k, v in totals.items()}  # mean ms per prefill
+        overhead_ms = sum(overhead.values())
+        wall_ms = stats.mean(walls) * 1000
+        lm_unpruned, lm_pruned = base_pf["median_ms"] - vision_ms, pruned_pf["median_ms"] - vision_ms
+        results.append({
+            "budget": budget,
+            "flops_fraction": round(fraction, 6),
+            "keep_count": recipe.keep_count.tolist(),
+            "prefill_ms": round(pruned_pf["median_ms"], 2),
+            "unpruned_prefill_ms": round(base_pf["median_ms"], 2),
+            "prefill_speedup": round(base_pf["median_ms"] / pruned_pf["median_ms"], 3),
+            "prefill_speedup_from_min": round(base_pf["min_ms"] / pruned_pf["min_ms"], 3),
+            "prefill_ms_min": [round(base_pf["min_ms"], 2), round(pruned_pf["min_ms"], 2)],
+            "lm_prefill_speedup": round(lm_unpruned / lm_pruned, 3),
+            "ideal_speedup": round(1 / fraction, 3),
+            "ideal_speedup_from_budget": round(1 / budget, 3),
+            "lm_prefill_speedup_vs_ideal": round(lm_unpruned / lm_pruned * fraction, 3),
+            "decode_ms_per_token": round(decode_pruned, 3),
+            "unpruned_decode_ms_per_token": round(decode_unpruned, 3),
+            "decode_speedup": round(decode_unpruned / decode_pruned, 3),
+            "decode_ms_per_token_from_min": [round((base_gn["min_ms"] - base_g1["min_ms"]) / d, 3), round((pruned_gn["min_ms"] - pruned_g1["min_ms"]) / d, 3)],
+            "decode_speedup_vs_ideal": round(decode_unpruned / decode_pruned * budget, 3),
+            "kv_bytes": pruned_kv,
+            "kv_fraction": round(pruned_kv / unpruned_kv, 4),
+            "kv_fraction_vs_budget": round(pruned_kv / unpruned_kv / budget, 3),
+            "overhead_ms": {k: round(v, 3) for k, v in overhead.items()},
+            "overhead_share_of_pruned_prefill": round(overhead_ms / wall_ms, 4) if recipe.pruning_layers else 0.0,
+            "instrumented_prefill_ms": round(wall_ms, 2),
+        })
+        print(results[-1], flush=True)
+    emit({
+        "bench": "runtime",
+        "machine": machine(),
+        "load_average_start_end": [round(x, 2) for x in load_avg_start + os.getloadavg()],
+        "model": {"name": args.model, "layers": model.config.text_config.num_hidden_layers,
+                  "hidden": model.config.text_config.hidden_size, "visual_tokens": statistics.max_visual,
+                  "random_weights": True, "dtype": args.dtype, "device": args.device},
+        "prompt_tokens": int(inputs["attention_mask"].sum(1).max()),
+        "batch": args.batch,
+        "calibration_samples": args.samples,
+        "decode_tokens": d,
+        "unpruned": {"kv_bytes": unpruned_kv, "vision_encoder_ms": round(vision_ms, 2)},
+        "results": results,
+        "notes": "medians of alternating unpruned/pruned runs; lm_* subtract the unpruned vision-encoder time; ideal_speedup = 1/flops_fraction "
+                 "(flops_fraction is measured on the calibration prompts); decode per token = (t(1+n) - t(1)) / n with min_new_tokens forcing n; "
+                 "overhead = time inside the runtime's probes, _prune and _rebuild_mask per pruned prefill (mean), over the instrumented prefill wall time.",
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""``recipe-eval``: what one or more recipes cost in behaviour and buy in speed, on held-out samples.
+
+For each recipe, pruned against unpruned on the same prompts:
+
+* next-token KL divergence and top-1 agreement, and the exact FLOPs fraction from the token counts
+  that really entered each layer (all three from :func:`recipe_compiler.verify.verify_recipe`);
+* greedy continuation match over ``new_tokens`` tokens (``generate`` with and without the recipe):
+  the mean fraction of positions whose token agrees, and the share of samples whose continuation
+  is identical;
+* measured prefill time ratio (pruned / unpruned, medians of alternating runs on the first batch)
+  and the KV-cache bytes the prefill returns.
+
+Several recipes give one comparison table; ``--json`` prints the same numbers as JSON.
+``--show IMAGE --layers 2,8,16 --out DIR`` also draws the schedules and, for that image, which
+visual tokens survive at those layers (needs matplotlib: ``pip install 'recipe-compiler[plots]'``).
+
+    recipe-eval --model tiny-llava --recipe r.safetensors
+    recipe-eval --model llava-1.5-7b --recipe ours.safetensors --recipe fitprune:40 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics as _stats
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from runtime.errors import RecipeError
+from runtime.recipe import Recipe
+
+from .calibration import CalibrationSet
+from .cli import EXIT_FAILURE, _Parser, _check_device, _one_line, _positive_int
+from .collect import model_inputs
+from .distributed import batches_of
+from .errors import CompileError
+from .verify import verify_recipe
+
+
+@dataclass
+class Evaluation:
+    """One recipe's measurements against the unpruned model (see the module docstring)."""
+
+    name: str
+    flops_fraction: float
+    mean_visual_tokens: float  # mean over layers of the visual tokens that entered each layer
+    kl: float
+    top1_agreement: float
+    greedy_match: float  # mean fraction of the new_tokens greedy tokens that agree
+    greedy_exact: float  # share of samples whose whole greedy continuation agrees
+    new_tokens: int
+    prefill_ms: float
+    unpruned_prefill_ms: float
+    prefill_ratio: float  # pruned / unpruned prefill wall time
+    kv_bytes: int
+    unpruned_kv_bytes: int
+    kv_fraction: float
+    samples: int
+    timed_batch: int
+    repeats: int
+    keep_count: list = field(default_factory=list)
+    visual_tokens_per_layer: list = field(default_factory=list)
+
+
+def kv_bytes(cache: Any) -> int:
+    """Bytes held by a ``DynamicCache`` (keys and values of every layer)."""
+    return int(sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
+
+
+def _alternate(baseline: Callable, candidate: Callable, setup: Callable, teardown: Callable, repeats: int, device: str) -> tuple[list, list]:
+    """Wall times (ms) of baseline and candidate run alternately, after one warm-up of each."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def once(fn) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - start) * 1000
+
+    baseline()
+    setup(); candidate(); teardown()  # noqa: E702
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(once(baseline))
+        setup()
+        try:
+            b.append(once(candidate))
+        finally:
+            teardown()
+    return a, b
+
+
+def _greedy(model: torch.nn.Module, inputs: dict, new_tokens: int) -> torch.Tensor:
+    """(B, new_tokens) greedy continuation, padded with -1 where generation stopped early."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, num_beams=1)
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    tokens = sequences[:, inputs["input_ids"].shape[1]:].cpu()
+    if tokens.shape[1] < new_tokens:
+        tokens = torch.cat([tokens, torch.full((tokens.shape[0], new_tokens - tokens.shape[1]), -1, dtype=tokens.dtype)], dim=1)
+    return tokens
+
+
+def evaluate_recipes(
+    model: torch.nn.Module,
+    processor: Any,
+    samples: CalibrationSet,
+    recipes: dict[str, Recipe],
+    *,
+    format_prompt: Callable[[str], str] = lambda p: p,
+    new_tokens: int = 8,
+    batch_size: int = 4,
+    repeats: int = 5,
+    device: str = "cpu",
+) -> list[Evaluation]:
+    """Measure every recipe against the unpruned model on ``samples``.
+
+    The unpruned greedy continuations, logits (inside :func:`verify_recipe`) and timings are
+    recomputed per recipe; timings alternate unpruned and pruned prefills of the first batch
+    (``use_cache=True``, ``logits_to_keep=1``) so machine drift hits both alike.
+
+    Returns:
+        One :class:`Evaluation` per recipe, in the order given.
+    """
+    from runtime.adapters import adapter_for
+
+    from .flops import LMShape
+
+    for recipe in recipes.values():
+        recipe.check_model(model)  # RecipeMismatchError before any model time
+    shape = LMShape.from_config(adapter_for(model).text_config(model))
+    batches = [model_inputs(model, processor, batch, format_prompt) for _, batch in batches_of(samples.samples, batch_size)]
+    unpruned_greedy = [_greedy(model, inputs, new_tokens) for inputs in batches]
+    timed = batches[0]
+
+    def prefill():
+        with torch.no_grad():
+            return model(**timed, use_cache=True, logits_to_keep=1)
+
+    unpruned_kv = kv_bytes(prefill().past_key_values)
+    results = []
+    for name, recipe in recipes.items():
+        v = verify_recipe(model, processor, samples, recipe, shape, format_prompt=format_prompt, batch_size=batch_size)
+        match, exact = [], []
+        with recipe.apply(model):
+            for inputs, reference in zip(batches, unpruned_greedy):
+                same = _greedy(model, inputs, new_tokens) == reference
+                match.append(same.float().mean(dim=1).numpy())
+                exact.append(same.all(dim=1).numpy())
+            pruned_kv = kv_bytes(prefill().past_key_values)
+        handles = []
+        base, pruned = _alternate(prefill, prefill, lambda: handles.append(recipe.apply(model)), lambda: handles.pop().remove(), repeats, device)
+        base_ms, pruned_ms = _stats.median(base), _stats.median(pruned)
+        results.append(Evaluation(
+            name=name,
+            flops_fraction=v.flops_fraction,
+            mean_visual_tokens=float(np.mean(v.visual_tokens_per_layer)),
+            kl=v.kl,
+            top1_agreement=v.top1_agreement,
+            greedy_match=float(np.mean(np.concatenate(match))),
+            greedy_exact=float(np.mean(np.concatenate(exact))),
+            new_tokens=new_tokens,
+            prefill_ms=pruned_ms,
+            unpruned_prefill_ms=base_ms,
+            prefill_ratio=pruned_ms / base_ms,
+            kv_bytes=pruned_kv,
+            unpruned_kv_bytes=unpruned_kv,
+            kv_fraction=pruned_kv / unpruned_kv,
+            samples=v.samples,
+            timed_batch=int(timed["input_ids"].shape[0]),
+            repeats=repeats,
+            keep_count=recipe.keep_count.tolist(),
+            visual_tokens_per_layer=[round(float(x), 4) for x in v.visual_tokens_per_layer],
+        ))
+    return results
+
+
+def format_table(results: Sequence[Evaluation]) -> str:
+    """The comparison table ``recipe-eval`` prints."""
+    header = f"{'recipe':<24} {'flops':>7} {'vis.tok':>8} {'KL':>10} {'top1':>6} {'greedy':>7} {'exact':>6} {'prefill ms':>11} {'ratio':>6} {'KV MiB':>8} {'KV frac':>8}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r.name[:24]:<24} {r.flops_fraction:>7.4f} {r.mean_visual_tokens:>8.1f} {r.kl:>10.4g} {r.top1_agreement:>6.3f} "
+            f"{r.greedy_match:>7.3f} {r.greedy_exact:>6.3f} {r.prefill_ms:>5.1f}/{r.unpruned_prefill_ms:<5.1f} {r.prefill_ratio:>6.3f} "
+            f"{r.kv_bytes / 2**20:>8.2f} {r.kv_fraction:>8.4f}"
+        )
+    if results:
+        r = results[0]
+        lines.append(
+            f"{r.samples} held-out samples; greedy over {r.new_tokens} tokens; prefill = pruned/unpruned median ms over "
+            f"{r.repeats} alternating runs (batch {r.timed_batch}); ratio = pruned / unpruned"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _layers(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must be comma-separated integers such as 2,8,16, got {text!r}") from None
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"layers must be non-negative integers such as 2,8,16, got {text!r}")
+    return layers
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="recipe-eval", description="Compare pruning recipes against the unpruned model on held-out samples.")
+    parser.add_argument("--model", default="tiny-llava", help="registry alias, hub id or local directory (default: tiny-llava)")
+    parser.add_argument("--recipe", action="append", required=True,
+                        help="recipe file, or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b); repeat to compare")
+    parser.add_argument("--data", help="folder of images or .jsonl manifest (default: the shipped calibration set's held-out split)")
+    parser.add_argument("--samples", type=_positive_int, help="use the first N samples")
+    parser.add_argument("--new-tokens", type=_positive_int, default=8, help="greedy continuation length compared (default: 8)")
+    parser.add_argument("--repeats", type=_positive_int, default=5, help="alternating timed prefills per recipe (default: 5)")
+    parser.add_argument("--batch-size", type=_positive_int, default=4, help="samples per forward (default: 4)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
+    parser.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--show", help="an image: draw which visual tokens survive at --layers (needs matplotlib)")
+    parser.add_argument("--layers", type=_layers, default=None, help="layers to draw for --show (default: 2,8,16 clipped to the model)")
+    parser.add_argument("--out", help="directory for the pictures (schedule.png, tokens-<recipe>.png); needs matplotlib")
+    return parser
+
+
+def _recipe_name(spec: str, taken: set) -> str:
+    name = spec if spec.startswith("fitprune:") else Path(spec).stem
+    base, n = name, 2
+    while name in taken:
+        name, n = f"{base}#{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``recipe-eval``: see ``recipe-eval --help``. Returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (CompileError, RecipeError, ValueError) as exc:
+        print(f"recipe-eval: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("recipe-eval: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    from runtime.presets import resolve
+
+    from .calibration import load_calibration
+    from .models import load_model, parse_dtype
+
+    # Everything a user can get wrong is checked before the model is loaded.
+    taken: set = set()
+    recipes = {_recipe_name(spec, taken): resolve(spec) for spec in args.recipe}
+    samples = load_calibration(args.data, samples=args.samples, split=None if args.data else "heldout")
+    dtype = parse_dtype(args.dtype)
+    _check_device(args.device)
+    plots = args.show or args.out
+    if plots:
+        if not (args.show and args.out):
+            raise CompileError("--show IMAGE and --out DIR go together")
+        from . import plots as _plots  # noqa: F401 - fails with one line when matplotlib is missing
+
+        _plots.require_matplotlib()
+        if not Path(args.show).is_file():
+            raise CompileError(f"image {args.show} does not exist")
+        out_dir = Path(args.out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CompileError(f"--out {out_dir} exists and is not a directory")
+
+    loaded = load_model(args.model, random_weights=args.random_weights, device=args.device, dtype=dtype,
+                        attn_implementation=args.attn_implementation, seed=args.seed)
+    results = evaluate_recipes(
+        loaded.model, loaded.processor, samples, recipes, format_prompt=loaded.format_prompt,
+        new_tokens=args.new_tokens, batch_size=args.batch_size, repeats=args.repeats, device=args.device,
+    )
+    written = []
+    if plots:
+        from .plots import plot_kept_tokens, plot_schedules
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        layers = args.layers or [l for l in (2, 8, 16) if l < loaded.model.config.text_config.num_hidden_layers]
+        written.append(plot_schedules(recipes, out_dir / "schedule.png"))
+        for name, recipe in recipes.items():
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            written.append(plot_kept_tokens(loaded, recipe, args.show, layers, out_dir / f"tokens-{safe}.png", title=name))
+    if args.json:
+        print(json.dumps({"model": args.model, "results": [asdict(r) for r in results], "pictures": [str(p) for p in written]},
+                         indent=2, sort_keys=True))
+    else:
+        print(format_table(results))
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

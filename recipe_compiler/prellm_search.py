@@ -1,0 +1,158 @@
+"""Choose a pre-LLM stage together with the in-LLM schedule (METHODS.md §4–5).
+
+Pure numpy + the runtime's pure scorers. For a stage and a keep ratio, each calibration sample's
+survivors follow from the pre-LLM scores recorded in the calibration pass (exactly as the runtime
+selects them); the in-LLM divergence table is restricted to the survivors (the pre-dropped tokens'
+mass counts as lost at every layer) and the FLOPs table counts only the survivors from layer 0 on.
+Fixed-ratio stages try a small grid of ratios, each with the requested table search for the rest;
+``cls-inflection`` (a per-image count at the knee) tries every stage-2 layer ``K`` and keep ratio
+on a grid with the ``text-mean`` scorer. ``auto`` evaluates every stage and ``none`` and keeps the
+least divergence within the budget.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from runtime import prellm
+from runtime.prellm_stage import GPRUNE_DEFAULTS, stage_count
+
+from .divergence import divergence_table, schedule_objective
+from .errors import StatisticsError
+from .flops import LMShape, cost_table
+from .statistics import Statistics
+
+PRE_LLM_CHOICES = ("none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection", "auto")
+RATIO_GRID = (0.75, 0.5, 0.375, 0.25, 0.125)
+STAGE2_RATIO_GRID = (1.0, 0.75, 0.5, 0.25, 0.125, 0.0)
+_SCORE_OF = {"g-prune": "gprune", "fopru-rank": "fopru", "fopru-row": "fopru", "cls-inflection": "clssim"}
+
+
+@dataclass
+class Candidate:
+    """One evaluated (stage, ratio, schedule): ``feasible`` when its FLOPs fit the budget."""
+
+    method: str
+    keep_ratio: float | None  # None for cls-inflection (dynamic count)
+    keep: np.ndarray | None
+    flops_fraction: float
+    divergence: float
+    scorer: str
+    params: dict = field(default_factory=dict)
+    mean_survivors: float = 0.0
+    feasible: bool = True
+
+    @property
+    def pre_llm(self) -> dict:
+        if self.method == "none":
+            return {"method": "none"}
+        if self.method == "cls-inflection":
+            return {"method": self.method, "params": dict(self.params)}
+        return {"method": self.method, "keep_ratio": self.keep_ratio, "params": dict(self.params)}
+
+
+def survivors(stats: Statistics, method: str, keep_ratio: float | None) -> np.ndarray:
+    """bool [S, V]: the tokens the runtime's stage keeps for each calibration sample."""
+    name = _SCORE_OF[method]
+    if name not in stats.prellm:
+        raise StatisticsError(
+            "these statistics hold no pre-LLM scores (an older statistics file, or a model without a "
+            "supported pre-LLM stage); recollect them without --stats, or use --pre-llm none"
+        )
+    scores = stats.prellm[name]
+    S, V = scores.shape
+    out = np.zeros((S, V), dtype=bool)
+    for s in range(S):
+        n = int(stats.n_visual[s])
+        values = torch.from_numpy(np.ascontiguousarray(scores[s, :n]))
+        if method == "cls-inflection":
+            k = prellm.knee_index(torch.sort(values, descending=True, stable=True).values)
+            mask = prellm._topk_mask(values, k)
+        elif method == "fopru-row":
+            side = math.isqrt(n)
+            mask = prellm.fopru_row_keep(values, (side, side), stage_count(keep_ratio, n))
+        else:
+            mask = prellm._topk_mask(values, stage_count(keep_ratio, n))
+        out[s, :n] = mask.numpy()
+    return out
+
+
+def evaluate(
+    stats: Statistics,
+    shape: LMShape,
+    v_ref: int,
+    budget: float,
+    method: str,
+    scorer: str,
+    search: Callable,
+    keep_ratio: float | None = None,
+) -> list[Candidate]:
+    """Every candidate of one stage (all grid points; infeasible ones flagged)."""
+    full = cost_table(shape, stats.n_other, stats.n_visual, v_ref)
+    unpruned = float(np.sum(full[:, v_ref]))
+    budget_flops = budget * unpruned
+    L = shape.num_layers
+    out: list[Candidate] = []
+
+    def fraction(costs: np.ndarray, keep: np.ndarray) -> float:
+        return float(np.sum(costs[np.arange(L), keep])) / unpruned
+
+    if method == "cls-inflection":
+        alive = survivors(stats, method, None)
+        n_post = alive.sum(axis=1)
+        table = divergence_table(stats, "text-mean", v_ref=v_ref, survivors=alive)
+        costs = cost_table(shape, stats.n_other, n_post, v_ref)
+        for layer in range(1, L):
+            for ratio in STAGE2_RATIO_GRID:
+                keep = np.array([v_ref] * layer + [int(math.floor(ratio * v_ref + 0.5))] * (L - layer), dtype=np.int64)
+                flops = fraction(costs, keep)
+                out.append(Candidate(
+                    method, None, keep, flops, schedule_objective(table, keep), "text-mean",
+                    {"stage2_layer": layer, "stage2_ratio": ratio}, float(n_post.mean()), flops <= budget * (1 + 1e-9),
+                ))
+        return out
+
+    ratios = (keep_ratio,) if keep_ratio is not None else RATIO_GRID
+    if method == "none":
+        ratios = (1.0,)
+    for ratio in ratios:
+        alive = None if method == "none" else survivors(stats, method, ratio)
+        n_post = stats.n_visual if alive is None else alive.sum(axis=1)
+        costs = cost_table(shape, stats.n_other, n_post, v_ref)
+        smallest = costs[0, v_ref] + float(np.sum(costs[1:, 0]))
+        params = json.loads(stats.prellm_params) if method == "g-prune" and stats.prellm_params else dict(GPRUNE_DEFAULTS) if method == "g-prune" else {}
+        if smallest > budget_flops * (1 + 1e-9):
+            out.append(Candidate(method, None if method == "none" else ratio, None, smallest / unpruned, math.inf,
+                                 scorer, params, float(np.mean(n_post)), False))
+            continue
+        table = divergence_table(stats, scorer, v_ref=v_ref, survivors=alive)
+        keep = np.asarray(search(table, costs, budget_flops), dtype=np.int64)
+        flops = fraction(costs, keep)
+        out.append(Candidate(method, None if method == "none" else ratio, keep, flops, schedule_objective(table, keep),
+                             scorer, params, float(np.mean(n_post)), flops <= budget * (1 + 1e-9)))
+    return out
+
+
+def best(candidates: list[Candidate]) -> Candidate | None:
+    """The feasible candidate with the least divergence (ties: the first, i.e. the simplest stage)."""
+    feasible = [c for c in candidates if c.feasible and math.isfinite(c.divergence)]
+    return min(feasible, key=lambda c: c.divergence) if feasible else None
+
+
+def format_candidates(candidates: list[Candidate], chosen: Candidate | None) -> str:
+    """The candidate table ``--pre-llm auto`` prints (one line per stage and ratio)."""
+    lines = ["pre-llm         keep    tokens  flops   divergence  schedule"]
+    for c in candidates:
+        ratio = "knee" if c.keep_ratio is None and c.method == "cls-inflection" else f"{c.keep_ratio if c.keep_ratio is not None else 1.0:.3f}"
+        extra = ""
+        if c.method == "cls-inflection":
+            extra = f"K={c.params['stage2_layer']} ratio={c.params['stage2_ratio']:g}"
+        mark = "*" if c is chosen else (" " if c.feasible else "x")
+        div = f"{c.divergence:11.4f}" if math.isfinite(c.divergence) else "        inf"
+        lines.append(f"{mark}{c.method:<14} {ratio:>6} {c.mean_survivors:8.1f}  {c.flops_fraction:.4f} {div}  {extra}".rstrip())
+    return "\n".join(lines)

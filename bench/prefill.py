@@ -22,6 +22,7 @@ from common import emit, machine, paired, spec_for, timed
 from recipe_compiler.calibration import load_calibration, load_image
 from recipe_compiler.collect import collect_statistics
 from recipe_compiler.compile import CompileConfig, compile_recipe
+from recipe_compiler.errors import BudgetError
 from recipe_compiler.models import build_random
 
 
@@ -68,7 +69,11 @@ def main() -> None:
     vision_time = timed(vision, args.repeats, device=args.device)
     results = []
     for budget in [float(b) for b in args.budgets.split(",")]:
-        compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt, statistics=stats)
+        try:
+            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt, statistics=stats)
+        except BudgetError as error:  # e.g. few visual tokens next to long byte-level prompts
+            results.append({"budget": budget, "infeasible": str(error)})
+            continue
         recipe = compiled.recipe
         handles = []
         unpruned, pruned = paired(

@@ -224,22 +224,10 @@ def compile_recipe(
         "calibration": {"fingerprint": calibration.fingerprint(), "samples": len(calibration)},
         "versions": _versions(),
     }
-    recipe = Recipe(keep_count=keep, scorer=config.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce, provenance=provenance)
-
-    started = time.perf_counter()
-    verification = verify_recipe(model, processor, calibration, recipe, shape, progress=step("verify", share), **common)
-    timings["verify"] = time.perf_counter() - started
-    if verification.flops_fraction > config.budget * (1 + BUDGET_RTOL):
-        raise RuntimeError(
-            f"internal error: the verified FLOPs fraction {verification.flops_fraction:.6f} exceeds the budget "
-            f"{config.budget}; please report this with the command line"
-        )
-    provenance.update(
-        flops_fraction=round(verification.flops_fraction, 9),
-        kl=round(verification.kl, 9),
-        top1_agreement=round(verification.top1_agreement, 9),
+    recipe, verification = _verify(
+        lambda prov: Recipe(keep_count=keep, scorer=config.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce, provenance=prov),
+        provenance, model, processor, calibration, shape, config, timings, step("verify", share), common,
     )
-    recipe = Recipe(keep_count=keep, scorer=config.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce, provenance=provenance)
     equivalent = visual_token_equivalent(shape, statistics.n_other, statistics.n_visual, keep, v_ref)
     return CompileResult(recipe, statistics, verification, float(divergence), float(equivalent), timings, details)
 
@@ -288,21 +276,7 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
         return Recipe(keep_count=keep, scorer=chosen.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce,
                       pre_llm=chosen.pre_llm, provenance=prov)
 
-    recipe = build(provenance)
-    started = time.perf_counter()
-    verification = verify_recipe(model, processor, calibration, recipe, shape, progress=step("verify", share), **common)
-    timings["verify"] = time.perf_counter() - started
-    if verification.flops_fraction > config.budget * (1 + BUDGET_RTOL):
-        raise RuntimeError(
-            f"internal error: the verified FLOPs fraction {verification.flops_fraction:.6f} exceeds the budget "
-            f"{config.budget} with pre-LLM stage {chosen.method}; please report this with the command line"
-        )
-    provenance.update(
-        flops_fraction=round(verification.flops_fraction, 9),
-        kl=round(verification.kl, 9),
-        top1_agreement=round(verification.top1_agreement, 9),
-    )
-    recipe = build(provenance)
+    recipe, verification = _verify(build, provenance, model, processor, calibration, shape, config, timings, step("verify", share), common)
     n_post = None
     if chosen.method != "none":
         n_post = prellm_search.survivors(statistics, chosen.method, chosen.keep_ratio).sum(axis=1)
@@ -310,6 +284,27 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
     details = {"pre_llm_candidates": candidates, "pre_llm_chosen": chosen,
                "pre_llm_table": prellm_search.format_candidates(candidates, chosen)}
     return CompileResult(recipe, statistics, verification, float(chosen.divergence), float(equivalent), timings, details)
+
+
+def _verify(build, provenance, model, processor, calibration, shape, config, timings, progress, common):
+    """Run the real runtime on the calibration set, refuse an over-budget result, record what it did.
+
+    ``build(provenance) -> Recipe``; returns the recipe with the measured figures in its provenance.
+    """
+    started = time.perf_counter()
+    verification = verify_recipe(model, processor, calibration, build(provenance), shape, progress=progress, **common)
+    timings["verify"] = time.perf_counter() - started
+    if verification.flops_fraction > config.budget * (1 + BUDGET_RTOL):
+        raise RuntimeError(
+            f"internal error: the verified FLOPs fraction {verification.flops_fraction:.6f} exceeds the budget "
+            f"{config.budget}; please report this with the command line"
+        )
+    provenance.update(
+        flops_fraction=round(verification.flops_fraction, 9),
+        kl=round(verification.kl, 9),
+        top1_agreement=round(verification.top1_agreement, 9),
+    )
+    return build(provenance), verification
 
 
 def _check_statistics(stats: Statistics, fingerprint: dict, calibration: CalibrationSet, config: CompileConfig) -> None:

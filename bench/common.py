@@ -141,3 +141,18 @@ def paired(baseline, candidate, setup, teardown, repeats: int, device: str = "cp
         teardown()
     summary = lambda xs: {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "repeats": repeats}  # noqa: E731
     return summary(a), summary(b)
+
+
+def prepare(model_name: str, samples: int, batch: int, device: str, dtype: str):
+    """What every runtime bench starts from: a random model of ``model_name``, ``samples``
+    calibration samples and their statistics, and ``batch`` held-out prompts as model inputs."""
+    from recipe_compiler.calibration import load_calibration
+    from recipe_compiler.collect import collect_statistics, model_inputs
+    from recipe_compiler.models import build_random
+
+    loaded = build_random(spec_for(model_name), device=device, dtype=dtype)
+    calibration = load_calibration(samples=samples)
+    statistics = collect_statistics(loaded.model, loaded.processor, calibration, format_prompt=loaded.format_prompt)
+    prompts = load_calibration(split="heldout").samples[:batch]
+    inputs = model_inputs(loaded.model, loaded.processor, prompts, loaded.format_prompt)
+    return loaded, calibration, statistics, inputs

@@ -17,17 +17,11 @@ import inspect
 
 import torch
 
-from common import emit, machine, paired, spec_for, timed
+from common import emit, machine, paired, prepare, timed
 
-from recipe_compiler.calibration import load_calibration, load_image
-from recipe_compiler.collect import collect_statistics
 from recipe_compiler.compile import CompileConfig, compile_recipe
 from recipe_compiler.errors import BudgetError
-from recipe_compiler.models import build_random
-
-
-def kv_bytes(cache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+from recipe_compiler.evaluate import kv_bytes
 
 
 def main() -> None:
@@ -42,17 +36,8 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
 
-    spec = spec_for(args.model)
-    loaded = build_random(spec, device=args.device, dtype=args.dtype)
+    loaded, calibration, stats, inputs = prepare(args.model, args.samples, args.batch, args.device, args.dtype)
     model = loaded.model
-    calibration = load_calibration(samples=args.samples)
-    stats = collect_statistics(model, loaded.processor, calibration, format_prompt=loaded.format_prompt)
-    prompts = load_calibration(split="heldout").samples[: args.batch]
-    inputs = loaded.processor(
-        images=[load_image(s) for s in prompts], text=[loaded.format_prompt(s.prompt) for s in prompts],
-        return_tensors="pt", padding=True,
-    ).to(args.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
 
     def prefill():
         with torch.no_grad():

@@ -73,20 +73,22 @@ def attention_row_sums(
     scaling: float,
     row_weights: torch.Tensor,
     head_reduce: str = "max",
-    chunk: int = 256,
+    chunk: int = 128,
 ) -> torch.Tensor:
     """Weighted sums of head-reduced attention rows, computed only for the rows that are needed.
 
     Args:
         query: (B, H, Lq, hd) post-RoPE queries.
-        key: (B, KV, Lk, hd) post-RoPE, cache-updated keys (GQA heads are repeated here).
+        key: (B, KV, Lk, hd) post-RoPE, cache-updated keys; with GQA, query head h reads key
+            head h // (H / KV), as transformers' repeat_kv lays them out.
         attention_mask: None (plain causal, queries are the last Lq positions), a boolean 4D mask
             (True = attend) or an additive float 4D mask, as transformers passes them.
         scaling: the softmax scale.
         row_weights: (B, G, Lq) weights of each query row in each of G groups; rows with zero
             weight in every group and sample are never computed.
         head_reduce: "max" (FitPrune) or "mean" over heads of the post-softmax probabilities.
-        chunk: query rows per chunk (memory is B·H·chunk·Lk floats).
+        chunk: query rows per chunk (memory is B·H·chunk·Lk floats). Rows are taken as one
+            contiguous span per chunk; chunks without a weighted row are skipped.
 
     Returns:
         (B, G, Lk) float32: ``sum_q row_weights[b, g, q] * reduce_h softmax(q·kᵀ)[b, h, q, k]``.
@@ -99,25 +101,37 @@ def attention_row_sums(
     """
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
-    if key.shape[1] != heads:
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-    key_t = key.float().transpose(-1, -2)
+    kv_heads = key.shape[1]
+    offset = k_len - q_len  # the queries are the last q_len positions
     weights = row_weights.float()
     out = torch.zeros(batch, weights.shape[1], k_len, dtype=torch.float32, device=query.device)
-    rows = torch.nonzero(weights.abs().sum(dim=(0, 1)) > 0).flatten()
+    needed = torch.nonzero(weights.abs().sum(dim=(0, 1)) > 0).flatten()
+    if needed.numel() == 0:
+        return out
+    first, last = int(needed[0]), int(needed[-1])
+    # GQA without repeating keys: the heads sharing a key head become extra query rows.
+    key_t = key.float().transpose(-1, -2)
+    # A finite floor instead of -inf: a fully masked row (left padding of another sample) softmaxes
+    # to uniform instead of NaN, and its row weight is zero, so no NaN-cleaning pass is needed.
+    lowest = torch.finfo(torch.float32).min
     key_pos = torch.arange(k_len, device=query.device)
-    for start in range(0, rows.numel(), chunk):
-        r = rows[start : start + chunk]
-        scores = (query[:, :, r].float() @ key_t) * scaling  # (B, H, c, Lk)
+    for start in range(first, last + 1, chunk):
+        end = min(start + chunk, last + 1)
+        row_weight = weights[:, :, start:end]
+        if not bool(row_weight.any()):
+            continue
+        rows = end - start
+        keys = end + offset  # causal: no row of this chunk sees a later key
+        q = query[:, :, start:end].float().reshape(batch, kv_heads, heads // kv_heads * rows, -1)
+        scores = torch.matmul(q, key_t[..., :keys]).view(batch, heads, rows, keys).mul_(scaling)
         if attention_mask is None:
-            allowed = key_pos[None, :] <= (r + (k_len - q_len))[:, None]
-            scores = scores.masked_fill(~allowed, float("-inf"))
+            future = key_pos[None, :keys] > torch.arange(start + offset, end + offset, device=query.device)[:, None]
+            scores.masked_fill_(future, lowest)
         elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[:, :, r], float("-inf"))
+            scores.masked_fill_(~attention_mask[:, :, start:end, :keys], lowest)
         else:
-            scores = scores + attention_mask[:, :, r].float()
-        # Fully masked rows (left padding) give NaN; they carry no attention.
-        probs = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)
+            scores += attention_mask[:, :, start:end, :keys].float().clamp(min=lowest)
+        probs = scores.softmax(dim=-1)
         reduced = probs.amax(dim=1) if head_reduce == "max" else probs.mean(dim=1)
-        out += torch.einsum("bgc,bck->bgk", weights[:, :, r], reduced)
+        out[:, :, :keys] += torch.bmm(row_weight, reduced)
     return out

@@ -15,9 +15,15 @@ A calibration set is read from one of three places:
   (sorted by name), each with the prompt ``"Describe the image in detail."``.
 
 Everything is validated when the set is loaded, before any model time is spent: each selected
-image must exist and decode completely. Every problem raises
-:class:`~recipe_compiler.errors.CalibrationDataError` with a one-line message naming the entry
-and the fix.
+image must be a readable, non-empty file that decodes completely (even if something set
+``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``), at least ``MIN_IMAGE_SIDE`` pixels a side, at most
+``MAX_IMAGE_PIXELS`` pixels (checked from the header, before decoding) and at most
+``MAX_ASPECT_RATIO`` times longer than wide; prompts must not be empty. Grayscale, palette,
+16-bit, CMYK and transparent images are accepted and converted to RGB by :func:`load_image`.
+Checks that need the model (the prompt and image tokens fit its positions, the processor
+accepts the entry) run in :func:`recipe_compiler.collect.check_inputs` before the first
+forward. Every problem raises :class:`~recipe_compiler.errors.CalibrationDataError` with a
+one-line message naming the entry and the fix.
 
 This module needs only the standard library and Pillow (no torch).
 """
@@ -27,10 +33,10 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from recipe_compiler.errors import CalibrationDataError
 
@@ -45,6 +51,8 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "DEFAULT_PROMPT",
     "MIN_IMAGE_SIDE",
+    "MAX_IMAGE_PIXELS",
+    "MAX_ASPECT_RATIO",
 ]
 
 KINDS = ("short", "choice", "describe", "ocr", "other")
@@ -62,6 +70,14 @@ DEFAULT_PROMPT = "Describe the image in detail."
 MIN_IMAGE_SIDE = 8
 """Smallest accepted width and height, in pixels."""
 
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+"""Largest accepted width × height (Pillow's default decompression-bomb limit, about 89.5
+megapixels, fixed here so a changed global Pillow setting does not change what is accepted)."""
+
+MAX_ASPECT_RATIO = 200
+"""Largest accepted ratio of the longer to the shorter side (Qwen2-VL's own limit); beyond it
+resizing the short side to the processor's size makes a huge image."""
+
 MANIFEST_NAME = "manifest.jsonl"
 
 _FINGERPRINT_TAG = b"recipe-compiler/calibration/v1\n"
@@ -78,6 +94,8 @@ class CalibrationSample:
         prompt: The user prompt (never empty or only whitespace).
         kind: One of ``"short"``, ``"choice"``, ``"describe"``, ``"ocr"``, ``"other"``.
         split: ``"calib"`` (used to compile) or ``"heldout"`` (kept for evaluation).
+        where: Where the entry came from, for messages (e.g. ``"calibration entry 3
+            (/data/manifest.jsonl line 3, id 'cat-q')"``); not part of equality.
     """
 
     id: str
@@ -85,6 +103,23 @@ class CalibrationSample:
     prompt: str
     kind: str
     split: str
+    where: str = field(default="", compare=False, repr=False)
+
+    def describe(self) -> str:
+        """The entry's place for messages: :attr:`where`, or its id when that is unknown.
+
+        Returns:
+            `str`: e.g. ``"calibration entry 3 (/data/manifest.jsonl line 3, id 'cat-q')"``.
+
+        Example:
+
+        ```python
+        from recipe_compiler.calibration import load_calibration
+
+        print(load_calibration().samples[0].describe())
+        ```
+        """
+        return self.where or f"calibration sample {self.id!r}"
 
 
 @dataclass(frozen=True)
@@ -219,12 +254,14 @@ def load_calibration(
 
     Returns:
         `CalibrationSet`: the selected samples, each with an absolute image path whose image
-        exists, decodes completely and is at least 8×8 pixels.
+        exists, decodes completely, is at least 8×8 and at most ``MAX_IMAGE_PIXELS`` pixels
+        and at most ``MAX_ASPECT_RATIO`` times longer than wide.
 
     Raises:
         CalibrationDataError: the path does not exist; a manifest line is not a JSON object, has
-            no usable ``image`` or ``prompt``, or repeats an id; an image is missing, unreadable,
-            truncated or too small; the selection is empty; ``samples`` is not a positive
+            no usable ``image`` or ``prompt``, or repeats an id; an image is missing, a broken
+            link, unreadable, empty, not an image, truncated, too small, too large or too
+            elongated; the selection is empty; ``samples`` is not a positive
             integer or exceeds the entries available; ``split`` is unknown. The message is one
             line naming the entry and the fix.
 
@@ -326,11 +363,14 @@ def load_image(sample: CalibrationSample) -> Image.Image:
     assert image.mode == "RGB"
     ```
     """
-    where = f"calibration sample {sample.id!r}"
+    where = sample.describe()
     try:
-        with Image.open(sample.image_path) as image:
-            image.load()
-            return _to_rgb(image)
+        with warnings.catch_warnings():
+            # the size was checked against MAX_IMAGE_PIXELS when the set was loaded
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(sample.image_path) as image:
+                image.load()
+                return _to_rgb(image)
     except FileNotFoundError:
         raise CalibrationDataError(
             f"{where}: image not found at {sample.image_path}; restore the file or reload the "
@@ -463,6 +503,7 @@ def _read_manifest(manifest: Path) -> list[_Entry]:
             prompt=prompt,
             kind=kind,
             split=entry_split,
+            where=where,
         )
         entries.append(_Entry(sample=sample, where=where, image_text=image_text))
     return entries
@@ -484,9 +525,10 @@ def _json_type(value: object) -> str:
 
 def _scan_folder(folder: Path) -> list[_Entry]:
     try:
+        # Dangling symlinks are kept so that the check names them instead of skipping them.
         files = sorted(
             p for p in folder.iterdir()
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not p.is_dir()
         )
     except OSError as err:
         raise CalibrationDataError(
@@ -494,49 +536,89 @@ def _scan_folder(folder: Path) -> list[_Entry]:
         ) from None
     entries = []
     for number, file in enumerate(files, start=1):
+        where = f"calibration entry {number} (image file {file}, id {file.name!r})"
         sample = CalibrationSample(
             id=file.name,
             image_path=file,
             prompt=DEFAULT_PROMPT,
             kind="describe",
             split="calib",
+            where=where,
         )
-        where = f"calibration entry {number} (image file {file}, id {file.name!r})"
         entries.append(_Entry(sample=sample, where=where, image_text=file.name))
     return entries
 
 
 def _check_image(entry: _Entry) -> None:
     path = entry.sample.image_path
+    named = f"{entry.where}: image {entry.image_text!r} at {path}"
     if not path.exists():
+        if path.is_symlink():
+            raise CalibrationDataError(
+                f"{named} is a broken symbolic link (to {os.readlink(path)}); fix the link or "
+                "remove the entry"
+            )
         raise CalibrationDataError(
             f"{entry.where}: image {entry.image_text!r} not found at {path}; fix the path or "
             "remove the entry"
         )
     if not path.is_file():
         raise CalibrationDataError(
-            f"{entry.where}: image {entry.image_text!r} at {path} is not a file; point it at an "
-            "image file or remove the entry"
+            f"{named} is not a file; point it at an image file or remove the entry"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()  # full decode: catches truncated and corrupt data, not just headers
-                size = image.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        # PIL raises UnidentifiedImageError (an OSError) for unknown data, OSError for truncated
-        # files, and occasionally ValueError/SyntaxError for malformed headers.
+        handle = open(path, "rb")
+    except OSError as err:
         raise CalibrationDataError(
-            f"{entry.where}: image {entry.image_text!r} at {path} cannot be decoded "
-            f"({_reason(err)}); replace it with a valid image file or remove the entry"
+            f"{named} cannot be read ({_reason(err)}); check its permissions or remove the entry"
         ) from None
-    width, height = size
+    with handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise CalibrationDataError(
+                f"{named} is an empty file (0 bytes); replace it with a valid image file or "
+                "remove the entry"
+            )
+        truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
+        try:
+            # Another library may have switched this on; a truncated file must still be refused.
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(handle) as image:
+                    width, height = image.size  # from the header: checked before decoding
+                    _check_size(named, width, height)
+                    image.load()  # full decode: catches truncated and corrupt data
+        except Image.DecompressionBombError as err:
+            raise CalibrationDataError(
+                f"{named} is too large to decode safely ({_reason(err)}); downscale it to at "
+                f"most {MAX_IMAGE_PIXELS} pixels or remove the entry"
+            ) from None
+        except (OSError, ValueError, SyntaxError) as err:
+            # PIL raises UnidentifiedImageError (an OSError) for unknown data, OSError for
+            # truncated files, and occasionally ValueError/SyntaxError for malformed headers.
+            raise CalibrationDataError(
+                f"{named} cannot be decoded ({_reason(err)}); replace it with a valid image "
+                "file or remove the entry"
+            ) from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+
+
+def _check_size(named: str, width: int, height: int) -> None:
     if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
         raise CalibrationDataError(
-            f"{entry.where}: image {entry.image_text!r} at {path} is {width}x{height} pixels, "
-            f"smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; use a larger image or remove the "
-            "entry"
+            f"{named} is {width}x{height} pixels, smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; "
+            "use a larger image or remove the entry"
+        )
+    if width * height > MAX_IMAGE_PIXELS:
+        raise CalibrationDataError(
+            f"{named} is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS} "
+            "pixels; downscale it (the processor resizes it anyway) or remove the entry"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise CalibrationDataError(
+            f"{named} is {width}x{height} pixels, more than {MAX_ASPECT_RATIO} times longer than "
+            "wide; crop it or remove the entry"
         )
 
 

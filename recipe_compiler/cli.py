@@ -82,6 +82,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gprune-temperature", type=float, help="G-Prune softmax temperature > 0 (default: 0.03)")
     parser.add_argument("--gprune-steps", type=int, help="G-Prune propagation steps >= 0 (default: 5)")
     parser.add_argument("--pre-llm-ratio", type=float, help="keep ratio of a fixed-ratio pre-LLM stage in (0, 1] (default: the best of a grid)")
+    parser.add_argument("--fopru-feature-layer", type=int, help="vision-encoder layer whose attention FoPru reads, HF vision_feature_layer convention, negative allowed (default: the model's feature layer)")
+    parser.add_argument("--inflection-detector", choices=("kneedle", "max-curvature"), help="knee detector of cls-inflection: kneedle (farthest from the chord) or max-curvature (default: kneedle)")
     return parser
 
 
@@ -124,7 +126,8 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
         config = CompileConfig(budget=args.budget, search=args.search, scorer=args.scorer, head_reduce=args.head_reduce, batch_size=args.batch_size,
                                pre_llm=args.pre_llm, pre_llm_ratio=args.pre_llm_ratio,
                                gprune={k: v for k, v in (("threshold", args.gprune_threshold), ("temperature", args.gprune_temperature),
-                                                         ("steps", args.gprune_steps)) if v is not None} or None)
+                                                         ("steps", args.gprune_steps)) if v is not None} or None,
+                               fopru_feature_layer=args.fopru_feature_layer, inflection_detector=args.inflection_detector)
         dtype = parse_dtype(args.dtype)
         _check_device(args.device)
         if args.device_map is not None and sharding.world > 1:
@@ -165,10 +168,15 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
     stage = result.recipe.pre_llm
     stage_text = "" if stage["method"] == "none" else f" | pre-llm {stage['method']}" + (f" {stage['keep_ratio']:g}" if "keep_ratio" in stage else "")
     stage_times = " ".join(f"{k} {timings[k]:.1f}s" for k in ("load", "calibrate", "search", "verify", "write"))
+    from .flops import format_flops
+
+    # Not part of the budget: the vision encoder's own cost and the visual tokens' own FLOPs fraction.
+    vision_text = f" | visual-only flops {v.visual_token_fraction:.4f}" + (
+        "" if v.vision_flops is None else f" | vision encoder {format_flops(v.vision_flops)}/sample ({100 * v.vision_share:.1f}% of unpruned)")
     print(
         f"budget {args.budget:g} | flops {v.flops_fraction:.4f} | visual tokens {result.visual_token_equivalent:.1f}/{v_ref} "
-        f"| divergence {result.divergence:.4f} | kl {v.kl:.4g} | top1 {v.top1_agreement:.2f} | search {args.search}{stage_text} "
-        f"| time {stage_times} | wrote {output}"
+        f"| divergence {result.divergence:.4f} | kl {v.kl:.4g} | top1 {v.top1_agreement:.2f} | search {args.search}{stage_text}"
+        f"{vision_text} | time {stage_times} | wrote {output}"
     )
     return 0
 
@@ -274,17 +282,53 @@ def _describe(recipe) -> dict:
         "pre_llm": recipe.pre_llm,
         "fingerprint": recipe.fingerprint,
         "provenance": recipe.provenance,
+        "vision_encoder": _vision(recipe),
     }
+
+
+def _vision(recipe) -> dict | None:
+    """The vision encoder's FLOPs per reference image, when the fingerprint names a registry model."""
+    from .evaluate import registry_vision_flops
+
+    try:
+        found = registry_vision_flops(recipe.fingerprint)
+    except Exception:  # noqa: BLE001 - optional information; inspect must still print the recipe
+        return None
+    return None if found is None else {"model": found[0], "flops_per_reference_image": found[1]}
+
+
+def _stage_text(stage: dict) -> str:
+    """The whole pre-LLM stage: method, keep ratio, every parameter, and cls-inflection's layer-K cut."""
+    method = stage.get("method", "none")
+    if method == "none":
+        return "none"
+    params = dict(stage.get("params", {}))
+    if method == "cls-inflection":
+        text = "cls-inflection: keeps each image's tokens up to the knee of its CLS-similarity curve, on entry to layer 0"
+    else:
+        text = f"{method}: keeps {stage.get('keep_ratio', 1.0):g} of each image's tokens, on entry to layer 0"
+    if "stage2_layer" in params:
+        text += f"; stage 2: {params.pop('stage2_ratio', '?')} of the survivors from layer {params.pop('stage2_layer')}"
+    if params:
+        text += " (" + ", ".join(f"{key} {value}" for key, value in sorted(params.items())) + ")"
+    return text
 
 
 def format_recipe(recipe) -> str:
     """The human-readable table ``recipe-inspect`` prints."""
+    from .flops import format_flops
+
     fp, prov = recipe.fingerprint, recipe.provenance
     lines = [
         f"model     {fp['model_type']}  layers {fp['num_layers']}  hidden {fp['hidden_size']}  heads {fp['num_heads']}/{fp['num_kv_heads']} kv"
         f"  visual tokens {fp['visual_tokens']}  config {fp['config_hash']}",
-        f"scorer    {recipe.scorer} (heads: {recipe.head_reduce})   pre-LLM: {recipe.pre_llm.get('method')}",
+        f"scorer    {recipe.scorer} (heads: {recipe.head_reduce})",
+        f"pre-LLM   {_stage_text(recipe.pre_llm)}",
     ]
+    vision = _vision(recipe)
+    if vision is not None:
+        lines.append(f"vision    encoder + projector {format_flops(vision['flops_per_reference_image'])} per reference image "
+                     f"({vision['model']}; not part of the budget)")
     if prov:
         measured = "  ".join(
             f"{key} {prov[key]:.4g}" for key in ("budget", "flops_fraction", "divergence", "kl", "top1_agreement") if isinstance(prov.get(key), (int, float))

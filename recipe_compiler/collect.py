@@ -8,6 +8,7 @@ L×L is kept. The result is a :class:`~recipe_compiler.statistics.Statistics`.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ from runtime.adapters import model_fingerprint
 from runtime.pruner import Policy, PruningHandle, Roles
 
 from .calibration import CalibrationSet, load_image
+from .errors import CalibrationDataError
 from .distributed import SINGLE, Sharding, batches_of
 from .statistics import Statistics
 
@@ -26,16 +28,17 @@ HEAD_REDUCTIONS = ("max", "mean")
 class StatisticsPolicy(Policy):
     """Prunes nothing; at every layer records cross, self and last-row attention per visual token."""
 
-    def __init__(self, num_layers: int, head_reduce: str = "max", prellm: bool = False, prellm_params: dict | None = None) -> None:
+    def __init__(self, num_layers: int, head_reduce: str = "max", prellm: bool | set = False, prellm_params: dict | None = None) -> None:
         self.probe_layers = tuple(range(num_layers))
         self.head_reduce = head_reduce
         self.num_layers = num_layers
         self.rows: list[dict] = []
         self.stage = None
-        if prellm:  # pre-LLM scores from the same pass: vision hooks + the layer-0 input embeddings
+        if prellm is not False:  # pre-LLM scores from the same pass: vision hooks + the layer-0 input embeddings
             from runtime.prellm_stage import PreLLMStage
 
-            self.stage = PreLLMStage("g-prune", params=prellm_params, capture={"attention", "features"})
+            capture = prellm if isinstance(prellm, set) else {"attention", "features"}  # the signals the model supports
+            self.stage = PreLLMStage("g-prune", params=prellm_params, capture=capture)
 
     def attach(self, model: torch.nn.Module) -> list:
         return self.stage.attach(model) if self.stage is not None else []
@@ -46,9 +49,14 @@ class StatisticsPolicy(Policy):
         self.stage.on_inputs(embeds)
         for entry in self._batch:
             entry["prellm"] = {}
-        for image in self.stage.scores(roles):
+        views: dict[int, int] = {}
+        for image in self.stage.scores(roles):  # one entry per view, in prompt order
             store = self._batch[image["row"]]["prellm"]
-            for name in ("gprune", "fopru", "clssim"):
+            index = views[image["row"]] = views.get(image["row"], -1) + 1
+            image["view"] = torch.full((image["positions"].numel(),), float(index))
+            for name in ("gprune", "fopru", "clssim", "view", "grid_row"):
+                if name not in image:
+                    continue
                 part = image[name].float().cpu().numpy()
                 store[name] = part if name not in store else np.concatenate([store[name], part])
         self.stage.on_inputs(None)
@@ -105,7 +113,7 @@ def collect_statistics(
         sharding: under torchrun, which global batches this rank runs; every rank gets the
             same :class:`Statistics` (rows gathered in global sample order).
         prellm_params: G-Prune ``threshold``, ``temperature``, ``steps`` for the recorded scores
-            (default: G-Prune's 0.5, 0.03, 5).
+            (default: G-Prune's 0.5, 0.03, 5) and the FoPru ``feature_layer`` (default: the model's).
 
     Returns:
         :class:`Statistics` with S = len(calibration) samples.
@@ -115,19 +123,20 @@ def collect_statistics(
     """
     if head_reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
+    check_inputs(model, processor, calibration, format_prompt=format_prompt)  # before any forward
     from runtime.adapters import adapter_for
 
-    from runtime.prellm_stage import check_supported
+    from runtime.prellm_stage import GPRUNE_DEFAULTS, resolve_feature_layer, supported_methods
 
     num_layers = len(adapter_for(model).layers(model))
-    try:
-        check_supported(model)
-        prellm = True
-    except (ValueError, AttributeError):
-        prellm = False
-    from runtime.prellm_stage import GPRUNE_DEFAULTS
-
+    methods = supported_methods(model)
+    prellm = ({"attention"} if "fopru-rank" in methods else set()) | ({"features"} if "cls-inflection" in methods else set())
+    prellm = prellm if methods else False  # an empty set still records G-Prune scores (Qwen2.5-VL)
     params = {**GPRUNE_DEFAULTS, **(prellm_params or {})}
+    if "fopru-rank" in methods:  # recorded as the hidden_states index, so -2 and depth-1 compare equal
+        params["feature_layer"] = resolve_feature_layer(model, params.get("feature_layer"))
+    else:
+        params.pop("feature_layer", None)
     policy = StatisticsPolicy(num_layers, head_reduce, prellm=prellm, prellm_params=params)
     mine = []
     with PruningHandle(model, policy), torch.no_grad():
@@ -147,6 +156,59 @@ def collect_statistics(
 
         stats = replace(stats, prellm_params=json.dumps(params, sort_keys=True))
     return stats
+
+
+def check_inputs(
+    model: torch.nn.Module, processor: Any, calibration: CalibrationSet, *, format_prompt: Callable[[str], str] = lambda p: p
+) -> None:
+    """Check that every calibration sample makes a valid input for ``model``, without running it.
+
+    Each sample goes through the processor on its own, as the calibration forward will give it.
+    A sample fails when the processor rejects it (for example a prompt that contains the image
+    placeholder itself) or when its input, prompt and image tokens together, is longer than the
+    language model's ``max_position_embeddings``. Long prompts are refused rather than cut,
+    because cutting would silently calibrate on a different prompt. :func:`collect_statistics`
+    calls this before its first forward, so a bad entry costs no model time.
+
+    Args:
+        model: the HF VLM the samples are for.
+        processor: its processor.
+        calibration: the validated samples.
+        format_prompt: the model's chat template for one image and a prompt.
+
+    Raises:
+        CalibrationDataError: one line naming the first bad entry and the fix.
+
+    Example:
+        >>> check_inputs(m.model, m.processor, load_calibration(), format_prompt=m.format_prompt)  # doctest: +SKIP
+    """
+    from runtime.adapters import adapter_for
+
+    limit = getattr(adapter_for(model).text_config(model), "max_position_embeddings", None)
+    tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
+    level = tokenizer_log.level
+    tokenizer_log.setLevel(logging.ERROR)  # its "longer than the maximum" warning; ours names the entry
+    try:
+        for sample in calibration.samples:
+            where = sample.describe()
+            try:
+                inputs = processor(images=[load_image(sample)], text=[format_prompt(sample.prompt)], return_tensors="pt")
+            except (ValueError, TypeError, IndexError, RuntimeError) as err:
+                reason = " ".join(str(err).split())[:200] or type(err).__name__
+                raise CalibrationDataError(
+                    f"{where}: the model's processor rejects it ({reason}); fix the prompt or image (the prompt must not "
+                    "contain the image placeholder) or remove the entry"
+                ) from None
+            length = int(inputs["input_ids"].shape[-1])
+            if limit and length > limit:
+                prompt_tokens = len(processor.tokenizer(sample.prompt, add_special_tokens=False)["input_ids"])
+                raise CalibrationDataError(
+                    f"{where}: the prompt is too long: with the image it makes {length} tokens, more than the model's "
+                    f"{limit} positions (max_position_embeddings); shorten the prompt ({prompt_tokens} tokens) by at "
+                    f"least {length - limit} tokens or remove the entry"
+                )
+    finally:
+        tokenizer_log.setLevel(level)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -180,7 +242,7 @@ def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp:
             arrays[name][s, :, : row["n_visual"]] = np.stack(row[name])
     prellm = {}
     if all("prellm" in r for r in rows):
-        for name in ("gprune", "fopru", "clssim"):
+        for name in [n for n in ("gprune", "fopru", "clssim", "view", "grid_row") if all(n in r["prellm"] for r in rows)]:
             prellm[name] = np.full((samples, width), np.nan, dtype=np.float32)
             for s, row in enumerate(rows):
                 prellm[name][s, : row["n_visual"]] = row["prellm"][name]

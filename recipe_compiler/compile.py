@@ -21,7 +21,7 @@ from .collect import collect_statistics
 from .distributed import SINGLE, Sharding
 from .divergence import divergence_table, schedule_objective
 from .errors import BudgetError, StatisticsError
-from .flops import LMShape, cost_table, layer_flops, min_feasible_budget, visual_token_equivalent
+from .flops import LMShape, cost_table, min_feasible_budget, visual_token_equivalent
 from .search import SEARCHES as TABLE_SEARCHES
 from .statistics import Statistics
 from .verify import Verification, verify_recipe
@@ -48,6 +48,10 @@ class CompileConfig:
             stage (and none) with the in-LLM schedule and keeps the least divergence in budget.
         pre_llm_ratio: fix a fixed-ratio stage's keep ratio instead of trying a grid.
         gprune: G-Prune ``threshold`` / ``temperature`` / ``steps`` overrides (defaults 0.5, 0.03, 5).
+        fopru_feature_layer: vision-encoder layer whose attention FoPru reads (HF
+            ``vision_feature_layer`` convention, negative allowed; default: the model's).
+        inflection_detector: ``cls-inflection``'s knee detector, ``kneedle`` (default) or
+            ``max-curvature``.
 
     Example:
         >>> CompileConfig(budget=0.45).search
@@ -62,6 +66,8 @@ class CompileConfig:
     pre_llm: str = "none"
     pre_llm_ratio: float | None = None
     gprune: dict | None = None
+    fopru_feature_layer: int | None = None
+    inflection_detector: str | None = None
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -81,8 +87,16 @@ class CompileConfig:
 
         if self.pre_llm not in PRE_LLM_CHOICES:
             raise ValueError(f"pre-LLM stage {self.pre_llm!r} is unknown; choose one of {', '.join(PRE_LLM_CHOICES)}")
-        if self.pre_llm != "none" and self.search not in TABLE_SEARCHES:
-            raise ValueError(f"--pre-llm {self.pre_llm} needs a table search ({', '.join(TABLE_SEARCHES)}), not {self.search!r}")
+        if self.search == "fitprune" and self.pre_llm == "auto":
+            raise ValueError("--pre-llm auto compares the stages on the statistics with a table search; with --search fitprune "
+                             "name one fixed-ratio stage and its ratio (e.g. --pre-llm g-prune --pre-llm-ratio 0.5), or use --search optimal")
+        if self.search == "fitprune" and self.pre_llm == "cls-inflection":
+            raise ValueError("--pre-llm cls-inflection brings its own in-LLM cut (layer K and ratio, searched on a grid with the "
+                             "text-mean scorer), so a FitPrune schedule has no place in it; use --search optimal with it, or a "
+                             "fixed-ratio stage (g-prune, fopru-rank, fopru-row) with --search fitprune")
+        if self.search == "fitprune" and self.pre_llm != "none" and self.pre_llm_ratio is None:
+            raise ValueError(f"--pre-llm {self.pre_llm} with --search fitprune needs --pre-llm-ratio (the model-in-the-loop "
+                             "search runs for one ratio; a table search such as --search optimal tries a grid of ratios)")
         if self.pre_llm_ratio is not None:
             r = self.pre_llm_ratio
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
@@ -95,6 +109,19 @@ class CompileConfig:
             if ok is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise ValueError(f"G-Prune parameter {key}={value!r} is unknown or out of range "
                                  "(threshold in [-1, 1], temperature > 0, steps a non-negative integer)")
+        layer = self.fopru_feature_layer
+        if layer is not None:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer == 0:
+                raise ValueError(f"--fopru-feature-layer must be a non-zero integer (HF vision_feature_layer convention), got {layer!r}")
+            if self.pre_llm not in ("fopru-rank", "fopru-row", "auto"):
+                raise ValueError(f"--fopru-feature-layer applies to --pre-llm fopru-rank, fopru-row or auto, not {self.pre_llm!r}")
+        if self.inflection_detector is not None:
+            from runtime.prellm import DETECTORS
+
+            if self.inflection_detector not in DETECTORS:
+                raise ValueError(f"inflection detector {self.inflection_detector!r} is unknown; choose one of {', '.join(DETECTORS)}")
+            if self.pre_llm not in ("cls-inflection", "auto"):
+                raise ValueError(f"--inflection-detector applies to --pre-llm cls-inflection or auto, not {self.pre_llm!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
 
@@ -169,22 +196,23 @@ def compile_recipe(
     share = sharding.share(len(calibration), config.batch_size)  # samples this rank runs per pass
     timings: dict[str, float] = {}
 
+    prellm_params = _prellm_params(model, config)  # refuses an unsupported stage or feature layer before any forward
     started = time.perf_counter()
     if statistics is None:
         statistics = collect_statistics(
             model, processor, calibration, head_reduce=config.head_reduce,
-            progress=step("calibrate", share), prellm_params=config.gprune, **common,
+            progress=step("calibrate", share), prellm_params=prellm_params, **common,
         )
     else:
-        _check_statistics(statistics, fingerprint, calibration, config)
+        _check_statistics(statistics, fingerprint, calibration, config, feature_layer=prellm_params.get("feature_layer"))
     timings["calibrate"] = time.perf_counter() - started
 
     smallest = min_feasible_budget(shape, statistics.n_other, statistics.n_visual, v_ref)
-    if config.pre_llm != "none":
+    if config.pre_llm != "none" and config.search in TABLE_SEARCHES:
         return _compile_with_stage(
             model, processor, calibration, config, statistics, shape, fingerprint, v_ref, timings, step, share, common
         )
-    if config.budget < smallest * (1 - BUDGET_RTOL):
+    if config.pre_llm == "none" and config.budget < smallest * (1 - BUDGET_RTOL):  # a stage lowers the floor
         raise BudgetError(
             f"budget {config.budget:g} cannot be met: even dropping every visual token after layer 0 spends "
             f"{smallest:.4f} of the prefill FLOPs on these prompts; use --budget {math.ceil(smallest * 1000) / 1000:g} or more"
@@ -193,23 +221,34 @@ def compile_recipe(
     started = time.perf_counter()
     table = divergence_table(statistics, config.scorer, v_ref=v_ref)
     details: dict[str, Any] = {}
+    stage, alive = None, None  # --search fitprune with a fixed-ratio pre-LLM stage: its spec and survivors
     if config.search in TABLE_SEARCHES:
         costs = cost_table(shape, statistics.n_other, statistics.n_visual, v_ref)
         # The unpruned cost from the same table the search sums, so budget 1.0 admits keep-all exactly.
         budget_flops = config.budget * float(np.sum(costs[:, v_ref]))
-        keep = TABLE_SEARCHES[config.search](table, costs, budget_flops)
+        try:
+            keep = TABLE_SEARCHES[config.search](table, costs, budget_flops)
+        except BudgetError:
+            # The floor check above passed, so the budget is at the floor within the stated tolerance;
+            # the search's own sum may differ from it in the last bits.
+            keep = TABLE_SEARCHES[config.search](table, costs, budget_flops * (1 + BUDGET_RTOL))
         search_params = {"method": _SEARCH_METHODS[config.search], "grid": int(v_ref) + 1}
     else:
         from .search.fitprune import fitprune_search
 
+        if config.pre_llm != "none":
+            stage, alive = _fitprune_stage(config, statistics)
+            table = divergence_table(statistics, config.scorer, v_ref=v_ref, survivors=alive)
         found = fitprune_search(
             model, processor, calibration, statistics, shape, config.budget, v_ref,
-            progress=step("search", 7 * share), **common,
+            progress=step("search", 7 * share), pre_llm=stage, **common,
         )
         if found is None:
             raise BudgetError(f"the FitPrune search found no alpha meeting budget {config.budget:g}; try a larger budget or --search optimal")
         keep = found.keep_count
         search_params = {"alpha": found.alpha, "stop_layer": found.stop_layer, "bisection_tol": 0.01}
+        if stage is not None:
+            search_params["pre_llm"] = config.pre_llm
         details["alpha_trace"] = found.trace
         details["fitprune_pruned_per_layer"] = found.pruned_per_layer.astype(int).tolist()
     timings["search"] = time.perf_counter() - started
@@ -225,11 +264,22 @@ def compile_recipe(
         "versions": _versions(),
     }
     recipe, verification = _verify(
-        lambda prov: Recipe(keep_count=keep, scorer=config.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce, provenance=prov),
+        lambda prov: Recipe(keep_count=keep, scorer=config.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce,
+                            provenance=prov, **({"pre_llm": stage} if stage is not None else {})),
         provenance, model, processor, calibration, shape, config, timings, step("verify", share), common,
     )
-    equivalent = visual_token_equivalent(shape, statistics.n_other, statistics.n_visual, keep, v_ref)
+    equivalent = visual_token_equivalent(shape, statistics.n_other, statistics.n_visual, keep, v_ref,
+                                         n_survivors=None if alive is None else alive.sum(axis=1))
     return CompileResult(recipe, statistics, verification, float(divergence), float(equivalent), timings, details)
+
+
+def _fitprune_stage(config: CompileConfig, statistics: Statistics) -> tuple[dict, np.ndarray]:
+    """The fixed-ratio stage ``--search fitprune`` runs first, as a recipe records it, and its survivors."""
+    from . import prellm_search
+
+    alive = prellm_search.survivors(statistics, config.pre_llm, config.pre_llm_ratio)
+    params = prellm_search.stage_params(statistics, config.pre_llm)  # what its calibration scores were computed with
+    return {"method": config.pre_llm, "keep_ratio": config.pre_llm_ratio, "params": params}, alive
 
 
 def _compile_with_stage(model, processor, calibration, config, statistics, shape, fingerprint, v_ref, timings, step, share, common):
@@ -237,12 +287,18 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
     from . import prellm_search
 
     started = time.perf_counter()
+    from runtime.prellm_stage import unsupported_reason
+
     methods = ("none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection") if config.pre_llm == "auto" else (config.pre_llm,)
     candidates = []
     for method in methods:
+        reason = None if method == "none" else unsupported_reason(model, method)
+        if reason:  # only under auto: a named stage was refused before calibration
+            candidates.append(prellm_search.skipped(method, reason))
+            continue
         found = prellm_search.evaluate(
             statistics, shape, v_ref, config.budget, method, config.scorer, TABLE_SEARCHES[config.search],
-            keep_ratio=config.pre_llm_ratio,
+            keep_ratio=config.pre_llm_ratio, detector=config.inflection_detector or "kneedle",
         )
         if method == "cls-inflection":  # one line per stage: its best stage-2 (K, ratio), else its cheapest
             chosen_here = prellm_search.best(found)
@@ -279,7 +335,8 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
     recipe, verification = _verify(build, provenance, model, processor, calibration, shape, config, timings, step("verify", share), common)
     n_post = None
     if chosen.method != "none":
-        n_post = prellm_search.survivors(statistics, chosen.method, chosen.keep_ratio).sum(axis=1)
+        n_post = prellm_search.survivors(statistics, chosen.method, chosen.keep_ratio,
+                                         chosen.params.get("inflection_detector", "kneedle")).sum(axis=1)
     equivalent = visual_token_equivalent(shape, statistics.n_other, statistics.n_visual, keep, v_ref, n_survivors=n_post)
     details = {"pre_llm_candidates": candidates, "pre_llm_chosen": chosen,
                "pre_llm_table": prellm_search.format_candidates(candidates, chosen)}
@@ -307,7 +364,22 @@ def _verify(build, provenance, model, processor, calibration, shape, config, tim
     return build(provenance), verification
 
 
-def _check_statistics(stats: Statistics, fingerprint: dict, calibration: CalibrationSet, config: CompileConfig) -> None:
+def _prellm_params(model: Any, config: CompileConfig) -> dict:
+    """The calibration pass's pre-LLM parameters; ValueError (one line) if the model cannot run the stage."""
+    from runtime.prellm_stage import resolve_feature_layer, supported_methods, unsupported_reason
+
+    if config.pre_llm not in ("none", "auto") and unsupported_reason(model, config.pre_llm):
+        raise ValueError(unsupported_reason(model, config.pre_llm))
+    params = dict(config.gprune or {})
+    if "fopru-rank" in supported_methods(model):  # always explicit, so reused statistics are checked against it
+        params["feature_layer"] = resolve_feature_layer(model, config.fopru_feature_layer, name="--fopru-feature-layer")
+    elif config.fopru_feature_layer is not None:
+        raise ValueError(unsupported_reason(model, "fopru-rank"))
+    return params
+
+
+def _check_statistics(stats: Statistics, fingerprint: dict, calibration: CalibrationSet, config: CompileConfig,
+                      feature_layer: int | None = None) -> None:
     theirs = json.loads(stats.model_fingerprint) if stats.model_fingerprint else {}
     if theirs != fingerprint:
         raise StatisticsError("the saved statistics were collected on a different model; recollect them without --stats")
@@ -316,9 +388,16 @@ def _check_statistics(stats: Statistics, fingerprint: dict, calibration: Calibra
     if config.pre_llm in ("g-prune", "auto") and stats.prellm:
         from runtime.prellm_stage import GPRUNE_DEFAULTS
 
-        wanted = json.dumps({**GPRUNE_DEFAULTS, **(config.gprune or {})}, sort_keys=True)
-        if stats.prellm_params != wanted:
-            raise StatisticsError(f"the saved statistics hold G-Prune scores for {stats.prellm_params or 'unknown parameters'}, not {wanted}; recollect them")
+        wanted = {**GPRUNE_DEFAULTS, **(config.gprune or {})}
+        recorded = json.loads(stats.prellm_params) if stats.prellm_params else {}
+        if {key: recorded.get(key) for key in wanted} != wanted:
+            held = json.dumps({key: recorded[key] for key in wanted if key in recorded}, sort_keys=True) if recorded else "unknown parameters"
+            raise StatisticsError(f"the saved statistics hold G-Prune scores for {held}, not {json.dumps(wanted, sort_keys=True)}; recollect them")
+    if config.pre_llm in ("fopru-rank", "fopru-row", "auto") and "fopru" in stats.prellm and feature_layer is not None:
+        recorded = json.loads(stats.prellm_params) if stats.prellm_params else {}
+        if recorded.get("feature_layer") != feature_layer:
+            raise StatisticsError(f"the saved statistics hold FoPru scores from vision feature layer {recorded.get('feature_layer', 'unknown')}, "
+                                  f"not {feature_layer} (hidden_states index); recollect them without --stats")
     if stats.head_reduce != config.head_reduce:
         raise StatisticsError(f"the saved statistics use head_reduce={stats.head_reduce!r}, not {config.head_reduce!r}")
 

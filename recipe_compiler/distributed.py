@@ -161,6 +161,10 @@ def from_env(device: str = "cpu") -> Iterator[tuple[Sharding, str]]:
         created = True
     try:
         yield Sharding(rank=dist.get_rank(), world=dist.get_world_size()), device
+        if created:
+            # Tear down together: a rank that destroys the group while a peer still holds its gloo
+            # connections was seen to abort once ("terminate called without an active exception").
+            dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()

@@ -15,7 +15,8 @@ class BudgetError(CompileError):
 
 
 class CalibrationDataError(CompileError):
-    """A calibration entry (image or prompt) is missing, unreadable or empty."""
+    """A calibration entry (image or prompt) is missing, unreadable, empty, of an unusable size,
+    or does not fit the model (its prompt and image tokens exceed the model's positions)."""
 
 
 class ModelNotFoundError(CompileError):

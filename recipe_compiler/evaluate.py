@@ -8,7 +8,10 @@ For each recipe, pruned against unpruned on the same prompts:
   the mean fraction of positions whose token agrees, and the share of samples whose continuation
   is identical;
 * measured prefill time ratio (pruned / unpruned, medians of alternating runs on the first batch)
-  and the KV-cache bytes the prefill returns.
+  and the KV-cache bytes the prefill returns;
+* beside the language-model figures: the vision encoder + projector FLOPs per sample and their
+  share of the unpruned total, the end-to-end fraction (encoder + pruned prefill over encoder +
+  unpruned prefill) and the visual-token-only fraction (what FitPrune-style papers quote).
 
 Several recipes give one comparison table; ``--json`` prints the same numbers as JSON.
 ``--show IMAGE --layers 2,8,16 --out DIR`` also draws the schedules and, for that image, which
@@ -65,6 +68,11 @@ class Evaluation:
     repeats: int
     keep_count: list = field(default_factory=list)
     visual_tokens_per_layer: list = field(default_factory=list)
+    visual_token_fraction: float | None = None  # the visual tokens' own FLOPs, pruned / unpruned
+    unpruned_flops: float | None = None  # mean unpruned language-model prefill FLOPs per sample
+    vision_flops: float | None = None  # mean vision encoder + projector FLOPs per sample (None: unknown family)
+    vision_share: float | None = None  # vision_flops / (vision_flops + unpruned_flops)
+    end_to_end_fraction: float | None = None  # (vision + pruned prefill) / (vision + unpruned prefill)
 
 
 def kv_bytes(cache: Any) -> int:
@@ -177,26 +185,78 @@ def evaluate_recipes(
             repeats=repeats,
             keep_count=recipe.keep_count.tolist(),
             visual_tokens_per_layer=[round(float(x), 4) for x in v.visual_tokens_per_layer],
+            visual_token_fraction=v.visual_token_fraction,
+            unpruned_flops=v.unpruned_flops,
+            vision_flops=v.vision_flops,
+            vision_share=v.vision_share,
+            end_to_end_fraction=v.end_to_end_fraction,
         ))
     return results
 
 
+def registry_vision_flops(fingerprint: dict) -> tuple[str, float] | None:
+    """The registry model a recipe's fingerprint names, and its encoder's FLOPs per reference image.
+
+    ``recipe-inspect`` has no model, only the fingerprint; the registry's embedded configs are
+    fingerprinted (no weights, no download) and the one matching every field is used.
+
+    Args:
+        fingerprint: a recipe's model fingerprint.
+
+    Returns:
+        ``(alias, vision encoder + projector FLOPs of the reference image)``, or None when no
+        registry model matches (a hub id or local directory outside the registry).
+
+    Example:
+        >>> registry_vision_flops(load("r.safetensors").fingerprint)   # doctest: +SKIP
+        ('tiny-llava', 112984320.0)
+    """
+    from types import SimpleNamespace
+
+    from runtime.adapters import adapter_for
+
+    from .flops import VisionShape, reference_encoder_flops
+    from .models import REGISTRY, _llava_config
+
+    for alias, spec in REGISTRY.items():
+        try:
+            config = _llava_config(spec.config)
+            text = getattr(config, "text_config", None) or config
+            fake = SimpleNamespace(config=config, language_model=SimpleNamespace(config=text))  # all a fingerprint reads
+            if adapter_for(fake).fingerprint(fake) != fingerprint:
+                continue
+            return alias, reference_encoder_flops(VisionShape.from_config(config), int(fingerprint["visual_tokens"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return None
+
+
 def format_table(results: Sequence[Evaluation]) -> str:
     """The comparison table ``recipe-eval`` prints."""
-    header = f"{'recipe':<24} {'flops':>7} {'vis.tok':>8} {'KL':>10} {'top1':>6} {'greedy':>7} {'exact':>6} {'prefill ms':>11} {'ratio':>6} {'KV MiB':>8} {'KV frac':>8}"
+    header = (f"{'recipe':<24} {'flops':>7} {'vis.tok':>8} {'KL':>10} {'top1':>6} {'greedy':>7} {'exact':>6} {'prefill ms':>11} "
+              f"{'ratio':>6} {'KV MiB':>8} {'KV frac':>8} {'vis.only':>8} {'e2e':>7}")
     lines = [header, "-" * len(header)]
+    number = lambda value, width: f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"  # noqa: E731
     for r in results:
         lines.append(
             f"{r.name[:24]:<24} {r.flops_fraction:>7.4f} {r.mean_visual_tokens:>8.1f} {r.kl:>10.4g} {r.top1_agreement:>6.3f} "
             f"{r.greedy_match:>7.3f} {r.greedy_exact:>6.3f} {r.prefill_ms:>5.1f}/{r.unpruned_prefill_ms:<5.1f} {r.prefill_ratio:>6.3f} "
-            f"{r.kv_bytes / 2**20:>8.2f} {r.kv_fraction:>8.4f}"
+            f"{r.kv_bytes / 2**20:>8.2f} {r.kv_fraction:>8.4f} {number(r.visual_token_fraction, 8)} {number(r.end_to_end_fraction, 7)}"
         )
     if results:
+        from .flops import format_flops
+
         r = results[0]
         lines.append(
             f"{r.samples} held-out samples; greedy over {r.new_tokens} tokens; prefill = pruned/unpruned median ms over "
             f"{r.repeats} alternating runs (batch {r.timed_batch}); ratio = pruned / unpruned"
         )
+        if r.vision_flops is not None and r.unpruned_flops is not None:
+            lines.append(
+                f"flops = language-model prefill fraction; vis.only = the visual tokens' own FLOPs fraction; e2e = with the "
+                f"vision encoder + projector ({format_flops(r.vision_flops)} per sample, {100 * r.vision_share:.1f}% of the "
+                f"unpruned {format_flops(r.vision_flops + r.unpruned_flops)})"
+            )
     return "\n".join(lines)
 
 
@@ -227,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     parser.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--show", help="an image: draw which visual tokens survive at --layers (needs matplotlib)")
+    parser.add_argument("--show", help="an image: draw which visual tokens survive at --layers (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL; needs matplotlib)")
     parser.add_argument("--layers", type=_layers, default=None, help="layers to draw for --show (default: 2,8,16 clipped to the model)")
     parser.add_argument("--out", help="directory for the pictures (schedule.png, tokens-<recipe>.png); needs matplotlib")
     return parser

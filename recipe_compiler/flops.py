@@ -13,6 +13,10 @@ Pure numpy. Conventions (DESIGN.md §4):
 Visual-token counts in schedules are given for a reference count ``v_ref`` (the recipe is a ratio);
 a sample with ``n_visual`` visual tokens keeps ``round_half_up(k · n_visual / v_ref)`` of them
 (:func:`scale_counts`).
+
+Reported beside the budget, never part of it: the vision encoder + projector FLOPs per family
+(:class:`VisionShape`, :func:`encoder_flops`) and the visual-token-only fraction
+(:func:`visual_token_fraction`).
 """
 from __future__ import annotations
 
@@ -30,6 +34,11 @@ __all__ = [
     "schedule_flops_fraction",
     "min_feasible_budget",
     "visual_token_equivalent",
+    "VisionShape",
+    "encoder_flops",
+    "reference_encoder_flops",
+    "visual_token_fraction",
+    "format_flops",
 ]
 
 
@@ -362,3 +371,279 @@ def visual_token_equivalent(
     disc = max(B * B - 4.0 * A * C, 0.0)
     c = (-2.0 * C) / (B + np.sqrt(disc))  # the positive root, without cancellation
     return float(min(max(c, 0.0), float(v_ref)))
+
+
+# --------------------------------------------------------------------------------------------
+# Vision encoder (+ projector): reported beside the LM figures, never part of the budget.
+# --------------------------------------------------------------------------------------------
+VISION_KINDS = ("clip", "qwen2_vl", "qwen2_5_vl")
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """The sizes of a vision encoder and its projector that their FLOPs depend on.
+
+    Conventions as for the language model (2 FLOPs per multiply-add; norms, activations, position
+    embeddings, softmax and residuals ignored). Per encoder layer and sequence of ``n`` tokens:
+    q/k/v/o projections ``4·n·w²``, bidirectional attention scores and values ``2·n²·w``, MLP
+    ``2·n·w·m`` (``3·n·w·m`` when gated). The patch embedding costs ``patch_inputs·w`` per patch,
+    the projector ``Σ in·out`` per token it maps.
+
+    Attributes:
+        kind: ``"clip"`` (LLaVA, LLaVA-NeXT: the CLIP ViT runs once per crop on ``patches + 1``
+            tokens, CLS included; the projector maps ``projected_per_crop`` of them),
+            ``"qwen2_vl"`` / ``"qwen2_5_vl"`` (a ViT over an image's ``t·h·w`` patches, attention
+            within each frame, or within windows of ``window × window`` merged tokens outside
+            ``full_attention_layers``; the merger maps every ``merge²`` patches to one token).
+        layers: encoder layers (all of them run, whatever feature layer is used).
+        width: encoder width ``w``.
+        intermediate: encoder MLP width ``m``.
+        gated_mlp: a gate/up/down MLP (Qwen2.5-VL) instead of fc1/fc2.
+        patch_inputs: pixel values per patch (channels · patch² · temporal patch).
+        projector: ``((in, out), …)``, the linear layers of the projector / merger MLP.
+        tokens_per_crop: ``"clip"``: encoder tokens per crop (patches + CLS); 0 otherwise.
+        projected_per_crop: ``"clip"``: tokens the projector maps per crop.
+        merge: spatial merge size (1 for ``"clip"``).
+        window: window side in merged tokens (0: every layer attends to the whole frame).
+        full_attention_layers: with windows, the layers that attend to the whole frame.
+        reference_crops: ``"clip"``: crops of the family's reference image (1 for LLaVA-1.5,
+            base + grid crops of the largest pinpoint for LLaVA-NeXT).
+
+    Example:
+        >>> s = VisionShape("clip", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
+        >>> encoder_flops(s, crops=1)  # 2·[patch 1·3·2 + 2 tokens·(4·2² + 2·2·4) + 2·2·2² + 1·2·3]
+        184.0
+    """
+
+    kind: str
+    layers: int
+    width: int
+    intermediate: int
+    gated_mlp: bool
+    patch_inputs: int
+    projector: tuple
+    tokens_per_crop: int = 0
+    projected_per_crop: int = 0
+    merge: int = 1
+    window: int = 0
+    full_attention_layers: tuple = ()
+    reference_crops: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in VISION_KINDS:
+            raise ValueError(f"VisionShape.kind={self.kind!r} is unknown; choose one of {', '.join(VISION_KINDS)}")
+        for name in ("layers", "width", "intermediate", "patch_inputs", "merge", "reference_crops"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"VisionShape.{name}={value!r} is invalid; it must be a positive integer")
+        if self.kind == "clip" and not 1 <= self.projected_per_crop <= self.tokens_per_crop:
+            raise ValueError("a CLIP VisionShape needs 1 <= projected_per_crop <= tokens_per_crop")
+        object.__setattr__(self, "projector", tuple((int(a), int(b)) for a, b in self.projector))
+        object.__setattr__(self, "full_attention_layers", tuple(int(i) for i in self.full_attention_layers))
+
+    @classmethod
+    def from_config(cls, config: Any) -> "VisionShape":
+        """Read the shape from a multimodal Hugging Face config (``model.config``, duck-typed).
+
+        Args:
+            config: a ``llava`` / ``llava_next`` / ``qwen2_vl`` / ``qwen2_5_vl`` config with a
+                ``vision_config`` (and, for LLaVA, a ``text_config``).
+
+        Returns:
+            The :class:`VisionShape`.
+
+        Raises:
+            ValueError: another model type, or a vision config without the needed sizes.
+
+        Example:
+            >>> from recipe_compiler.models import REGISTRY, _llava_config       # doctest: +SKIP
+            >>> VisionShape.from_config(_llava_config(REGISTRY["llava-1.5-7b"].config)).layers  # doctest: +SKIP
+            24
+        """
+        kind = getattr(config, "model_type", None)
+        vision = getattr(config, "vision_config", None)
+        if vision is None or kind not in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(f"vision-encoder FLOPs are known for llava, llava_next, qwen2_vl and qwen2_5_vl, not {kind!r}")
+        get = lambda obj, *names, default=None: next(  # noqa: E731
+            (getattr(obj, n) for n in names if getattr(obj, n, None) is not None), default)
+        channels = int(get(vision, "num_channels", "in_channels", "in_chans", default=3))
+        patch = int(vision.patch_size)
+        if kind in ("llava", "llava_next"):
+            width = int(vision.hidden_size)
+            patches = (int(vision.image_size) // patch) ** 2
+            feature_layer = get(config, "vision_feature_layer", default=-2)
+            n_features = 1 if isinstance(feature_layer, int) else len(feature_layer)
+            strategy = get(config, "vision_feature_select_strategy", default="default")
+            text_hidden = int(LMShape.from_config(config.text_config).hidden)
+            crops = 1
+            if kind == "llava_next":
+                size = int(vision.image_size)
+                points = [tuple(int(v) for v in p) for p in config.image_grid_pinpoints]
+                h, w = max(points, key=lambda p: p[0] * p[1])  # the adapter's reference image (first on a tie)
+                crops = 1 + -(-h // size) * -(-w // size)
+            return cls(
+                "clip", int(vision.num_hidden_layers), width, int(vision.intermediate_size), False,
+                channels * patch * patch, ((width * n_features, text_hidden), (text_hidden, text_hidden)),
+                tokens_per_crop=patches + 1, projected_per_crop=patches + (1 if strategy == "full" else 0),
+                reference_crops=crops,
+            )
+        merge = int(vision.spatial_merge_size)
+        temporal = int(get(vision, "temporal_patch_size", default=2))
+        layers = int(vision.depth)
+        if kind == "qwen2_vl":
+            width = int(vision.embed_dim)
+            intermediate, gated = int(width * float(vision.mlp_ratio)), False
+            out = int(vision.hidden_size)
+            window, full = 0, ()
+        else:
+            width, intermediate, gated = int(vision.hidden_size), int(vision.intermediate_size), True
+            out = int(vision.out_hidden_size)
+            window = int(vision.window_size) // merge // patch
+            full = tuple(get(vision, "fullatt_block_indexes", default=()))
+        merged = width * merge * merge
+        return cls(
+            kind, layers, width, intermediate, gated, channels * temporal * patch * patch,
+            ((merged, merged), (merged, out)), merge=merge, window=window, full_attention_layers=full,
+        )
+
+
+def _encoder_layer_macs(shape: VisionShape, sequences: Any) -> float:
+    """Multiply-adds of one encoder layer over independent attention sequences of these lengths."""
+    n = np.asarray(sequences, dtype=np.float64).reshape(-1)
+    w, m = float(shape.width), float(shape.intermediate)
+    mlp = (3.0 if shape.gated_mlp else 2.0) * w * m
+    return float(np.sum(n) * (4.0 * w * w + mlp) + 2.0 * w * np.sum(n * n))
+
+
+def _window_sides(n: int, k: int) -> list[int]:
+    return [k] * (n // k) + ([n % k] if n % k else [])
+
+
+def _grid_macs(shape: VisionShape, t: int, h: int, w: int) -> float:
+    """Multiply-adds of the Qwen ViT and merger on one image / video of ``t×h×w`` patches."""
+    patches = t * h * w
+    frame = h * w
+    macs = patches * shape.patch_inputs * shape.width
+    full = _encoder_layer_macs(shape, [frame] * t)
+    if shape.window:
+        unit = shape.merge * shape.merge
+        rows = _window_sides(h // shape.merge, shape.window)
+        cols = _window_sides(w // shape.merge, shape.window)
+        windows = [r * c * unit for r in rows for c in cols] * t
+        windowed = _encoder_layer_macs(shape, windows)
+        n_full = sum(1 for i in shape.full_attention_layers if 0 <= i < shape.layers)
+        macs += n_full * full + (shape.layers - n_full) * windowed
+    else:
+        macs += shape.layers * full
+    tokens = patches // (shape.merge * shape.merge)
+    return macs + tokens * sum(a * b for a, b in shape.projector)
+
+
+def encoder_flops(shape: VisionShape, crops: int = 0, grids: Any = ()) -> float:
+    """FLOPs of the vision encoder and projector for one prompt's images.
+
+    Args:
+        shape: the encoder's sizes.
+        crops: ``"clip"``: how many crops the encoder runs (one per LLaVA-1.5 image; base + grid
+            crops per LLaVA-NeXT image).
+        grids: ``"qwen*"``: ``(t, h, w)`` in patches per image (``image_grid_thw``).
+
+    Returns:
+        float FLOPs (0.0 for no images).
+
+    Example:
+        >>> s = VisionShape("clip", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
+        >>> encoder_flops(s, crops=3) == 3 * encoder_flops(s, crops=1)
+        True
+    """
+    if shape.kind == "clip":
+        crops = int(crops)
+        if crops < 0:
+            raise ValueError(f"crops must be non-negative, got {crops}")
+        n = shape.tokens_per_crop
+        per_crop = (
+            (n - 1) * shape.patch_inputs * shape.width
+            + shape.layers * _encoder_layer_macs(shape, [n])
+            + shape.projected_per_crop * sum(a * b for a, b in shape.projector)
+        )
+        return 2.0 * crops * per_crop
+    total = 0.0
+    for grid in np.asarray(grids, dtype=np.int64).reshape(-1, 3).tolist():
+        t, h, w = grid
+        if t < 1 or h < shape.merge or w < shape.merge or h % shape.merge or w % shape.merge:
+            raise ValueError(f"image grid {grid} is invalid: t >= 1 and h, w multiples of the merge size {shape.merge}")
+        total += 2.0 * _grid_macs(shape, t, h, w)
+    return total
+
+
+def reference_encoder_flops(shape: VisionShape, v_ref: int) -> float:
+    """Vision FLOPs of the family's reference image (the recipe's unit of ``v_ref`` tokens).
+
+    Args:
+        shape: the encoder's sizes.
+        v_ref: the recipe's reference visual-token count (Qwen: a square grid of ``v_ref``
+            merged tokens, one frame).
+
+    Returns:
+        float FLOPs.
+
+    Example:
+        >>> s = VisionShape("clip", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
+        >>> reference_encoder_flops(s, 1)
+        184.0
+    """
+    v_ref = _check_v_ref(v_ref)
+    if shape.kind == "clip":
+        return encoder_flops(shape, crops=shape.reference_crops)
+    side = int(np.sqrt(v_ref))
+    if side * side != v_ref:
+        raise ValueError(f"v_ref={v_ref} is not a square grid of merged tokens")
+    return encoder_flops(shape, grids=[(1, side * shape.merge, side * shape.merge)])
+
+
+def visual_token_fraction(shape: LMShape, visual_per_layer: Any, n_visual: Any) -> float:
+    """The visual-token-only FLOPs fraction: what the visual tokens alone cost, pruned / unpruned.
+
+    The figure FitPrune-style papers quote: only the visual tokens' own work is counted, as if
+    the prompt held nothing else (their projections and MLP, and attention among themselves), so
+    the text's share does not dilute it. Ratio of the means over samples.
+
+    Args:
+        shape: the language model's sizes.
+        visual_per_layer: int ``[S, num_layers]``, visual tokens that entered each layer.
+        n_visual: int ``[S]``, visual tokens each sample had before any pruning.
+
+    Returns:
+        ``mean_s Σ_l layer_flops(visual[s, l]) / mean_s num_layers·layer_flops(n_visual[s])``
+        (1.0 when no sample has visual tokens).
+
+    Example:
+        >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> round(visual_token_fraction(s, [[2, 0]], [2]), 6)  # 160 / (2·160)
+        0.5
+    """
+    visual = _as_counts(visual_per_layer, "visual_per_layer")
+    full = _as_counts(n_visual, "n_visual").reshape(-1)
+    if visual.ndim != 2 or visual.shape != (full.size, shape.num_layers):
+        raise ValueError(f"visual_per_layer has shape {visual.shape}; it needs [samples, num_layers] = [{full.size}, {shape.num_layers}]")
+    if np.any(visual > full[:, None]):
+        raise ValueError("visual_per_layer exceeds n_visual: counts after pruning cannot grow")
+    unpruned = float(np.mean(layer_flops(shape, full))) * shape.num_layers
+    if unpruned == 0.0:
+        return 1.0
+    return float(np.mean(np.sum(layer_flops(shape, visual), axis=1))) / unpruned
+
+
+def format_flops(value: float) -> str:
+    """``381.9 GFLOPs``-style text with an SI prefix (3–4 significant digits).
+
+    Example:
+        >>> format_flops(3.8192e11), format_flops(2.5e6)
+        ('381.9 GFLOPs', '2.50 MFLOPs')
+    """
+    value = float(value)
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            scaled = value / factor
+            return f"{scaled:.{1 if abs(scaled) >= 100 else 2}f} {prefix}FLOPs"
+    return f"{value:.0f} FLOPs"

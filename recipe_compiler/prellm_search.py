@@ -6,8 +6,9 @@ selects them); the in-LLM divergence table is restricted to the survivors (the p
 mass counts as lost at every layer) and the FLOPs table counts only the survivors from layer 0 on.
 Fixed-ratio stages try a small grid of ratios, each with the requested table search for the rest;
 ``cls-inflection`` (a per-image count at the knee) tries every stage-2 layer ``K`` and keep ratio
-on a grid with the ``text-mean`` scorer. ``auto`` evaluates every stage and ``none`` and keeps the
-least divergence within the budget.
+on a grid with the ``text-mean`` scorer. ``auto`` evaluates every stage the model supports and ``none`` and keeps the
+least divergence within the budget (unsupported stages are listed as skipped, with the reason).
+Each view (LLaVA-NeXT: base and high-res; one per image elsewhere) is selected on its own.
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from runtime import prellm
-from runtime.prellm_stage import GPRUNE_DEFAULTS, stage_count
+from runtime.prellm_stage import GPRUNE_DEFAULTS, view_keep
 
 from .divergence import divergence_table, schedule_objective
 from .errors import StatisticsError
@@ -46,6 +46,7 @@ class Candidate:
     params: dict = field(default_factory=dict)
     mean_survivors: float = 0.0
     feasible: bool = True
+    skipped: str = ""  # why the model cannot run this stage (--pre-llm auto lists it, unevaluated)
 
     @property
     def pre_llm(self) -> dict:
@@ -56,30 +57,73 @@ class Candidate:
         return {"method": self.method, "keep_ratio": self.keep_ratio, "params": dict(self.params)}
 
 
-def survivors(stats: Statistics, method: str, keep_ratio: float | None) -> np.ndarray:
-    """bool [S, V]: the tokens the runtime's stage keeps for each calibration sample."""
+def survivors(stats: Statistics, method: str, keep_ratio: float | None, detector: str = "kneedle") -> np.ndarray:
+    """bool [S, V]: the tokens the runtime's stage keeps for each calibration sample.
+
+    Each view (``stats.prellm["view"]``; statistics without it: one square view per sample) is
+    selected on its own with the runtime's :func:`runtime.prellm_stage.view_keep`.
+    """
     name = _SCORE_OF[method]
     if name not in stats.prellm:
         raise StatisticsError(
-            "these statistics hold no pre-LLM scores (an older statistics file, or a model without a "
-            "supported pre-LLM stage); recollect them without --stats, or use --pre-llm none"
+            f"these statistics hold no {method} scores (an older statistics file, or a model that does not "
+            "support this pre-LLM stage); recollect them without --stats, or choose another --pre-llm"
         )
     scores = stats.prellm[name]
     S, V = scores.shape
     out = np.zeros((S, V), dtype=bool)
     for s in range(S):
         n = int(stats.n_visual[s])
-        values = torch.from_numpy(np.ascontiguousarray(scores[s, :n]))
-        if method == "cls-inflection":
-            k = prellm.knee_index(torch.sort(values, descending=True, stable=True).values)
-            mask = prellm._topk_mask(values, k)
-        elif method == "fopru-row":
-            side = math.isqrt(n)
-            mask = prellm.fopru_row_keep(values, (side, side), stage_count(keep_ratio, n))
-        else:
-            mask = prellm._topk_mask(values, stage_count(keep_ratio, n))
-        out[s, :n] = mask.numpy()
+        views = stats.prellm["view"][s, :n] if "view" in stats.prellm else np.zeros(n)
+        rows = stats.prellm["grid_row"][s, :n] if "grid_row" in stats.prellm else None
+        for view in np.unique(views):
+            index = np.nonzero(views == view)[0]
+            values = torch.from_numpy(np.ascontiguousarray(scores[s, index]))
+            if rows is not None:
+                height = int(rows[index].max()) + 1
+                grid = (height, len(index) // height)
+            else:
+                side = math.isqrt(len(index))
+                grid = (side, side)
+            out[s, index] = view_keep(method, values, keep_ratio, grid, detector).numpy()
     return out
+
+
+def stage_params(stats: Statistics, method: str, detector: str = "kneedle") -> dict:
+    """The recipe's ``pre_llm.params`` for ``method``: what its recorded scores were computed with.
+
+    Args:
+        stats: calibration statistics (``prellm_params`` holds the G-Prune parameters and the
+            FoPru ``feature_layer`` of the recorded scores).
+        method: the stage.
+        detector: ``cls-inflection``'s knee detector.
+
+    Returns:
+        G-Prune: threshold/temperature/steps; FoPru: ``feature_layer``; cls-inflection:
+        ``inflection_detector`` (the caller adds stage 2); else ``{}``.
+
+    Example:
+        >>> stage_params(stats, "fopru-rank")   # doctest: +SKIP
+        {'feature_layer': 1}
+    """
+    recorded = json.loads(stats.prellm_params) if stats.prellm_params else {}
+    if method == "g-prune":
+        return {k: recorded.get(k, v) for k, v in GPRUNE_DEFAULTS.items()}
+    if method in ("fopru-rank", "fopru-row") and "feature_layer" in recorded:
+        return {"feature_layer": int(recorded["feature_layer"])}
+    if method == "cls-inflection":
+        return {"inflection_detector": detector}
+    return {}
+
+
+def skipped(method: str, reason: str) -> Candidate:
+    """A table line for a stage the model cannot run (never chosen).
+
+    Example:
+        >>> skipped("cls-inflection", "no CLS token").feasible
+        False
+    """
+    return Candidate(method, None, None, math.nan, math.inf, "", {}, 0.0, False, reason)
 
 
 def evaluate(
@@ -91,8 +135,12 @@ def evaluate(
     scorer: str,
     search: Callable,
     keep_ratio: float | None = None,
+    detector: str = "kneedle",
 ) -> list[Candidate]:
-    """Every candidate of one stage (all grid points; infeasible ones flagged)."""
+    """Every candidate of one stage (all grid points; infeasible ones flagged).
+
+    ``detector`` is ``cls-inflection``'s knee detector (recorded in its candidates' params).
+    """
     full = cost_table(shape, stats.n_other, stats.n_visual, v_ref)
     unpruned = float(np.sum(full[:, v_ref]))
     budget_flops = budget * unpruned
@@ -103,7 +151,7 @@ def evaluate(
         return float(np.sum(costs[np.arange(L), keep])) / unpruned
 
     if method == "cls-inflection":
-        alive = survivors(stats, method, None)
+        alive = survivors(stats, method, None, detector)
         n_post = alive.sum(axis=1)
         table = divergence_table(stats, "text-mean", v_ref=v_ref, survivors=alive)
         costs = cost_table(shape, stats.n_other, n_post, v_ref)
@@ -113,7 +161,8 @@ def evaluate(
                 flops = fraction(costs, keep)
                 out.append(Candidate(
                     method, None, keep, flops, schedule_objective(table, keep), "text-mean",
-                    {"stage2_layer": layer, "stage2_ratio": ratio}, float(n_post.mean()), flops <= budget * (1 + 1e-9),
+                    {"stage2_layer": layer, "stage2_ratio": ratio, **stage_params(stats, method, detector)},
+                    float(n_post.mean()), flops <= budget * (1 + 1e-9),
                 ))
         return out
 
@@ -125,7 +174,7 @@ def evaluate(
         n_post = stats.n_visual if alive is None else alive.sum(axis=1)
         costs = cost_table(shape, stats.n_other, n_post, v_ref)
         smallest = costs[0, v_ref] + float(np.sum(costs[1:, 0]))
-        params = json.loads(stats.prellm_params) if method == "g-prune" and stats.prellm_params else dict(GPRUNE_DEFAULTS) if method == "g-prune" else {}
+        params = stage_params(stats, method)
         if smallest > budget_flops * (1 + 1e-9):
             out.append(Candidate(method, None if method == "none" else ratio, None, smallest / unpruned, math.inf,
                                  scorer, params, float(np.mean(n_post)), False))
@@ -148,6 +197,9 @@ def format_candidates(candidates: list[Candidate], chosen: Candidate | None) -> 
     """The candidate table ``--pre-llm auto`` prints (one line per stage and ratio)."""
     lines = ["pre-llm         keep    tokens  flops   divergence  schedule"]
     for c in candidates:
+        if c.skipped:
+            lines.append(f"-{c.method:<14} skipped: {c.skipped}")
+            continue
         ratio = "knee" if c.keep_ratio is None and c.method == "cls-inflection" else f"{c.keep_ratio if c.keep_ratio is not None else 1.0:.3f}"
         extra = ""
         if c.method == "cls-inflection":

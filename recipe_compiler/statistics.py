@@ -33,9 +33,12 @@ class Statistics:
         prellm: optional pre-LLM scores per visual token (prompt order), float32 [S, V] each, NaN
             beyond a sample's count: ``gprune`` (G-Prune propagated information, default
             parameters), ``fopru`` (CLS→patch attention at the vision feature layer, head mean),
-            ``clssim`` (patch–CLS cosine similarity at the feature layer). Empty when the model
-            has no supported pre-LLM stage (e.g. LLaVA-NeXT, Qwen2-VL).
-        prellm_params: JSON of the G-Prune parameters ``gprune`` was computed with.
+            ``clssim`` (patch–CLS cosine similarity at the feature layer), only those the model
+            supports, plus ``view`` (the token's view index in its sample: LLaVA-NeXT base /
+            high-res) and ``grid_row`` (its row in that view's grid). Empty when the model has no
+            supported pre-LLM stage.
+        prellm_params: JSON of the G-Prune parameters ``gprune`` was computed with and the
+            FoPru ``feature_layer`` (``hidden_states`` index) of ``fopru``.
     """
 
     cross: np.ndarray
@@ -80,7 +83,7 @@ class Statistics:
 
 _ARRAYS = ("cross", "self_attn", "last", "n_visual", "n_text", "n_tokens")
 _STATS_SCHEMA = "recipe_compiler.statistics/1"
-PRELLM_SCORES = ("gprune", "fopru", "clssim")
+PRELLM_SCORES = ("gprune", "fopru", "clssim", "view", "grid_row")  # view / grid_row: each token's view and grid row
 
 
 def save_statistics(stats: Statistics, path) -> None:

@@ -2,7 +2,8 @@
 
 FLOPs come from the token counts that really entered each layer (recorded by the runtime's hooks),
 not from the plan; drift is measured on the next-token distribution at the end of each prompt,
-pruned against unpruned.
+pruned against unpruned. Beside the language-model figures it reports what the vision encoder and
+projector cost on the same images (never part of the budget) and the visual-token-only fraction.
 """
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from runtime.pruner import PruningHandle
 from runtime.recipe import Recipe
 
 from .calibration import CalibrationSet
 from .collect import model_inputs
 from .distributed import SINGLE, Sharding, batches_of
-from .flops import LMShape, layer_flops
+from .flops import LMShape, VisionShape, encoder_flops, layer_flops, visual_token_fraction
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ class Verification:
         kl: mean KL(unpruned ‖ pruned) of the next-token distribution after the prompt (nats).
         top1_agreement: fraction of samples whose most likely next token is unchanged.
         samples: how many samples were run.
+        unpruned_flops: mean unpruned language-model prefill FLOPs per sample.
+        vision_flops: mean vision-encoder + projector FLOPs per sample (the same pruned or not;
+            a pre-LLM stage drops tokens after the projector), None for a family whose encoder
+            :class:`~recipe_compiler.flops.VisionShape` does not know.
+        visual_token_fraction: the visual tokens' own FLOPs, pruned / unpruned
+            (:func:`~recipe_compiler.flops.visual_token_fraction`).
     """
 
     flops_fraction: float
@@ -38,6 +44,24 @@ class Verification:
     kl: float
     top1_agreement: float
     samples: int
+    unpruned_flops: float = float("nan")
+    vision_flops: float | None = None
+    visual_token_fraction: float = float("nan")
+
+    @property
+    def vision_share(self) -> float | None:
+        """The encoder's share of the unpruned total (encoder + language-model prefill)."""
+        if self.vision_flops is None:
+            return None
+        return self.vision_flops / (self.vision_flops + self.unpruned_flops)
+
+    @property
+    def end_to_end_fraction(self) -> float | None:
+        """(encoder + pruned prefill) / (encoder + unpruned prefill): the whole prefill's fraction."""
+        if self.vision_flops is None:
+            return None
+        total = self.vision_flops + self.unpruned_flops
+        return (self.vision_flops + self.flops_fraction * self.unpruned_flops) / total
 
 
 def verify_recipe(
@@ -70,6 +94,10 @@ def verify_recipe(
         >>> v.flops_fraction <= 0.45                                                          # doctest: +SKIP
     """
     mine = []
+    try:
+        vision = VisionShape.from_config(model.config)
+    except (ValueError, AttributeError, TypeError):  # a family without a known encoder: no vision figure
+        vision = None
     for index, (_, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
         inputs = model_inputs(model, processor, batch, format_prompt)
         with torch.no_grad():
@@ -81,6 +109,7 @@ def verify_recipe(
         if request is not None:
             tokens = torch.stack(request.tokens_per_layer, dim=1).cpu().numpy().astype(np.float64)
             visual = torch.stack(request.visual_per_layer, dim=1).cpu().numpy().astype(np.float64)
+            n_visual = request.roles.n_visual_input.cpu().numpy()
         else:  # nothing was pruned (keep-all recipe): every token entered every layer
             tokens = np.repeat(real_tokens[:, None], shape.num_layers, axis=1)
             n_visual = (inputs["input_ids"] == handle.image_token_id).sum(dim=1).cpu().numpy()
@@ -93,14 +122,62 @@ def verify_recipe(
             visual,
             (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0).cpu().numpy(),
             (full_logits.argmax(-1) == pruned_logits.argmax(-1)).cpu().numpy(),
+            n_visual.astype(np.int64),
+            _vision_flops_per_row(model, inputs, vision, handle.image_token_id),
         )))
         if progress is not None:
             progress(len(batch))
-    pruned_flops, full_flops, visual, kls, agree = (list(column) for column in zip(*sharding.gather(mine)))
+    pruned_flops, full_flops, visual, kls, agree, n_visual, vision_rows = (list(column) for column in zip(*sharding.gather(mine)))
+    visual_all = np.concatenate(visual)
+    vision_all = None if any(v is None for v in vision_rows) else np.concatenate(vision_rows)
     return Verification(
         flops_fraction=float(np.mean(np.concatenate(pruned_flops)) / np.mean(np.concatenate(full_flops))),
-        visual_tokens_per_layer=np.concatenate(visual).mean(axis=0),
+        visual_tokens_per_layer=visual_all.mean(axis=0),
         kl=float(np.mean(np.concatenate(kls))),
         top1_agreement=float(np.mean(np.concatenate(agree))),
         samples=len(calibration.samples),
+        unpruned_flops=float(np.mean(np.concatenate(full_flops))),
+        vision_flops=None if vision_all is None else float(np.mean(vision_all)),
+        visual_token_fraction=visual_token_fraction(shape, np.rint(visual_all), np.concatenate(n_visual)),
     )
+
+
+def _vision_flops_per_row(model: torch.nn.Module, inputs: dict, vision: VisionShape | None, image_token_id: int) -> np.ndarray | None:
+    """float [B]: vision encoder + projector FLOPs of each prompt's images, from the model inputs.
+
+    LLaVA-1.5 runs one crop per image (``projected_per_crop`` placeholders each); LLaVA-NeXT runs
+    base + grid crops per image (from ``image_sizes``, as transformers splits them); Qwen-VL runs
+    each image's ``image_grid_thw`` patches. Images are matched to rows in order: LLaVA-NeXT
+    images by runs of image tokens, Qwen images by their merged-token counts.
+    """
+    if vision is None:
+        return None
+    is_image = (inputs["input_ids"] == image_token_id).cpu()
+    counts = is_image.sum(dim=1).tolist()
+    if vision.kind == "clip" and "image_sizes" not in inputs:
+        return np.array([encoder_flops(vision, crops=n // vision.projected_per_crop) for n in counts])
+    if vision.kind == "clip":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = model.config
+        crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, int(config.vision_config.image_size))
+                 for size in inputs["image_sizes"].cpu().tolist()]
+        starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]  # first token of each run
+        out, next_image = [], 0
+        for runs in starts.sum(dim=1).tolist():
+            out.append(encoder_flops(vision, crops=sum(crops[next_image:next_image + runs])))
+            next_image += runs
+        return np.array(out)
+    grids = inputs.get("image_grid_thw")
+    grids = [] if grids is None else grids.cpu().tolist()
+    unit = vision.merge * vision.merge
+    out, next_image = [], 0
+    for n in counts:
+        mine = []
+        while n > 0 and next_image < len(grids):
+            t, h, w = grids[next_image]
+            mine.append(grids[next_image])
+            n -= t * h * w // unit
+            next_image += 1
+        out.append(encoder_flops(vision, grids=mine) if mine else 0.0)
+    return np.array(out)

@@ -73,7 +73,7 @@ def attention_row_sums(
     scaling: float,
     row_weights: torch.Tensor,
     head_reduce: str = "max",
-    chunk: int = 128,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Weighted sums of head-reduced attention rows, computed only for the rows that are needed.
 
@@ -87,8 +87,9 @@ def attention_row_sums(
         row_weights: (B, G, Lq) weights of each query row in each of G groups; rows with zero
             weight in every group and sample are never computed.
         head_reduce: "max" (FitPrune) or "mean" over heads of the post-softmax probabilities.
-        chunk: query rows per chunk (memory is B·H·chunk·Lk floats). Rows are taken as one
-            contiguous span per chunk; chunks without a weighted row are skipped.
+        chunk: query rows per chunk (memory is B·H·chunk·Lk floats); default 64 on CPU, where
+            the score block then stays in cache (measured fastest), 1024 elsewhere. Rows are taken
+            as one contiguous span per chunk; chunks without a weighted row are skipped.
 
     Returns:
         (B, G, Lk) float32: ``sum_q row_weights[b, g, q] * reduce_h softmax(q·kᵀ)[b, h, q, k]``.
@@ -109,6 +110,7 @@ def attention_row_sums(
     if needed.numel() == 0:
         return out
     first, last = int(needed[0]), int(needed[-1])
+    chunk = chunk or (64 if query.device.type == "cpu" else 1024)
     # GQA without repeating keys: the heads sharing a key head become extra query rows.
     key_t = key.float().transpose(-1, -2)
     # A finite floor instead of -inf: a fully masked row (left padding of another sample) softmaxes

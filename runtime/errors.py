@@ -1,4 +1,4 @@
-"""Errors raised by the runtime. Both name the offending file or field and say what to do."""
+"""Errors raised by the runtime. Each names the offending file or field and say what to do."""
 
 
 class RecipeError(ValueError):
@@ -7,3 +7,7 @@ class RecipeError(ValueError):
 
 class RecipeMismatchError(RecipeError):
     """A valid recipe was compiled for a different model than the one it is applied to."""
+
+
+class RecipeAlreadyAppliedError(RuntimeError):
+    """A pruning recipe is applied to a model that already carries one (hooks would stack)."""

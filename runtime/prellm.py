@@ -8,8 +8,9 @@ mask over the tokens it was given, so kept tokens stay in their original order; 
   cosine-similarity graph of the projected visual features.
 * **fopru-rank / fopru-row** — :func:`fopru_significance`, :func:`fopru_rank_keep`,
   :func:`fopru_row_keep`: significance from the vision encoder's attention at the feature layer.
-* **cls-inflection** — :func:`cls_similarity`, :func:`knee_index`, :func:`cls_inflection_keep`:
-  keep the head of the sorted patch–CLS similarity curve, cut at its knee (dynamic count).
+* **cls-inflection** — :func:`cls_similarity`, :func:`knee_index`, :func:`inflection_keep`,
+  :func:`cls_inflection_keep`: keep the head of the sorted patch–CLS similarity curve, cut at its
+  knee (dynamic count); the knee detector is Kneedle or maximum curvature (:data:`DETECTORS`).
 """
 from __future__ import annotations
 
@@ -25,8 +26,13 @@ __all__ = [
     "fopru_row_keep",
     "cls_similarity",
     "knee_index",
+    "inflection_keep",
     "cls_inflection_keep",
+    "DETECTORS",
 ]
+
+DETECTORS = ("kneedle", "max-curvature")
+"""Inflection detectors of :func:`knee_index`."""
 
 _MASKED = -1e4  # "large negative" logit of a pruned edge: exp underflows to exactly 0 after /τ
 _EPS = 1e-12
@@ -294,28 +300,40 @@ def cls_similarity(patch_features: torch.Tensor, cls_feature: torch.Tensor) -> t
     return unit_p @ unit_c
 
 
-def knee_index(values_sorted_desc: torch.Tensor) -> int:
-    """Kneedle on a descending curve: how many head values to keep (up to and including the knee).
+def knee_index(values_sorted_desc: torch.Tensor, detector: str = "kneedle") -> int:
+    """The knee of a descending curve: how many head values to keep (up to and including the knee).
 
     Both axes are normalised to [0, 1]: ``x_i = i / (n − 1)``, ``y_i = (v_i − min) / (max − min)``.
-    The knee is the point at the largest perpendicular distance from the chord joining the first
-    and last points (ties: the earliest). The result is ``knee + 1`` (the head through the knee).
-    A curve with no point off the chord (``n <= 2``, constant or straight) has no knee: keep all
-    ``n``.
+
+    * ``kneedle``: the point at the largest perpendicular distance from the chord joining the first
+      and last points.
+    * ``max-curvature``: the interior point of largest signed curvature
+      ``κ_i = y''_i / (1 + y'_i²)^{3/2}`` with central differences
+      (``y'_i = (y_{i+1} − y_{i−1}) / 2Δx``, ``y''_i = (y_{i+1} − 2y_i + y_{i−1}) / Δx²``): the sharpest
+      convex bend. On ``e^{−i/τ}`` it sits where the normalised slope is ``−1/√2`` (Kneedle: ``−1``).
+
+    Ties go to the earliest point. The result is ``knee + 1`` (the head through the knee). A curve
+    with no point off the chord (``n <= 2``, constant or straight; for ``max-curvature`` also one
+    with no convex bend) has no knee: keep all ``n``.
 
     Args:
         values_sorted_desc: (n,) non-increasing values, n >= 1.
+        detector: one of :data:`DETECTORS`.
 
     Returns:
         The count to keep, in ``[1, n]``.
 
     Raises:
-        ValueError: not 1-D, empty, non-finite, or not non-increasing.
+        ValueError: not 1-D, empty, non-finite, not non-increasing, or an unknown detector.
 
     Example:
         >>> knee_index(torch.tensor([10.0, 2.0, 1.6, 1.2, 0.8, 0.4, 0.0]))  # corner at index 1
         2
+        >>> knee_index(torch.tensor([10.0, 2.0, 1.6, 1.2, 0.8, 0.4, 0.0]), "max-curvature")
+        2
     """
+    if detector not in DETECTORS:
+        raise ValueError(f"inflection detector {detector!r} is unknown; choose one of {', '.join(DETECTORS)}")
     v = values_sorted_desc
     if not isinstance(v, torch.Tensor) or v.ndim != 1 or v.shape[0] < 1:
         shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -332,6 +350,15 @@ def knee_index(values_sorted_desc: torch.Tensor) -> int:
         return n
     x = torch.arange(n, dtype=torch.float64) / (n - 1)
     y = (y - y[-1]) / span
+    if detector == "max-curvature":
+        second = y[2:] - 2.0 * y[1:-1] + y[:-2]
+        if float(second.max()) <= 1e-12:  # straight or concave: no convex bend
+            return n
+        dx = 1.0 / (n - 1)
+        slope = (y[2:] - y[:-2]) / (2.0 * dx)
+        curvature = (second / dx**2) / (1.0 + slope**2) ** 1.5
+        best = float(curvature.max())
+        return int(torch.nonzero(curvature >= best - 1e-12 * abs(best))[0]) + 2  # interior index + 1, +1 for the count
     # Chord from (0, 1) to (1, 0): x + y = 1; distance |1 − x − y| / √2 (the √2 does not matter).
     distance = (1.0 - x - y).abs()
     best = float(distance.max())
@@ -341,7 +368,26 @@ def knee_index(values_sorted_desc: torch.Tensor) -> int:
     return knee + 1
 
 
-def cls_inflection_keep(patch_features: torch.Tensor, cls_feature: torch.Tensor) -> torch.Tensor:
+def inflection_keep(similarity: torch.Tensor, detector: str = "kneedle") -> torch.Tensor:
+    """Keep the most similar tokens, as many as the knee of the sorted similarity curve says.
+
+    Args:
+        similarity: (P,) e.g. :func:`cls_similarity`.
+        detector: one of :data:`DETECTORS`.
+
+    Returns:
+        (P,) bool mask (original order); ties: earlier first.
+
+    Example:
+        >>> inflection_keep(torch.tensor([0.1, 0.9, 0.12, 0.95, 0.11, 0.1])).tolist()  # knee: foot of the drop
+        [False, True, True, True, False, False]
+    """
+    s = _check_significance(similarity)
+    order = torch.sort(s.detach().float(), descending=True, stable=True)
+    return _topk_mask(s, knee_index(order.values, detector))
+
+
+def cls_inflection_keep(patch_features: torch.Tensor, cls_feature: torch.Tensor, detector: str = "kneedle") -> torch.Tensor:
     """CLS-inflection: keep the patches most similar to CLS, as many as the curve's knee says.
 
     Sort :func:`cls_similarity` descending (ties: earlier first), keep :func:`knee_index` of them.
@@ -349,6 +395,7 @@ def cls_inflection_keep(patch_features: torch.Tensor, cls_feature: torch.Tensor)
     Args:
         patch_features: (P, D).
         cls_feature: (D,).
+        detector: one of :data:`DETECTORS` (default Kneedle).
 
     Returns:
         (P,) bool mask (original order); the count varies per image.
@@ -359,7 +406,4 @@ def cls_inflection_keep(patch_features: torch.Tensor, cls_feature: torch.Tensor)
         >>> cls_inflection_keep(torch.stack([angles.cos(), angles.sin()], 1), cls).tolist()  # knee: foot of the drop
         [True, True, True, False, False, False]
     """
-    sim = cls_similarity(patch_features, cls_feature)
-    order = torch.sort(sim, descending=True, stable=True)
-    count = knee_index(order.values)
-    return _topk_mask(sim, count)
+    return inflection_keep(cls_similarity(patch_features, cls_feature), detector)

@@ -1,23 +1,38 @@
 """The pre-LLM stage at run time: drop visual tokens on entry to decoder layer 0.
 
 A stage is a selection on entry to layer 0 (the "K = 0 pruner"), so it needs nothing beyond the
-pruner's own mechanism and works unchanged under ``generate()``. What each method reads:
+pruner's own mechanism and works unchanged under ``generate()``. Every method works per **view**
+(a patch grid whose tokens are ranked together): what each method reads:
 
 * ``g-prune``: the projected image features, which are exactly the language model's input
   embeddings at the image positions (:meth:`Policy.on_inputs`);
-* ``fopru-rank`` / ``fopru-row``: the CLS row of the vision encoder's attention at the feature
-  layer, recomputed from the input of that layer's attention module (a forward pre-hook; CLIP has
-  no rotary embedding, so ``softmax(q_cls·Kᵀ·scale)`` is the attention row itself);
-* ``cls-inflection``: the CLS and patch hidden states the feature layer outputs (a forward hook).
+* ``fopru-rank`` / ``fopru-row``: the vision encoder's attention at the FoPru feature layer
+  (``params["feature_layer"]``, HF ``vision_feature_layer`` convention; default the model's),
+  recomputed from the input of that layer's attention module (a forward pre-hook): the CLS row
+  averaged over heads for CLIP; for Qwen2-VL's encoder (no CLS) the mean over heads and query
+  rows of the attention each patch receives, averaged over each ``2×2`` merge group;
+* ``cls-inflection``: the CLS and patch hidden states the model's feature layer outputs (a
+  forward hook); the knee detector is ``params["inflection_detector"]``.
 
-The vision tower runs before the language model in the same forward, and images map in order to
-the runs of image tokens (LLaVA-1.5 ``default`` strategy: the CLS feature is dropped, one token per
-patch). Supported: ``model_type == "llava"`` with a CLIP-style encoder and a single integer
-``vision_feature_layer``. Pure torch; the scorers are in :mod:`runtime.prellm`.
+Families (``model_type``):
+
+* ``llava`` (strategy ``default``): one view per image, its ``s×s`` grid.
+* ``llava_next``: per image, the base view (crop 0, ``s×s``) and the high-resolution view (the
+  unpadded grid of the other crops, rows delimited by ``image_newline`` tokens). Newlines are never
+  prunable and always survive. Encoder patches are mapped to prompt positions with the model's
+  own ``pack_image_features`` on index-coded dummies, so unpadding is followed exactly; that needs
+  ``image_sizes``, recorded by a transparent wrapper around ``get_image_features`` (generate()
+  drops them from the prefill call).
+* ``qwen2_vl``: one view per image, the merged ``(h/2)×(w/2)`` grid; ``cls-inflection`` is refused
+  (no CLS token). ``qwen2_5_vl``: ``g-prune`` only (its encoder reorders patches into windows).
+
+Pure torch; the scorers are in :mod:`runtime.prellm`.
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,32 +42,50 @@ from . import prellm
 FIXED_RATIO_METHODS = ("g-prune", "fopru-rank", "fopru-row")
 STAGE_METHODS = (*FIXED_RATIO_METHODS, "cls-inflection")
 GPRUNE_DEFAULTS = {"threshold": 0.5, "temperature": 0.03, "steps": 5}
+DETECTORS = prellm.DETECTORS
+_SUPPORT = {
+    "llava": STAGE_METHODS,
+    "llava_next": STAGE_METHODS,
+    "qwen2_vl": FIXED_RATIO_METHODS,
+    "qwen2_5_vl": ("g-prune",),
+}
+_WHY_NOT = {
+    ("qwen2_vl", "cls-inflection"): "its vision encoder has no CLS token",
+    ("qwen2_5_vl", "cls-inflection"): "its vision encoder has no CLS token",
+    ("qwen2_5_vl", "fopru-rank"): "its encoder attends within reordered windows, so patch attention is not supported",
+    ("qwen2_5_vl", "fopru-row"): "its encoder attends within reordered windows, so patch attention is not supported",
+}
 
 
 def stage_count(keep_ratio: float, n: int) -> int:
-    """Tokens a fixed-ratio stage keeps of an image's ``n``: ``round_half_up(keep_ratio · n)``."""
+    """Tokens a fixed-ratio stage keeps of a view's ``n``: ``round_half_up(keep_ratio · n)``."""
     return min(int(n), max(0, int(math.floor(float(keep_ratio) * int(n) + 0.5))))
 
 
-def feature_encoder_layer(model: Any) -> int:
-    """Index of the vision-encoder layer whose output is the LLaVA feature layer.
+def _family(model: Any) -> str:
+    return model.config.model_type
 
-    Raises:
-        ValueError: not a single-layer CLIP-style LLaVA feature selection.
-    """
-    config = model.config
-    layers = vision_layers(model)
-    index = getattr(config, "vision_feature_layer", -2)
-    if not isinstance(index, int):
-        raise ValueError(f"vision_feature_layer {index!r} is not a single layer; pre-LLM stages need one")
-    hidden_index = index if index >= 0 else len(layers) + 1 + index  # hidden_states[0] = embeddings
-    if not 1 <= hidden_index <= len(layers):
-        raise ValueError(f"vision_feature_layer {index} selects no encoder layer output")
-    return hidden_index - 1
+
+def _base(model: Any) -> Any:
+    return model if hasattr(model, "language_model") else model.model
 
 
 def vision_layers(model: Any) -> torch.nn.ModuleList:
-    base = model if hasattr(model, "language_model") else model.model
+    """The vision encoder's layers (CLIP ``encoder.layers``, Qwen-VL ``visual.blocks``).
+
+    Args:
+        model: a VLM of a supported family (or its base model).
+
+    Returns:
+        The ``ModuleList`` of encoder layers.
+
+    Example:
+        >>> len(vision_layers(tiny.model))   # doctest: +SKIP
+        2
+    """
+    base = _base(model)
+    if _family(model).startswith("qwen2"):
+        return base.visual.blocks
     tower = base.vision_tower
     encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
     if encoder is None:
@@ -60,14 +93,195 @@ def vision_layers(model: Any) -> torch.nn.ModuleList:
     return encoder.layers
 
 
-def check_supported(model: Any) -> None:
-    """Raise ValueError saying why ``model`` cannot run a pre-LLM stage."""
-    config = model.config
-    if config.model_type != "llava":
-        raise ValueError(f"pre-LLM stages support model_type 'llava' only, not {config.model_type!r}")
-    if getattr(config, "vision_feature_select_strategy", "default") != "default":
-        raise ValueError("pre-LLM stages need vision_feature_select_strategy 'default' (one token per patch)")
-    feature_encoder_layer(model)
+def resolve_feature_layer(model: Any, index: int | None = None, name: str = "feature layer") -> int:
+    """A vision feature layer as a non-negative ``hidden_states`` index in ``[1, depth]``.
+
+    Same convention as HF ``vision_feature_layer``: ``hidden_states[0]`` is the embeddings,
+    ``i >= 1`` the output of encoder layer ``i``, negative counts from the end (``-1`` = last).
+
+    Args:
+        model: a supported VLM.
+        index: the layer; ``None`` means the model's own (``vision_feature_layer``; Qwen-VL: -1).
+        name: what to call the value in the error (e.g. the CLI option).
+
+    Returns:
+        ``hidden_states`` index; the attention read is that of encoder layer ``index − 1`` (0-based).
+
+    Raises:
+        ValueError: not an integer, or out of range for the encoder's depth (names both).
+
+    Example:
+        >>> resolve_feature_layer(tiny.model, -2)   # doctest: +SKIP
+        1
+    """
+    if index is None:
+        index = -1 if _family(model).startswith("qwen2") else getattr(model.config, "vision_feature_layer", -2)
+        if not isinstance(index, int):
+            raise ValueError(f"vision_feature_layer {index!r} is not a single layer; pre-LLM stages need one")
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise ValueError(f"{name} {index!r} must be an integer (HF vision_feature_layer convention)")
+    depth = len(vision_layers(model))
+    hidden = index if index >= 0 else depth + 1 + index
+    if not 1 <= hidden <= depth:
+        raise ValueError(f"{name} {index} is out of range for this {depth}-layer vision encoder; use 1..{depth} or -{depth}..-1")
+    return hidden
+
+
+def feature_encoder_layer(model: Any, index: int | None = None) -> int:
+    """0-based index of the encoder layer whose output is feature layer ``index`` (default: the model's).
+
+    Args:
+        model: a supported VLM.
+        index: as for :func:`resolve_feature_layer`.
+
+    Returns:
+        ``resolve_feature_layer(model, index) − 1``.
+
+    Example:
+        >>> feature_encoder_layer(tiny.model, -1)   # doctest: +SKIP
+        1
+    """
+    return resolve_feature_layer(model, index) - 1
+
+
+def unsupported_reason(model: Any, method: str) -> str | None:
+    """Why ``model`` cannot run pre-LLM ``method`` (one line naming the alternatives), or ``None``.
+
+    Args:
+        model: any VLM.
+        method: one of :data:`STAGE_METHODS`.
+
+    Returns:
+        The reason, or ``None`` when the stage is supported.
+
+    Example:
+        >>> unsupported_reason(qwen.model, "cls-inflection")   # doctest: +SKIP
+        "pre-LLM stage 'cls-inflection' is not supported on model_type 'qwen2_vl' (its vision encoder has no CLS token); use g-prune, fopru-rank or fopru-row"
+    """
+    family = _family(model)
+    if family not in _SUPPORT:
+        return f"pre-LLM stages support model types {', '.join(_SUPPORT)}, not {family!r}"
+    if method not in _SUPPORT[family]:
+        why = _WHY_NOT.get((family, method), "it is not implemented for this family")
+        others = _SUPPORT[family]
+        choices = others[0] if len(others) == 1 else f"{', '.join(others[:-1])} or {others[-1]}"
+        return f"pre-LLM stage {method!r} is not supported on model_type {family!r} ({why}); use {choices}"
+    if not family.startswith("qwen2") and getattr(model.config, "vision_feature_select_strategy", "default") != "default":
+        return "pre-LLM stages need vision_feature_select_strategy 'default' (one token per patch)"
+    try:
+        resolve_feature_layer(model)
+    except (ValueError, AttributeError) as exc:
+        return str(exc)
+    return None
+
+
+def supported_methods(model: Any) -> tuple[str, ...]:
+    """The pre-LLM methods ``model`` can run (empty for an unsupported family).
+
+    Example:
+        >>> supported_methods(qwen.model)   # doctest: +SKIP
+        ('g-prune', 'fopru-rank', 'fopru-row')
+    """
+    return tuple(m for m in STAGE_METHODS if unsupported_reason(model, m) is None)
+
+
+def check_supported(model: Any, method: str | None = None) -> None:
+    """Raise ValueError saying why ``model`` cannot run ``method`` (default: any pre-LLM stage).
+
+    Example:
+        >>> check_supported(tiny.model, "fopru-row")   # doctest: +SKIP
+    """
+    methods = (method,) if method is not None else STAGE_METHODS
+    reasons = [unsupported_reason(model, m) for m in methods]
+    if all(reasons):
+        raise ValueError(reasons[0])
+
+
+def view_keep(method: str, scores: torch.Tensor, keep_ratio: float | None, grid: tuple[int, int] | None,
+              detector: str = "kneedle") -> torch.Tensor:
+    """The survivors of one view from its per-token scores (shared by the runtime and the compiler).
+
+    Args:
+        method: a :data:`STAGE_METHODS` entry; ``g-prune`` takes :func:`prellm.gprune_scores`,
+            FoPru the significance, ``cls-inflection`` the CLS similarity.
+        scores: (n,) in the view's row-major order.
+        keep_ratio: fixed-ratio methods: the kept fraction (``stage_count``).
+        grid: (rows, cols) of the view (``fopru-row``).
+        detector: ``cls-inflection``'s knee detector.
+
+    Returns:
+        (n,) bool mask (original order).
+
+    Example:
+        >>> view_keep("fopru-rank", torch.tensor([0.1, 0.5, 0.2, 0.4]), 0.5, (2, 2)).tolist()
+        [False, True, False, True]
+    """
+    n = scores.shape[0]
+    if method == "cls-inflection":
+        return prellm.inflection_keep(scores, detector)
+    k = stage_count(keep_ratio, n)
+    if method == "fopru-row":
+        if grid is None or grid[0] * grid[1] != n:
+            raise RuntimeError(f"fopru-row needs the view's patch grid; got {grid} for {n} tokens")
+        return prellm.fopru_row_keep(scores, grid, k)
+    return prellm._topk_mask(scores, k)
+
+
+@dataclass
+class View:
+    """One ranked unit: prompt ``positions`` (row ``row``) of its prunable tokens in grid order."""
+
+    row: int
+    positions: torch.Tensor
+    grid: tuple[int, int] | None
+    attention: torch.Tensor | None = None  # (n,) FoPru significance
+    clssim: torch.Tensor | None = None  # (n,) cosine to the CLS token
+
+
+class _Restore:
+    """Installs an instance-attribute wrapper; ``remove()`` puts back what was there (same API as a hook handle)."""
+
+    def __init__(self, owner: Any, name: str, wrapper: Any) -> None:
+        self.owner, self.name, self.wrapper = owner, name, wrapper
+        self._missing = object()
+        self.previous = owner.__dict__.get(name, self._missing)  # another patch already there is put back
+        setattr(owner, name, wrapper)
+
+    def remove(self) -> None:
+        if self.owner.__dict__.get(self.name) is not self.wrapper:
+            return
+        if self.previous is self._missing:
+            del self.owner.__dict__[self.name]
+        else:
+            self.owner.__dict__[self.name] = self.previous
+
+
+def _runs(positions: torch.Tensor) -> list[torch.Tensor]:
+    if positions.numel() == 0:
+        return []
+    breaks = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1
+    return list(torch.tensor_split(positions, breaks.cpu()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _next_sources(pinpoints: tuple, crop: int, patch: int, size: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """One packed LLaVA-NeXT image: per placeholder its encoder patch ``crop·P + p`` or -1 (newline),
+    and the image's crop count (unpadding may drop whole crops, so it is not ``max // P + 1``).
+
+    Runs transformers' own ``pack_image_features`` on index-coded dummies, so the unpadding is
+    exactly the model's.
+    """
+    from types import SimpleNamespace
+
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
+
+    grid = [list(p) for p in pinpoints]
+    crops = image_size_to_num_patches(list(size), grid, crop)
+    patches = (crop // patch) ** 2
+    owner = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=crop, patch_size=patch), image_grid_pinpoints=grid))
+    coded = torch.arange(crops * patches, dtype=torch.float64).view(crops, patches, 1)
+    packed, _ = LlavaNextModel.pack_image_features(owner, [coded], [list(size)], "default", image_newline=torch.tensor([-1.0], dtype=torch.float64))
+    return packed[0][:, 0].round().long(), crops
 
 
 class PreLLMStage:
@@ -75,40 +289,84 @@ class PreLLMStage:
 
     Args:
         method: one of :data:`STAGE_METHODS`.
-        keep_ratio: fraction of each image's tokens kept (fixed-ratio methods; ignored by
-            ``cls-inflection``, whose count is the knee of each image's curve).
-        params: G-Prune ``threshold``, ``temperature``, ``steps``.
+        keep_ratio: fraction of each view's tokens kept (fixed-ratio methods; ignored by
+            ``cls-inflection``, whose count is the knee of each view's curve).
+        params: G-Prune ``threshold``, ``temperature``, ``steps``; FoPru ``feature_layer``;
+            ``inflection_detector`` (others are ignored).
         capture: which vision signals to record: ``{"attention", "features"}`` (default: what
-            ``method`` needs; the calibration pass asks for all).
+            ``method`` needs; the calibration pass asks for all the model supports).
     """
 
     def __init__(self, method: str, keep_ratio: float = 1.0, params: dict | None = None, capture: set | None = None) -> None:
         if method not in STAGE_METHODS:
             raise ValueError(f"unknown pre-LLM method {method!r}; choose one of {', '.join(STAGE_METHODS)}")
+        params = dict(params or {})
         self.method = method
         self.keep_ratio = float(keep_ratio)
-        self.params = {**GPRUNE_DEFAULTS, **{k: v for k, v in (params or {}).items() if k in GPRUNE_DEFAULTS}}
+        self.params = {**GPRUNE_DEFAULTS, **{k: v for k, v in params.items() if k in GPRUNE_DEFAULTS}}
+        self.feature_layer = params.get("feature_layer")
+        self.detector = params.get("inflection_detector", "kneedle")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"inflection detector {self.detector!r} is unknown; choose one of {', '.join(DETECTORS)}")
         if capture is None:
             capture = {"attention"} if method.startswith("fopru") else {"features"} if method == "cls-inflection" else set()
         self.capture = set(capture)
-        self._attention: list[torch.Tensor] = []  # per vision forward: (N_img, P) CLS→patch, head mean
-        self._features: list[torch.Tensor] = []  # per vision forward: (N_img, 1 + P, D)
+        self._family = "llava"
+        self._attention: list[torch.Tensor] = []  # per vision forward: per-patch significance
+        self._features: list[torch.Tensor] = []  # per vision forward: (crops, 1 + P, D)
+        self._grids: list[torch.Tensor] = []  # Qwen-VL: grid_thw per vision forward
+        self._image_sizes: Any = None
+        self._ids: torch.Tensor | None = None
         self._embeds: torch.Tensor | None = None
+        self._model: Any = None
 
     # ------------------------------------------------------------------ hooks
     def attach(self, model: Any) -> list:
-        """Install the vision-encoder hooks this stage needs; returns removable handles."""
+        """Install the hooks this stage needs; returns removable handles.
+
+        Raises:
+            ValueError: the model cannot run this method (one line, with the alternatives).
+        """
+        check_supported(model, self.method)
+        for signal, method in (("attention", "fopru-rank"), ("features", "cls-inflection")):
+            if signal in self.capture and unsupported_reason(model, method):
+                raise ValueError(unsupported_reason(model, method))
+        self._family = _family(model)
+        self._model = model
+        base = _base(model)
+        hooks = []
+        if self._family != "llava":  # NeXT/Qwen views need the placeholder runs (NeXT: newlines inside)
+            hooks.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
         if not self.capture:
-            return []
-        check_supported(model)
-        layer = vision_layers(model)[feature_encoder_layer(model)]
-        base = model if hasattr(model, "language_model") else model.model
-        hooks = [base.vision_tower.register_forward_pre_hook(self._reset)]
+            return hooks
+        layers = vision_layers(model)
+        if self._family.startswith("qwen2"):
+            hooks.append(base.visual.register_forward_pre_hook(self._on_qwen_visual, with_kwargs=True))
+            if "attention" in self.capture:
+                attn = layers[feature_encoder_layer(model, self.feature_layer)].attn
+                hooks.append(attn.register_forward_pre_hook(self._on_qwen_attention, with_kwargs=True))
+            return hooks
+        hooks.append(base.vision_tower.register_forward_pre_hook(self._reset))
         if "attention" in self.capture:
-            hooks.append(layer.self_attn.register_forward_pre_hook(self._on_attention_input, with_kwargs=True))
+            attn = layers[feature_encoder_layer(model, self.feature_layer)].self_attn
+            hooks.append(attn.register_forward_pre_hook(self._on_attention_input, with_kwargs=True))
         if "features" in self.capture:
-            hooks.append(layer.register_forward_hook(self._on_layer_output))
+            hooks.append(layers[feature_encoder_layer(model)].register_forward_hook(self._on_layer_output))
+        if self._family == "llava_next":
+            original = base.get_image_features
+
+            @functools.wraps(original)  # generate() reads the signature through __wrapped__
+            def get_image_features(*args: Any, **kwargs: Any) -> Any:
+                self._image_sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+                return original(*args, **kwargs)
+
+            hooks.append(_Restore(base, "get_image_features", get_image_features))
         return hooks
+
+    def _on_base(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self._ids = ids
 
     def _reset(self, module: Any, args: tuple) -> None:
         self._attention, self._features = [], []
@@ -127,67 +385,202 @@ class PreLLMStage:
         hidden = output[0] if isinstance(output, tuple) else output
         self._features.append(hidden.detach())
 
+    def _on_qwen_visual(self, module: Any, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._grids.append(grid.detach().cpu() if grid is not None else None)
+        self._attention.append(None)  # filled by the attention hook of this forward
+
+    def _on_qwen_attention(self, module: Any, args: tuple, kwargs: dict) -> None:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        x = args[0] if args else kwargs["hidden_states"]
+        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+        cos, sin = kwargs["position_embeddings"]
+        with torch.no_grad():
+            seq = x.shape[0]
+            q, k, _ = module.qkv(x).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+            q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (H, T, hd)
+            received = torch.zeros(seq, dtype=torch.float32, device=x.device)
+            bounds = cu.tolist()
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                keys = k[:, start:end]
+                total = torch.zeros(end - start, dtype=torch.float32, device=x.device)
+                for q0 in range(start, end, 1024):  # query blocks bound the memory to H·1024·T
+                    probs = torch.softmax((q[:, q0:min(q0 + 1024, end)] @ keys.transpose(-1, -2)) * module.scaling, dim=-1)
+                    total += probs.sum(dim=(0, 1))
+                received[start:end] = total / (module.num_heads * (end - start))
+        self._attention[-1] = received
+
     def on_inputs(self, embeds: torch.Tensor) -> None:
         self._embeds = embeds
 
-    # ------------------------------------------------------------------ per image
+    # ------------------------------------------------------------------ views
     def images(self, roles: Any) -> list[tuple[int, torch.Tensor]]:
-        """(row, prompt positions) of each image's token run, in the order the encoder saw them."""
+        """(row, prompt positions) of each image's run of prunable tokens (LLaVA-1.5 layout)."""
         out = []
         for row in range(roles.visual.shape[0]):
-            positions = torch.nonzero(roles.visual[row]).flatten()
-            if positions.numel() == 0:
-                continue
-            breaks = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1
-            for run in torch.tensor_split(positions, breaks.cpu()):
+            for run in _runs(torch.nonzero(roles.visual[row]).flatten()):
                 out.append((row, run))
         return out
 
-    def _signal(self, name: str, image: int, n: int) -> torch.Tensor:
-        store = torch.cat(self._attention) if name == "attention" else torch.cat(self._features)
-        if image >= store.shape[0]:
-            raise RuntimeError("the vision encoder saw fewer images than the prompt has image-token runs")
-        value = store[image]
-        width = value.shape[0] - (1 if name == "features" else 0)
-        if width != n:
-            raise RuntimeError(f"image {image} has {n} tokens but {width} encoder patches (strategy 'default' expected)")
-        return value
+    def views(self, roles: Any) -> list[View]:
+        """Every view of the prefill, in prompt order, with the captured signals of its tokens.
 
-    def scores(self, roles: Any) -> list[dict]:
-        """Per image: its row, positions and every captured score (calibration statistics)."""
+        Args:
+            roles: the prefill's unpruned :class:`runtime.pruner.Roles`.
+
+        Returns:
+            :class:`View` list: LLaVA one per image; LLaVA-NeXT base then high-res per image;
+            Qwen-VL one per image.
+        """
+        if self._family == "llava_next":
+            return self._next_views(roles)
+        if self._family.startswith("qwen2"):
+            return self._qwen_views(roles)
+        return self._llava_views(roles)
+
+    def _store(self, name: str) -> torch.Tensor | None:
+        if name not in self.capture:
+            return None
+        parts = self._attention if name == "attention" else self._features
+        if not parts:
+            raise RuntimeError("the vision encoder did not run in this forward, so no pre-LLM signal was captured")
+        return torch.cat(parts)
+
+    def _llava_views(self, roles: Any) -> list[View]:
+        attention, features = self._store("attention"), self._store("features")
         out = []
         for image, (row, positions) in enumerate(self.images(roles)):
-            entry = {"row": row, "positions": positions}
             n = positions.numel()
+            side = math.isqrt(n)
+            view = View(row, positions, (side, side) if side * side == n else None)
+            for signal, store in (("attention", attention), ("features", features)):
+                if store is None:
+                    continue
+                if image >= store.shape[0]:
+                    raise RuntimeError("the vision encoder saw fewer images than the prompt has image-token runs")
+                width = store.shape[1] - (1 if signal == "features" else 0)
+                if width != n:
+                    raise RuntimeError(f"image {image} has {n} tokens but {width} encoder patches (strategy 'default' expected)")
+                if signal == "attention":
+                    view.attention = store[image].float()
+                else:
+                    view.clssim = prellm.cls_similarity(store[image][1:], store[image][0])
+            out.append(view)
+        return out
+
+    def _placeholder_runs(self, roles: Any) -> list[tuple[int, torch.Tensor]]:
+        if self._ids is None or self._ids.shape != roles.valid.shape:
+            raise RuntimeError("the pre-LLM stage did not see this prefill's input_ids")
+        from .adapters import adapter_for
+
+        token = int(adapter_for(self._model).image_token_id(self._model))
+        image = (self._ids.to(roles.valid.device) == token) & roles.valid
+        return [(row, run) for row in range(image.shape[0]) for run in _runs(torch.nonzero(image[row]).flatten())]
+
+    def _next_views(self, roles: Any) -> list[View]:
+        config = self._model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        patches = side * side
+        attention, features = self._store("attention"), self._store("features")
+        clssim = None
+        if features is not None:  # each crop's patches against that crop's own CLS
+            clssim = torch.stack([prellm.cls_similarity(f[1:], f[0]) for f in features]).flatten()
+        if attention is not None:
+            attention = attention.float().flatten()
+        sizes = None
+        if attention is not None or clssim is not None:
+            if self._image_sizes is None:
+                raise RuntimeError("no image_sizes reached get_image_features; LLaVA-NeXT crops cannot be mapped to tokens")
+            sizes = [tuple(int(v) for v in s) for s in (self._image_sizes.tolist() if hasattr(self._image_sizes, "tolist") else self._image_sizes)]
+        pinpoints = tuple(tuple(int(v) for v in p) for p in config.image_grid_pinpoints)
+        out, crop0 = [], 0
+        for image, (row, run) in enumerate(self._placeholder_runs(roles)):
+            newline = ~roles.visual[row, run]
+            source = None
+            if sizes is not None:
+                if image >= len(sizes):
+                    raise RuntimeError("the prompt has more LLaVA-NeXT image runs than images were encoded")
+                source, crops = _next_sources(pinpoints, config.vision_config.image_size, config.vision_config.patch_size, sizes[image])
+                if source.numel() != run.numel() or not torch.equal((source < 0).to(newline.device), newline):
+                    raise RuntimeError(f"LLaVA-NeXT image {image}: the packed layout does not match its {run.numel()} placeholders")
+                source = source.to(run.device) + crop0 * patches
+                crop0 += crops
+            prunable = torch.nonzero(~newline).flatten()
+            base, rest = prunable[:patches], prunable[patches:]
+            parts = [(base, (side, side))]
+            if rest.numel():
+                after = newline.clone()
+                after[: int(base[-1]) + 1 if base.numel() else 0] = False
+                rows = int(after.sum())
+                parts.append((rest, (rows, rest.numel() // rows) if rows and rest.numel() % rows == 0 else None))
+            for index, grid in parts:
+                view = View(row, run[index], grid)
+                if source is not None:
+                    src = source[index].cpu()
+                    view.attention = attention[src] if attention is not None else None
+                    view.clssim = clssim[src] if clssim is not None else None
+                out.append(view)
+        return out
+
+    def _qwen_views(self, roles: Any) -> list[View]:
+        runs = self._placeholder_runs(roles)
+        if "attention" not in self.capture:
+            return [View(row, run, None) for row, run in runs]
+        merge = int(self._model.config.vision_config.spatial_merge_size)
+        total = sum(run.numel() for _, run in runs)
+        call = next((i for i in range(len(self._grids) - 1, -1, -1)
+                     if self._grids[i] is not None and int((self._grids[i].prod(-1) // merge**2).sum()) == total), None)
+        if call is None or self._attention[call] is None:
+            raise RuntimeError("no Qwen-VL vision forward matches this prompt's image placeholders")
+        grids, received = self._grids[call], self._attention[call]
+        self._grids, self._attention = [], []
+        per_token = received.view(-1, merge * merge).mean(dim=1)  # mean over each merge group
+        counts = (grids.prod(-1) // merge**2).tolist()
+        flat = torch.cat([run for _, run in runs])
+        rows = torch.cat([torch.full((run.numel(),), row) for row, run in runs])
+        out, start = [], 0
+        for (t, h, w), count in zip(grids.tolist(), counts):
+            positions, row = flat[start:start + count], rows[start:start + count]
+            if row.numel() == 0 or bool((row != row[0]).any()) or bool((positions[1:] != positions[:-1] + 1).any()):
+                raise RuntimeError("a Qwen-VL image's placeholders are not one contiguous run")
+            out.append(View(int(row[0]), positions, (t * h // merge, w // merge), attention=per_token[start:start + count]))
+            start += count
+        return out
+
+    # ------------------------------------------------------------------ per view
+    def scores(self, roles: Any) -> list[dict]:
+        """Per view: its row, positions, grid row of each token and every captured score (calibration)."""
+        out = []
+        for view in self.views(roles):
+            n = view.positions.numel()
+            entry = {"row": view.row, "positions": view.positions}
+            cols = view.grid[1] if view.grid is not None else n
+            entry["grid_row"] = (torch.arange(n) // max(cols, 1)).float()
             if self._embeds is not None:
-                x = self._embeds[row, positions.to(self._embeds.device)]
+                x = self._embeds[view.row, view.positions.to(self._embeds.device)]
                 entry["gprune"] = prellm.gprune_scores(x, **self.params)
-            if "attention" in self.capture:
-                entry["fopru"] = self._signal("attention", image, n).float()
-            if "features" in self.capture:
-                feats = self._signal("features", image, n)
-                entry["clssim"] = prellm.cls_similarity(feats[1:], feats[0])
+            if view.attention is not None:
+                entry["fopru"] = view.attention.float()
+            if view.clssim is not None:
+                entry["clssim"] = view.clssim.float()
             out.append(entry)
         return out
 
     def keep(self, roles: Any) -> torch.Tensor:
-        """(B, L) bool: the visual tokens that enter layer 0."""
+        """(B, L) bool: the visual tokens that enter layer 0 (LLaVA-NeXT newlines are never dropped)."""
         kept = torch.zeros_like(roles.visual)
-        for image, (row, positions) in enumerate(self.images(roles)):
-            n = positions.numel()
+        for view in self.views(roles):
             if self.method == "g-prune":
-                x = self._embeds[row, positions.to(self._embeds.device)]
-                mask = prellm.gprune_keep(x, stage_count(self.keep_ratio, n), **self.params)
-            elif self.method == "fopru-rank":
-                mask = prellm.fopru_rank_keep(self._signal("attention", image, n), stage_count(self.keep_ratio, n))
-            elif self.method == "fopru-row":
-                side = math.isqrt(n)
-                if side * side != n:
-                    raise RuntimeError(f"fopru-row needs a square patch grid, got {n} tokens")
-                mask = prellm.fopru_row_keep(self._signal("attention", image, n), (side, side), stage_count(self.keep_ratio, n))
+                x = self._embeds[view.row, view.positions.to(self._embeds.device)]
+                scores = prellm.gprune_scores(x, **self.params)
+            elif self.method == "cls-inflection":
+                scores = view.clssim
             else:
-                feats = self._signal("features", image, n)
-                mask = prellm.cls_inflection_keep(feats[1:], feats[0])
-            kept[row, positions] = mask.to(kept.device)
+                scores = view.attention
+            mask = view_keep(self.method, scores, self.keep_ratio, view.grid, self.detector)
+            kept[view.row, view.positions[mask.to(view.positions.device)]] = True
         self._embeds = None
+        self._ids = None
         return kept

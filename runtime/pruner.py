@@ -21,6 +21,7 @@ import torch
 
 from . import attention
 from .adapters import adapter_for
+from .errors import RecipeAlreadyAppliedError
 from .scoring import keep_top, scorer_groups, scores_from_sums
 
 logger = logging.getLogger("runtime")
@@ -199,7 +200,11 @@ class PruningHandle:
         self._config = self.language_model.config
         self._saved_impl = self._config._attn_implementation
         if getattr(model, "_recipe_runtime_handle", None) is not None:
-            raise RuntimeError("this model already has a pruning recipe applied; call handle.remove() first")
+            raise RecipeAlreadyAppliedError(
+                "this model already has a pruning recipe applied; call remove() on its handle "
+                "(or leave its `with` block) before applying another"
+            )
+        self._removed = False
         if self.policy.pruning_layers or self.policy.probe_layers:
             self._install()
         model._recipe_runtime_handle = self
@@ -227,7 +232,13 @@ class PruningHandle:
             self._probed.append(module)
 
     def remove(self) -> None:
-        """Remove every hook and probe and restore the attention implementation. Idempotent."""
+        """Remove every hook and probe and restore the attention implementation. Idempotent.
+
+        A second call does nothing, even after another recipe was applied to the same model.
+        """
+        if self._removed:  # restoring the attention implementation again would unhook a later handle
+            return
+        self._removed = True
         for hook in (*self._hooks, *self._policy_hooks):
             hook.remove()
         self._hooks.clear()
@@ -258,10 +269,10 @@ class PruningHandle:
         finally:
             self._replay = None
 
-    def _say_once(self, reason: str) -> None:
+    def _say_once(self, reason: str, consequence: str = "passing the request through unpruned") -> None:
         if reason not in self._said:
             self._said.add(reason)
-            logger.info("recipe runtime: %s; passing the request through unpruned", reason)
+            logger.info("recipe runtime: %s; %s", reason, consequence)
 
     # ----------------------------------------------------------------------------- hooks
     def _on_base(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -279,6 +290,8 @@ class PruningHandle:
             return
         if cache is not None and cache.get_seq_length() > 0:
             self._forward["prefill"] = False
+            if embeds.shape[1] > 1:
+                self._on_continuation(ids, embeds)
             if self._request is not None:
                 self._request.carry = {}  # decode rows keep their own positions; only masks change
             return
@@ -287,8 +300,13 @@ class PruningHandle:
         self.last_request = None
         if ids is None or ids.shape[:2] != embeds.shape[:2]:
             return self._say_once("no input_ids reached the model, so image tokens cannot be located")
+        if cache is not None and not _grows_per_layer(cache):
+            return self._say_once(
+                f"a {type(cache).__name__} has fixed-size layers that cannot hold the shorter sequences of "
+                "pruned layers (use the default dynamic cache to prune)"
+            )
         if mask is not None and mask.dim() != 2:
-            return self._say_once("a pre-built 4D attention mask (e.g. a static cache) is not supported yet")
+            return self._say_once("a pre-built 4D attention mask is not supported")
         visual = self.adapter.prunable_visual_tokens(self.model, ids, base_kwargs)
         if not bool(visual.any()):
             return self._say_once("the prompt has no image tokens")
@@ -297,6 +315,10 @@ class PruningHandle:
         position = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
         image = (visual | (ids == self.image_token_id)) & valid  # protected placeholders (NeXT newlines) are not text
         last_visual = torch.where(image, position, torch.full_like(position, -1)).amax(dim=1, keepdim=True)
+        if bool(((visual.sum(dim=1) > 0) & ~(valid & (position > last_visual)).any(dim=1)).any()):
+            # e.g. the first chunk of a chunked prefill that splits an image: no text to rank by.
+            return self._say_once("the prompt ends with image tokens, so no text follows them to rank them by "
+                                  "(a chunked prefill that splits an image?)")
         roles = Roles(
             valid=valid,
             visual=visual,
@@ -307,6 +329,25 @@ class PruningHandle:
         self._request = _Request(prompt_len=visual.shape[1], roles=roles)
         self.policy.begin(roles)
         self.policy.on_inputs(embeds, roles)
+
+    def _on_continuation(self, ids: torch.Tensor | None, embeds: torch.Tensor) -> None:
+        """Several tokens fed onto a non-empty cache: a later prefill chunk, a follow-up turn, assisted decoding.
+
+        They run like decode steps: each attends to what its layer's cache holds (the kept visual
+        tokens of a pruned prompt), so the result equals recomputing the whole sequence with that
+        keep set. Image tokens among them cannot be pruned any more: their layers already ran.
+        """
+        if ids is not None and ids.shape[:2] == embeds.shape[:2] and bool((ids == self.image_token_id).any()):
+            self._say_once(
+                "image tokens arrived after the prefill forward (a chunked prefill or a reused cache)",
+                "they run unpruned; pass the whole prompt in one forward to prune them",
+            )
+        elif self._request is not None:
+            self._say_once(
+                "tokens were fed onto a pruned prompt's cache (a chunked prefill, a follow-up turn or assisted "
+                "decoding)",
+                "they attend to the visual tokens kept at the prefill, which were ranked by the text it held",
+            )
 
     def _make_probe(self, layer: int):
         def probe(module, query, key, attention_mask, scaling):
@@ -407,3 +448,14 @@ class PruningHandle:
             position_ids=None,
             layer_idx=layer,
         )
+
+
+def _grows_per_layer(cache: Any) -> bool:
+    """Whether every layer of ``cache`` grows by what it is given (a plain DynamicCache).
+
+    Pruned layers store fewer tokens than unpruned ones; fixed-size (static, sliding-window) or
+    quantised layers would misplace them or mask the wrong slots.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", ()))

@@ -9,7 +9,9 @@ field, and raises :class:`RecipeError` naming what is wrong.
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ FINGERPRINT_FIELDS = ("model_type", "num_layers", "hidden_size", "num_heads", "n
 
 _MAX_HEADER_BYTES = 1 << 20  # a schema-1 header is a few KiB; anything near this is not ours
 _MAX_LAYERS = 1024
+_MAX_FINGERPRINT_INT = 2**31 - 1  # counts are int32 on disk; no real model is near this
 _DTYPES = {"F32": (np.dtype("<f4"), 4), "I32": (np.dtype("<i4"), 4)}
 _META_PREFIX = "recipe_compiler."
 
@@ -46,8 +49,10 @@ class Recipe:
         pre_llm: the pre-LLM stage (tokens dropped on entry to layer 0), a JSON-able dict:
             ``{"method": "none"}``; ``{"method": "g-prune", "keep_ratio": r, "params":
             {"threshold": s, "temperature": τ, "steps": t}}``; ``{"method": "fopru-rank" |
-            "fopru-row", "keep_ratio": r, "params": {}}``; or ``{"method": "cls-inflection",
-            "params": {"stage2_layer": K, "stage2_ratio": ρ}}`` (a per-image count at the knee,
+            "fopru-row", "keep_ratio": r, "params": {"feature_layer": i}}`` (optional; the vision
+            layer whose attention FoPru reads); or ``{"method": "cls-inflection", "params":
+            {"stage2_layer": K, "stage2_ratio": ρ, "inflection_detector": "kneedle" |
+            "max-curvature"}}`` (detector optional, default kneedle; a per-image count at the knee,
             then stage 2: at layer ``K`` keep the fraction ``ρ`` of the survivors by the
             ``text-mean`` scorer; stage 2 *is* the in-LLM schedule, so ``keep_count`` must be
             ``v`` before ``K`` and ``round_half_up(ρ·v)`` from ``K`` on, and the scorer
@@ -118,13 +123,23 @@ class Recipe:
         try:
             actual = adapter_for(model).fingerprint(model)
         except TypeError as exc:
-            raise RecipeMismatchError(f"recipe was compiled for {self.fingerprint['model_type']!r}: {exc}") from None
+            raise RecipeMismatchError(f"recipe was compiled for {_short(self.fingerprint['model_type'])}: {exc}") from None
         for key in FINGERPRINT_FIELDS:
             if actual[key] != self.fingerprint[key]:
                 raise RecipeMismatchError(
-                    f"recipe does not fit this model: {key} is {self.fingerprint[key]!r} in the recipe "
+                    f"recipe does not fit this model: {key} is {_short(self.fingerprint[key])} in the recipe "
                     f"but {actual[key]!r} in the model; compile a recipe for this model"
                 )
+        method = (self.pre_llm or {}).get("method", "none")
+        if method != "none":
+            from . import prellm_stage
+
+            try:
+                prellm_stage.check_supported(model, method)
+                if "feature_layer" in self.pre_llm.get("params", {}):
+                    prellm_stage.resolve_feature_layer(model, self.pre_llm["params"]["feature_layer"], "the recipe's pre_llm feature_layer")
+            except ValueError as exc:
+                raise RecipeMismatchError(f"recipe's pre-LLM stage does not fit this model: {exc}") from None
 
     def apply(self, model: Any, **options: Any) -> "PruningHandle":  # noqa: F821
         """Patch ``model`` (a stock HF VLM) to prune visual tokens per this recipe.
@@ -184,23 +199,67 @@ class Recipe:
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``.
 
+    At every moment ``path`` holds either its previous content (or nothing) or all of ``data``.
+    The temp file is ``.NAME.XXXXXXXX.tmp`` next to ``path``; it is removed on any error, but a
+    process killed outright (SIGKILL, power loss) can leave it behind, never under ``path``.
+
+    Args:
+        path: destination file; its directory must exist.
+        data: the whole content.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
     Raises:
         OSError: the directory is missing or not writable (no partial file is left behind).
+
+    Example:
+        >>> write_atomic("recipe.safetensors", recipe.to_bytes())   # doctest: +SKIP
     """
     path = Path(path)
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
+            # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less umask).
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
         tmp_name = None
+        _fsync_directory(path.parent)
     finally:
         if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return path
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; best effort (some platforms cannot open a directory).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load(path: str | os.PathLike) -> Recipe:
@@ -222,6 +281,11 @@ def load(path: str | os.PathLike) -> Recipe:
     """
     path = Path(path)
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(mode):  # a FIFO or device could block or never end
+            raise RecipeError(f"recipe path {path} is not a regular file; pass the .safetensors file")
         with open(path, "rb") as handle:
             return from_bytes_stream(handle, os.fstat(handle.fileno()).st_size, source=str(path))
     except FileNotFoundError:
@@ -230,6 +294,11 @@ def load(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"recipe path {path} is a directory; pass the .safetensors file") from None
     except PermissionError:
         raise RecipeError(f"recipe file {path} is not readable (permission denied)") from None
+    except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in the path
+        if isinstance(exc, RecipeError):
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise RecipeError(f"recipe file {path} cannot be read: {reason}") from None
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> Recipe:
@@ -240,18 +309,46 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Recipe:
 
 
 def from_bytes_stream(stream: Any, size: int, source: str) -> Recipe:
+    """Parse and validate a recipe from a binary stream of ``size`` bytes (see :func:`load`).
+
+    Reads at most ``8 + header + data`` bytes, each part only after its length is checked: the
+    8-byte header length against ``size`` and a 1 MiB cap, the data section against the tensor
+    offsets (which must cover it exactly), so a corrupt or foreign file never makes it allocate
+    more than a recipe's worth of memory.
+
+    Args:
+        stream: anything with ``read(n)``, positioned at the start of the recipe.
+        size: the total byte count of the recipe (the file size).
+        source: the file name used in error messages.
+
+    Returns:
+        The :class:`Recipe`.
+
+    Raises:
+        RecipeError: the bytes are not a valid recipe of this schema.
+
+    Example:
+        >>> import io
+        >>> data = Recipe.keep_all({"model_type": "llava", "num_layers": 2, "hidden_size": 8, "num_heads": 2,
+        ...                         "num_kv_heads": 2, "visual_tokens": 4, "config_hash": "0" * 16}).to_bytes()
+        >>> from_bytes_stream(io.BytesIO(data), len(data), "r.safetensors").keep_count.tolist()
+        [4, 4]
+    """
     def bad(reason: str) -> RecipeError:
         return RecipeError(f"{source} is not a valid recipe: {reason}")
 
     if size < 8:
         raise bad(f"file is {size} bytes, too short for a safetensors header")
-    (header_len,) = struct.unpack("<Q", stream.read(8))
+    prefix = stream.read(8)
+    if len(prefix) != 8:
+        raise bad("file ended early (truncated)")
+    (header_len,) = struct.unpack("<Q", prefix)
     if header_len > _MAX_HEADER_BYTES or header_len > size - 8:
         raise bad(f"header length {header_len} does not fit a {size}-byte recipe file (truncated or not safetensors)")
     raw = stream.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: also over-long integers
         raise bad("header is not valid JSON") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
@@ -262,7 +359,7 @@ def from_bytes_stream(stream: Any, size: int, source: str) -> Recipe:
         raise bad("no recipe_compiler.schema in the metadata; it was not written by recipe-compiler")
     if metadata[_META_PREFIX + "schema"] != SCHEMA:
         raise bad(
-            f"schema {metadata[_META_PREFIX + 'schema']!r} is not supported (this runtime reads schema {SCHEMA}); "
+            f"schema {_short(metadata[_META_PREFIX + 'schema'])} is not supported (this runtime reads schema {SCHEMA}); "
             "upgrade recipe-compiler or recompile the recipe"
         )
 
@@ -275,18 +372,22 @@ def from_bytes_stream(stream: Any, size: int, source: str) -> Recipe:
         dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         expected = "I32" if name == "keep_count" else "F32"
         if dtype_name != expected:
-            raise bad(f"tensor {name!r} has dtype {dtype_name!r}, expected {expected}")
-        if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and 1 <= shape[0] <= _MAX_LAYERS):
-            raise bad(f"tensor {name!r} has shape {shape!r}, expected [num_layers] with 1..{_MAX_LAYERS} layers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise bad(f"tensor {name!r} has malformed data_offsets {offsets!r}")
+            raise bad(f"tensor {name!r} has dtype {_short(dtype_name)}, expected {expected}")
+        if not (isinstance(shape, list) and len(shape) == 1 and _is_int(shape[0]) and 1 <= shape[0] <= _MAX_LAYERS):
+            raise bad(f"tensor {name!r} has shape {_short(shape)}, expected [num_layers] with 1..{_MAX_LAYERS} layers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise bad(f"tensor {name!r} has malformed data_offsets {_short(offsets)}")
         begin, end = offsets
         if not (0 <= begin <= end <= data_len) or end - begin != shape[0] * _DTYPES[dtype_name][1]:
-            raise bad(f"tensor {name!r} data_offsets {offsets!r} do not fit the file (truncated or corrupt)")
+            raise bad(f"tensor {name!r} data_offsets {_short(offsets)} do not fit the file (truncated or corrupt)")
         tensors[name] = (begin, end, _DTYPES[dtype_name][0], shape[0])
     extra = sorted(set(header) - {"keep_count", "keep_ratio"})
     if extra:
-        raise bad(f"unexpected tensors {extra} for schema {SCHEMA}")
+        raise bad(f"unexpected tensors {_short(extra)} for schema {SCHEMA}")
+    # As safetensors requires: the tensors tile the data section, no gap, overlap or trailing bytes.
+    spans = sorted((begin, end) for begin, end, _, _ in tensors.values())
+    if spans[0][0] != 0 or spans[0][1] != spans[1][0] or spans[1][1] != data_len:
+        raise bad(f"the tensors' data_offsets do not tile the {data_len}-byte data section (corrupt or trailing bytes)")
 
     body = stream.read(data_len)
     if len(body) != data_len:
@@ -297,10 +398,10 @@ def from_bytes_stream(stream: Any, size: int, source: str) -> Recipe:
         value = metadata.get(_META_PREFIX + key)
         if value is None:
             raise bad(f"metadata {_META_PREFIX + key} is missing")
-        try:
-            return json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            raise bad(f"metadata {_META_PREFIX + key} is not valid JSON") from None
+        try:  # strict: the writer never emits NaN / Infinity, so a recipe that has them is corrupt
+            return json.loads(value, parse_constant=_no_constant, parse_float=_finite_float)
+        except (ValueError, RecursionError):  # ValueError: also over-long integers
+            raise bad(f"metadata {_META_PREFIX + key} is not valid JSON (or holds NaN / Infinity)") from None
 
     fingerprint, pre_llm, provenance = meta_json("fingerprint"), meta_json("pre_llm"), meta_json("provenance")
     if not isinstance(provenance, dict):
@@ -331,9 +432,9 @@ def _validate(recipe: Recipe) -> None:
         value = fp[key]
         if key in ("model_type", "config_hash"):
             if not isinstance(value, str) or not value:
-                raise RecipeError(f"fingerprint {key} must be a non-empty string, got {value!r}")
-        elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise RecipeError(f"fingerprint {key} must be a positive integer, got {value!r}")
+                raise RecipeError(f"fingerprint {key} must be a non-empty string, got {_short(value)}")
+        elif not _is_int(value) or not 0 < value <= _MAX_FINGERPRINT_INT:
+            raise RecipeError(f"fingerprint {key} must be a positive integer below 2**31, got {_short(value)}")
     counts = recipe.keep_count
     if counts.ndim != 1 or counts.shape[0] != fp["num_layers"]:
         raise RecipeError(f"keep_count has {counts.shape[0] if counts.ndim == 1 else counts.shape} entries but the model has {fp['num_layers']} layers")
@@ -346,62 +447,94 @@ def _validate(recipe: Recipe) -> None:
         layer = int(np.nonzero(np.diff(counts) > 0)[0][0]) + 1
         raise RecipeError(f"keep_count must be non-increasing, but it rises at layer {layer}")
     if recipe.scorer not in SCORERS:
-        raise RecipeError(f"scorer {recipe.scorer!r} is unknown; this runtime knows {', '.join(SCORERS)}")
+        raise RecipeError(f"scorer {_short(recipe.scorer)} is unknown; this runtime knows {', '.join(SCORERS)}")
     if recipe.head_reduce not in HEAD_REDUCTIONS:
-        raise RecipeError(f"head_reduce {recipe.head_reduce!r} is unknown; expected one of {', '.join(HEAD_REDUCTIONS)}")
+        raise RecipeError(f"head_reduce {_short(recipe.head_reduce)} is unknown; expected one of {', '.join(HEAD_REDUCTIONS)}")
     _validate_pre_llm(recipe)
     if not isinstance(recipe.provenance, dict):
         raise RecipeError("provenance must be a dict")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+    """A finite JSON number that fits a float (an over-long integer would overflow at run time)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e999
+        raise ValueError(f"{text} overflows a float")
+    return value
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters, so a corrupt value cannot flood an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _validate_pre_llm(recipe: Recipe) -> None:
     spec = recipe.pre_llm
     if not isinstance(spec, dict) or spec.get("method") not in PRE_LLM_METHODS:
         method = spec.get("method") if isinstance(spec, dict) else spec
-        raise RecipeError(f"pre-LLM stage {method!r} is not supported by this runtime (knows {', '.join(PRE_LLM_METHODS)})")
+        raise RecipeError(f"pre-LLM stage {_short(method)} is not supported by this runtime (knows {', '.join(PRE_LLM_METHODS)})")
     method = spec["method"]
     allowed = {"method"} if method == "none" else {"method", "params"} if method == "cls-inflection" else {"method", "keep_ratio", "params"}
     extra = sorted(set(spec) - allowed)
     if extra:
-        raise RecipeError(f"pre-LLM stage {method!r} has unexpected field(s) pre_llm.{', pre_llm.'.join(extra)}")
+        raise RecipeError(f"pre-LLM stage {method!r} has unexpected field(s) {_short(extra)} in pre_llm")
     if method == "none":
         return
     params = spec.get("params", {})
     if not isinstance(params, dict):
-        raise RecipeError(f"pre-LLM stage {method!r}: pre_llm.params must be an object, got {params!r}")
+        raise RecipeError(f"pre-LLM stage {_short(method)}: pre_llm.params must be an object, got {_short(params)}")
     if method in FIXED_RATIO_PRE_LLM:
         ratio = spec.get("keep_ratio")
         if not _is_number(ratio) or not 0 < ratio <= 1:
-            raise RecipeError(f"pre-LLM stage {method!r}: pre_llm.keep_ratio must be a number in (0, 1], got {ratio!r}")
+            raise RecipeError(f"pre-LLM stage {_short(method)}: pre_llm.keep_ratio must be a number in (0, 1], got {_short(ratio)}")
     if method == "g-prune":
         ranges = {"threshold": (-1.0, 1.0), "temperature": (1e-12, float("inf")), "steps": (0, 10**6)}
         for key, value in params.items():
             if key not in ranges:
-                raise RecipeError(f"pre-LLM stage 'g-prune': unknown parameter pre_llm.params.{key} (threshold, temperature, steps)")
+                raise RecipeError(f"pre-LLM stage 'g-prune': unknown parameter {_short(key)} in pre_llm.params (threshold, temperature, steps)")
             low, high = ranges[key]
             if not _is_number(value) or not low <= value <= high or (key == "steps" and not isinstance(value, int)):
-                raise RecipeError(f"pre-LLM stage 'g-prune': pre_llm.params.{key}={value!r} is out of range")
+                raise RecipeError(f"pre-LLM stage 'g-prune': pre_llm.params.{key}={_short(value)} is out of range")
     elif method in ("fopru-rank", "fopru-row"):
-        if params:
-            raise RecipeError(f"pre-LLM stage {method!r}: unexpected pre_llm.params {sorted(params)}")
+        if set(params) - {"feature_layer"}:
+            raise RecipeError(f"pre-LLM stage {method!r}: unexpected pre_llm.params {_short(sorted(set(params) - {'feature_layer'}))} (only feature_layer)")
+        layer = params.get("feature_layer", -1)
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer == 0:
+            raise RecipeError(f"pre-LLM stage {method!r}: pre_llm.params.feature_layer must be a non-zero integer (vision_feature_layer convention), got {_short(layer)}")
     else:  # cls-inflection: stage 2 is the in-LLM schedule
-        if set(params) != {"stage2_layer", "stage2_ratio"}:
-            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params must hold stage2_layer and stage2_ratio, got {sorted(params)}")
+        if set(params) - {"inflection_detector"} != {"stage2_layer", "stage2_ratio"}:
+            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params must hold stage2_layer and stage2_ratio, got {_short(sorted(params))}")
+        if params.get("inflection_detector", "kneedle") not in ("kneedle", "max-curvature"):
+            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params.inflection_detector must be kneedle or max-curvature, got {_short(params['inflection_detector'])}")
         layer, ratio = params["stage2_layer"], params["stage2_ratio"]
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < recipe.num_layers:
-            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params.stage2_layer must be an integer in [1, {recipe.num_layers - 1}], got {layer!r}")
+            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params.stage2_layer must be an integer in [1, {recipe.num_layers - 1}], got {_short(layer)}")
         if not _is_number(ratio) or not 0 <= ratio <= 1:
-            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params.stage2_ratio must be a number in [0, 1], got {ratio!r}")
+            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params.stage2_ratio must be a number in [0, 1], got {_short(ratio)}")
         v = recipe.reference_visual_tokens
         expected = np.array([v] * layer + [int(np.floor(ratio * v + 0.5))] * (recipe.num_layers - layer), dtype=np.int32)
         if not np.array_equal(recipe.keep_count, expected):
             raise RecipeError("pre-LLM stage 'cls-inflection': keep_count must be the stage-2 schedule (v before stage2_layer, round(stage2_ratio·v) after)")
         if recipe.scorer != "text-mean":
-            raise RecipeError(f"pre-LLM stage 'cls-inflection': stage 2 uses the text-mean scorer, but the recipe's scorer is {recipe.scorer!r}")
+            raise RecipeError(f"pre-LLM stage 'cls-inflection': stage 2 uses the text-mean scorer, but the recipe's scorer is {_short(recipe.scorer)}")
 
 
 def _dumps(value: Any) -> str:

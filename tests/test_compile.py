@@ -105,3 +105,19 @@ def test_config_validates_on_construction(kwargs, error, message):
 def test_budget_one_keeps_every_token(tiny, calibration, stats):
     result = compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(1.0), format_prompt=tiny.format_prompt, statistics=stats)
     assert result.recipe.pruning_layers == [] and result.verification.flops_fraction == 1.0
+
+
+@pytest.mark.parametrize("search", ["optimal", "gsearch", "psigmoid"])
+@pytest.mark.parametrize("ulps", [0, -2])
+def test_a_budget_at_the_floor_compiles_to_the_cheapest_schedule(tiny, calibration, stats, search, ulps):
+    from recipe_compiler.flops import min_feasible_budget
+
+    shape = LMShape.from_config(tiny.model.config.text_config)
+    v_ref = int(stats.max_visual)
+    budget = min_feasible_budget(shape, stats.n_other, stats.n_visual, v_ref)
+    for _ in range(-ulps):
+        budget = float(np.nextafter(budget, 0.0))
+    result = compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(budget, search=search),
+                            format_prompt=tiny.format_prompt, statistics=stats)
+    assert result.recipe.keep_count[1:].max() == 0  # every visual token gone after layer 0
+    assert result.verification.flops_fraction <= budget * (1 + BUDGET_RTOL)

@@ -176,3 +176,40 @@ def test_lmshape_from_config_defaults_and_errors():
         LMShape.from_config(SimpleNamespace(num_hidden_layers=2, hidden_size=48, num_attention_heads=3))
     with pytest.raises(ValueError, match="num_layers"):
         LMShape(0, 8, 16, 2, 1, 4)
+
+
+# ------------------------------------------------------------- visual-token-only fraction
+@pytest.mark.parametrize("visual, n_visual, expected", [
+    ([[3, 3, 3]], [3], 1.0),  # nothing pruned
+    ([[0, 0, 0]], [3], 0.0),  # every visual token dropped before layer 0
+    # one sample, 3 visual tokens, one dropped after each layer: Σ layer_flops(3, 2, 1) / 3·layer_flops(3)
+    # (layer_flops(2) = 2·[2·576 + 8·2·3] = 2400)
+    ([[3, 2, 1]], [3], (3648 + 2400 + 1184) / (3 * 3648)),
+    # a ratio of means over samples, not a mean of ratios
+    ([[1, 1, 1], [3, 3, 3]], [1, 3], 1.0),
+    ([[1, 0, 0], [3, 0, 0]], [1, 3], (1184 + 3648) / (3 * (1184 + 3648))),
+])
+def test_visual_token_fraction_counts_only_the_visual_tokens_own_work(visual, n_visual, expected):
+    from recipe_compiler.flops import visual_token_fraction
+
+    assert visual_token_fraction(TINY, visual, n_visual) == pytest.approx(expected, rel=1e-12)
+
+
+def test_visual_token_fraction_is_below_the_prompt_fraction_when_text_is_kept():
+    from recipe_compiler.flops import visual_token_fraction
+
+    keep = np.array([576, 288, 144])
+    prompt = schedule_flops_fraction(TINY, [100], [576], keep, 576)
+    assert visual_token_fraction(TINY, keep[None, :], [576]) < prompt < 1.0
+
+
+@pytest.mark.parametrize("visual, n_visual, fragment", [
+    ([[3, 3]], [3], "num_layers"),
+    ([[4, 3, 3]], [3], "cannot grow"),
+    ([[-1, 0, 0]], [3], "non-negative"),
+])
+def test_visual_token_fraction_rejects_bad_counts(visual, n_visual, fragment):
+    from recipe_compiler.flops import visual_token_fraction
+
+    with pytest.raises(ValueError, match=fragment):
+        visual_token_fraction(TINY, visual, n_visual)

@@ -15,6 +15,7 @@ from runtime.prellm import (
     fopru_significance,
     gprune_keep,
     gprune_scores,
+    inflection_keep,
     knee_index,
 )
 
@@ -195,13 +196,46 @@ def test_fopru_row_rejects_a_mismatched_grid_and_bad_k():
 # --- CLS inflection ---
 
 
+@pytest.mark.parametrize("detector", ["kneedle", "max-curvature"])
 @pytest.mark.parametrize("n, corner, y_corner", [(100, 10, 0.2), (576, 40, 0.1), (50, 25, 0.3), (30, 3, 0.5)])
-def test_knee_of_a_piecewise_linear_curve_is_its_corner(n, corner, y_corner):
+def test_knee_of_a_piecewise_linear_curve_is_its_corner(n, corner, y_corner, detector):
     head = np.linspace(1.0, y_corner, corner + 1)
     tail = np.linspace(y_corner, 0.0, n - corner)[1:]
     values = torch.tensor(np.concatenate([head, tail]) * 3.0 + 0.5)
-    assert abs((knee_index(values) - 1) - corner) <= 1
-    assert knee_index(values) == corner + 1  # exact: the distance is linear on each segment
+    # exact for both: the chord distance is linear on each segment; the only bend is the corner
+    assert knee_index(values, detector) == corner + 1
+
+
+@pytest.mark.parametrize("n, tau", [(576, 20.0), (576, 60.0), (200, 5.0), (2880, 150.0)])
+def test_max_curvature_knee_of_an_exponential_decay_is_the_analytic_point(n, tau):
+    # Normalised y(x) = A·(e^{-cx} − e^{-c}), c = (n−1)/τ, A = 1/(1 − e^{-c}). The curvature
+    # y''/(1 + y'²)^{3/2} = c·u/(1 + u²)^{3/2} with u = |y'| = cA·e^{-cx} peaks at u = 1/√2, i.e.
+    # i* = τ·ln(√2·(n−1) / (τ·(1 − e^{−(n−1)/τ}))) — later than Kneedle's (u = 1).
+    i = np.arange(n)
+    values = torch.tensor(np.exp(-i / tau))
+    analytic = tau * math.log(math.sqrt(2) * (n - 1) / (tau * (1 - math.exp(-(n - 1) / tau))))
+    assert abs((knee_index(values, "max-curvature") - 1) - analytic) <= 1.0
+    assert knee_index(values, "max-curvature") > knee_index(values, "kneedle")
+
+
+def test_max_curvature_edge_cases_and_unknown_detector():
+    assert knee_index(torch.tensor([0.3]), "max-curvature") == 1
+    assert knee_index(torch.tensor([0.3, 0.1]), "max-curvature") == 2
+    assert knee_index(torch.full((9,), 0.4), "max-curvature") == 9
+    assert knee_index(torch.linspace(1, 0, 9), "max-curvature") == 9  # straight: no bend, keep all
+    concave = torch.tensor(1.0 - np.linspace(0, 1, 20) ** 2)  # bends the wrong way: no knee
+    assert knee_index(concave, "max-curvature") == 20
+    with pytest.raises(ValueError, match="inflection detector 'elbow' is unknown; choose one of kneedle, max-curvature"):
+        knee_index(torch.tensor([3.0, 1.0]), "elbow")
+
+
+@pytest.mark.parametrize("detector", ["kneedle", "max-curvature"])
+def test_inflection_keep_takes_the_most_similar_head_up_to_the_detector_knee(detector):
+    g = torch.Generator().manual_seed(3)
+    sim = torch.rand(80, generator=g)
+    mask = inflection_keep(sim, detector)
+    count = knee_index(torch.sort(sim, descending=True).values, detector)
+    assert kept(mask) == topk_positions(sim.numpy(), count)
 
 
 @pytest.mark.parametrize("n, tau", [(576, 20.0), (576, 60.0), (200, 5.0), (2880, 150.0)])

@@ -1,6 +1,8 @@
 """Pre-LLM stages end to end on tiny-llava: recipe file, runtime under generate(), compiler, CLI."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -146,10 +148,12 @@ def test_recipe_validation_names_the_bad_pre_llm_field(tiny):
     bad = {
         "keep_ratio": {"method": "g-prune", "keep_ratio": 1.5, "params": {}},
         "params.steps": {"method": "g-prune", "keep_ratio": 0.5, "params": {"steps": -1}},
-        "params.alpha": {"method": "g-prune", "keep_ratio": 0.5, "params": {"alpha": 1}},
+        "alpha": {"method": "g-prune", "keep_ratio": 0.5, "params": {"alpha": 1}},
         "pre_llm.params": {"method": "fopru-rank", "keep_ratio": 0.5, "params": {"layer": 3}},
+        "feature_layer": {"method": "fopru-row", "keep_ratio": 0.5, "params": {"feature_layer": 0}},
+        "inflection_detector": {"method": "cls-inflection", "params": {**CLS_PARAMS, "inflection_detector": "elbow"}},
         "stage2_layer": {"method": "cls-inflection", "params": {"stage2_layer": 0, "stage2_ratio": 0.5}},
-        "pre_llm.keep_ratio": {"method": "cls-inflection", "keep_ratio": 0.5, "params": dict(CLS_PARAMS)},
+        "keep_ratio'] in pre_llm": {"method": "cls-inflection", "keep_ratio": 0.5, "params": dict(CLS_PARAMS)},
     }
     for field, spec in bad.items():
         with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
@@ -171,8 +175,10 @@ def stats(tiny, calibration):
 def test_statistics_carry_pre_llm_scores_through_save_and_load(stats, tmp_path):
     from recipe_compiler.statistics import load_statistics, save_statistics
 
-    assert sorted(stats.prellm) == ["clssim", "fopru", "gprune"]
+    assert sorted(stats.prellm) == ["clssim", "fopru", "gprune", "grid_row", "view"]
     assert all(v.shape == (stats.num_samples, 576) and np.isfinite(v).all() for v in stats.prellm.values())
+    assert (stats.prellm["view"] == 0).all()  # LLaVA-1.5: one view per image
+    assert np.array_equal(stats.prellm["grid_row"][0], np.repeat(np.arange(24), 24))  # its 24x24 grid, row-major
     save_statistics(stats, tmp_path / "s.safetensors")
     again = load_statistics(tmp_path / "s.safetensors")
     for name, value in stats.prellm.items():
@@ -241,3 +247,88 @@ def test_gprune_parameters_flow_from_the_config_into_statistics_and_the_recipe(t
     result = compile_recipe(tiny.model, tiny.processor, two, config, format_prompt=tiny.format_prompt, statistics=own)
     assert result.recipe.pre_llm == {"method": "g-prune", "keep_ratio": 0.5, "params": {"steps": 3, "temperature": 0.03, "threshold": 0.7}}
     assert abs(result.details["pre_llm_chosen"].flops_fraction - result.verification.flops_fraction) < 1e-9
+
+
+# ---------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pre_llm="fopru-rank", fopru_feature_layer=0), "--fopru-feature-layer must be a non-zero integer"),
+    (dict(pre_llm="fopru-rank", fopru_feature_layer=True), "--fopru-feature-layer must be a non-zero integer"),
+    (dict(pre_llm="g-prune", fopru_feature_layer=-1), "--fopru-feature-layer applies to --pre-llm fopru-rank, fopru-row or auto"),
+    (dict(pre_llm="cls-inflection", inflection_detector="elbow"), "inflection detector 'elbow' is unknown"),
+    (dict(pre_llm="fopru-row", inflection_detector="kneedle"), "--inflection-detector applies to --pre-llm cls-inflection or auto"),
+])
+def test_stage_options_are_validated_in_the_config(kwargs, message):
+    from recipe_compiler.compile import CompileConfig
+
+    with pytest.raises(ValueError, match=message):
+        CompileConfig(budget=0.5, **kwargs)
+
+
+@pytest.mark.parametrize("value", [3, -3])
+def test_cli_refuses_a_feature_layer_outside_the_encoder_in_one_line(tmp_path, capsys, value):
+    from recipe_compiler.cli import compile_main
+
+    out = tmp_path / "r.safetensors"
+    code = compile_main(["--model", "tiny-llava", "--samples", "2", "--quiet", "--budget", "0.5", "--pre-llm", "fopru-rank",
+                         "--fopru-feature-layer", str(value), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists()
+    assert err.strip().count("\n") == 0
+    assert f"--fopru-feature-layer {value} is out of range for this 2-layer vision encoder; use 1..2 or -2..-1" in err
+
+
+def test_fopru_feature_layer_flows_into_statistics_recipe_and_runtime(tiny, tiny_eager, calibration, tmp_path):
+    from recipe_compiler.cli import compile_main
+    from recipe_compiler.statistics import load_statistics
+
+    out, saved = tmp_path / "r.safetensors", tmp_path / "s.safetensors"
+    base = ["--model", "tiny-llava", "--samples", "2", "--quiet", "--budget", "0.5", "--pre-llm", "fopru-rank", "--pre-llm-ratio", "0.5"]
+    assert compile_main([*base, "--fopru-feature-layer", "-1", "--save-stats", str(saved), "-o", str(out)]) == 0
+    recipe = load(out)
+    assert recipe.pre_llm["params"] == {"feature_layer": 2}  # hidden_states[2] = the last of 2 encoder layers
+    assert json.loads(load_statistics(saved).prellm_params)["feature_layer"] == 2
+    # Reusing those statistics for the default layer (-2, i.e. 1) is refused.
+    again = tmp_path / "again.safetensors"
+    assert compile_main([*base, "--stats", str(saved), "-o", str(again)]) == 1 and not again.exists()
+    assert compile_main([*base, "--fopru-feature-layer", "2", "--stats", str(saved), "-o", str(again)]) == 0
+
+    # The runtime ranks by the CLS row of the eager attention of encoder layer 1, not layer 0.
+    model = tiny_eager.model
+    inputs = make_inputs(tiny_eager, calibration.samples[:2])
+    with torch.no_grad():
+        attentions = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+        with recipe.apply(model) as handle:
+            model(**inputs)
+            selection = handle.last_request.selection
+    k = stage_count(0.5, 576)
+    for row in range(2):
+        visual = torch.nonzero(inputs["input_ids"][row] == model.config.image_token_id).flatten()
+        expected = prellm.fopru_rank_keep(prellm.fopru_significance(attentions[1][row]), k)
+        other = prellm.fopru_rank_keep(prellm.fopru_significance(attentions[0][row]), k)
+        assert torch.equal(selection[0][row], visual[expected])
+        assert not torch.equal(expected, other)  # the layer matters
+
+
+def test_inflection_detector_flows_into_the_recipe_and_the_runtime(tiny, batch2, calibration, stats):
+    from recipe_compiler.compile import CompileConfig, compile_recipe
+
+    config = CompileConfig(budget=0.35, pre_llm="cls-inflection", inflection_detector="max-curvature")
+    result = compile_recipe(tiny.model, tiny.processor, calibration, config, format_prompt=tiny.format_prompt, statistics=stats)
+    assert result.recipe.pre_llm["params"]["inflection_detector"] == "max-curvature"
+    chosen = result.details["pre_llm_chosen"]
+    assert abs(chosen.flops_fraction - result.verification.flops_fraction) < 1e-9  # planned == measured
+    model = tiny.model
+    with torch.no_grad():
+        hidden, _ = _vision_reference(model, batch2["pixel_values"])
+        with result.recipe.apply(model) as handle:
+            model(**batch2)
+            selection = handle.last_request.selection
+    differs = False
+    for row in range(2):
+        visual = torch.nonzero(batch2["input_ids"][row] == model.config.image_token_id).flatten()
+        sim = prellm.cls_similarity(hidden[row, 1:], hidden[row, 0])
+        assert torch.equal(selection[0][row], visual[prellm.inflection_keep(sim, "max-curvature")])
+        differs |= not torch.equal(prellm.inflection_keep(sim, "max-curvature"), prellm.inflection_keep(sim, "kneedle"))
+    assert differs  # the detector changes the selection on these images

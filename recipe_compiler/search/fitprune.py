@@ -10,6 +10,14 @@ Deviation from the reference, on purpose: the reference emits the recipe of the 
 alpha, which can miss the budget. We emit the recipe of the last *feasible* alpha, and count an
 alpha as feasible only if the emitted recipe itself (floor of the mean pruned counts) also meets
 the budget under the exact FLOPs model.
+
+With a fixed-ratio pre-LLM stage, every forward first applies the stage on entry to layer 0,
+exactly as the runtime does. The stage is treated as pruning before layer 0: the rule runs on the
+survivors against the same unpruned ``W`` (the mass on all visual tokens, which the rule never
+discounts for earlier drops, its own included), the pruned counts are expressed relative to each
+sample's survivors (as the recipe's schedule is), and the FLOPs count only the survivors from
+layer 0 on. (Anchoring ``W`` to the survivors' share instead lets the renormalised attention of
+the pruned model clear the bar at any alpha, so the bisection degenerates to its smallest alpha.)
 """
 from __future__ import annotations
 
@@ -24,27 +32,41 @@ from runtime.pruner import Policy, PruningHandle, Roles
 from ..calibration import CalibrationSet
 from ..collect import model_inputs
 from ..distributed import SINGLE, Sharding, batches_of
-from ..flops import LMShape, layer_flops, schedule_flops_fraction
+from ..flops import LMShape, cost_table, layer_flops, schedule_flops_fraction
 from ..methods.fitprune import bisect_alpha, layer_prune_set, recipe_from_counts, stopping_layer
 from ..statistics import Statistics
 
 
 class FitPruneRulePolicy(Policy):
-    """Applies the layer-prune-set rule at every layer; drops take effect entering the next layer."""
+    """Applies the layer-prune-set rule at every layer; drops take effect entering the next layer.
 
-    def __init__(self, stats: Statistics, alpha: float, num_layers: int) -> None:
-        self.stats, self.alpha, self.num_layers = stats, alpha, num_layers
+    With ``stage`` (a ``runtime.prellm_stage.PreLLMStage``), the stage selects on entry to layer
+    0 first; the rule's ``W`` stays the unpruned model's mass on *all* visual tokens, as it does
+    after the rule's own earlier drops, so what the stage lost leaves the rule less to take.
+    """
+
+    def __init__(self, stats: Statistics, alpha: float, num_layers: int, stage: Any = None) -> None:
+        self.stats, self.alpha, self.num_layers, self.stage = stats, alpha, num_layers, stage
         self.probe_layers = tuple(range(num_layers - 1))
-        self.pruning_layers = tuple(range(1, num_layers))
+        self.pruning_layers = tuple(range(0 if stage is not None else 1, num_layers))
         self.head_reduce = stats.head_reduce
         self.sample_ids: Sequence[int] = ()
         self.w_cross, self.w_self = stats.w_cross, stats.w_self
         self.pruned: dict[int, np.ndarray] = {}  # sample -> [L] tokens pruned at the end of each layer
+        self.survivors: dict[int, int] = {}  # sample -> visual tokens entering the language model
+
+    def attach(self, model: torch.nn.Module) -> list:
+        return self.stage.attach(model) if self.stage is not None else []
 
     def begin(self, roles: Roles) -> None:
         self._drop: dict[int, torch.Tensor] = {}
-        for sample in self.sample_ids:
+        for row, sample in enumerate(self.sample_ids):
             self.pruned[sample] = np.zeros(self.num_layers, dtype=np.int64)
+            self.survivors[sample] = int(roles.n_visual_input[row])
+
+    def on_inputs(self, embeds: torch.Tensor, roles: Roles) -> None:
+        if self.stage is not None:
+            self.stage.on_inputs(embeds)
 
     def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
         return torch.stack([roles.text, roles.visual], dim=1).float()
@@ -66,6 +88,11 @@ class FitPruneRulePolicy(Policy):
         self._drop[layer + 1] = drop
 
     def select(self, layer: int, roles: Roles) -> torch.Tensor:
+        if layer == 0 and self.stage is not None:
+            kept = self.stage.keep(roles) & roles.visual
+            for row, sample in enumerate(self.sample_ids):
+                self.survivors[sample] = int(kept[row].sum())
+            return kept
         return roles.visual & ~self._drop[layer]
 
 
@@ -92,6 +119,7 @@ def fitprune_search(
     tol: float = 0.01,
     progress: Callable[[int], None] | None = None,
     sharding: Sharding = SINGLE,
+    pre_llm: dict | None = None,
 ) -> FitPruneResult | None:
     """Bisect FitPrune's alpha with the model in the loop; return the feasible recipe or None.
 
@@ -105,6 +133,9 @@ def fitprune_search(
         progress: called with the number of samples run after each batch.
         sharding: under torchrun, which global batches this rank runs. Token and pruned counts
             are gathered in global sample order, so every rank takes the same bisection step.
+        pre_llm: a fixed-ratio pre-LLM stage as a recipe records it (``{"method", "keep_ratio",
+            "params"}``), applied first on every forward; the schedule found is relative to
+            its survivors and the FLOPs include its saving from layer 0. None: no stage.
 
     Returns:
         :class:`FitPruneResult`, or None if no alpha meets the budget.
@@ -113,21 +144,29 @@ def fitprune_search(
     unpruned = stats.n_tokens.astype(np.float64)
     budget_flops = budget * float(np.mean(layer_flops(shape, unpruned) * num_layers))
     results: dict[float, tuple[np.ndarray, int]] = {}
+    stage_spec = pre_llm if pre_llm and pre_llm.get("method", "none") != "none" else None
 
     def evaluate(alpha: float) -> bool:
-        policy = FitPruneRulePolicy(stats, alpha, num_layers)
+        stage = None
+        if stage_spec is not None:
+            from runtime.prellm_stage import PreLLMStage
+
+            stage = PreLLMStage(stage_spec["method"], stage_spec.get("keep_ratio", 1.0), stage_spec.get("params", {}))
+        policy = FitPruneRulePolicy(stats, alpha, num_layers, stage=stage)
         mine = []
         with PruningHandle(model, policy) as handle, torch.no_grad():
             for index, (start, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
                 policy.sample_ids = list(range(start, start + len(batch)))
                 model(**model_inputs(model, processor, batch, format_prompt), use_cache=False, logits_to_keep=1)
                 per_layer = torch.stack(handle.last_request.tokens_per_layer, dim=1).cpu().numpy()
-                mine.append((index, (per_layer, [policy.pruned[s] for s in policy.sample_ids])))
+                mine.append((index, (per_layer, [policy.pruned[s] for s in policy.sample_ids],
+                                     [policy.survivors[s] for s in policy.sample_ids])))
                 if progress is not None:
                     progress(len(batch))
         gathered = sharding.gather(mine)  # every rank: all batches, in global sample order
-        tokens = np.concatenate([per_layer for per_layer, _ in gathered]).astype(np.float64)
-        pruned_rows = [row for _, rows in gathered for row in rows]
+        tokens = np.concatenate([per_layer for per_layer, _, _ in gathered]).astype(np.float64)
+        pruned_rows = [row for _, rows, _ in gathered for row in rows]
+        n_post = np.array([n for _, _, counts in gathered for n in counts], dtype=np.int64)
         flops = layer_flops(shape, tokens)  # [S, L]
         spent = np.concatenate([np.zeros((stats.num_samples, 1)), np.cumsum(flops, axis=1)], axis=1)
         entering = np.concatenate([tokens, tokens[:, -1:]], axis=1)
@@ -136,10 +175,15 @@ def fitprune_search(
         if stop is None:
             return False
         pruned = np.stack(pruned_rows).astype(np.float64)
-        pruned *= v_ref / stats.n_visual[:, None]  # express every sample in reference tokens
+        # Express every sample in reference tokens of what entered the language model (the stage's
+        # survivors, or all its visual tokens), as the recipe's schedule scales at run time.
+        pruned *= v_ref / (stats.n_visual if stage_spec is None else np.maximum(n_post, 1))[:, None]
         per_layer_pruned = recipe_from_counts(pruned, stop)
         keep = _keep_from_pruned(per_layer_pruned, v_ref)
-        fraction = schedule_flops_fraction(shape, stats.n_other, stats.n_visual, keep, v_ref)
+        if stage_spec is None:
+            fraction = schedule_flops_fraction(shape, stats.n_other, stats.n_visual, keep, v_ref)
+        else:
+            fraction = stage_flops_fraction(shape, stats.n_other, stats.n_visual, n_post, keep, v_ref)
         results[alpha] = (per_layer_pruned, stop)
         return bool(fraction <= budget * (1 + 1e-9))
 
@@ -154,6 +198,31 @@ def fitprune_search(
         trace=[(float(a), bool(f)) for a, f in trace],
         pruned_per_layer=per_layer_pruned,
     )
+
+
+def stage_flops_fraction(shape: LMShape, n_other: Any, n_visual: Any, n_post: Any, keep_counts: Any, v_ref: int) -> float:
+    """FLOPs fraction of a schedule that runs after a pre-LLM stage (ratio of the means).
+
+    Args:
+        shape: the language model's sizes.
+        n_other: int ``[S]``, non-visual prompt tokens per sample.
+        n_visual: int ``[S]``, visual tokens per sample before the stage (the unpruned cost).
+        n_post: int ``[S]``, the stage's survivors per sample; the schedule scales with them.
+        keep_counts: int ``[num_layers]``, reference counts relative to the survivors.
+        v_ref: reference visual-token count.
+
+    Returns:
+        ``mean_s Σ_l layer_flops(n_other + scale(keep[l], n_post)) / mean_s unpruned``.
+
+    Example:
+        >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> round(stage_flops_fraction(s, [1], [2], [1], [2, 2], v_ref=2), 6)  # 2·160 / (2·252)
+        0.634921
+    """
+    costs = cost_table(shape, n_other, n_post, v_ref)
+    full = cost_table(shape, n_other, n_visual, v_ref)
+    keep = np.asarray(keep_counts, dtype=np.int64)
+    return float(np.sum(costs[np.arange(shape.num_layers), keep])) / float(np.sum(full[:, v_ref]))
 
 
 def _keep_from_pruned(pruned_per_layer: np.ndarray, v_ref: int) -> np.ndarray:

@@ -82,7 +82,9 @@ def attention_row_sums(
         key: (B, KV, Lk, hd) post-RoPE, cache-updated keys; with GQA, query head h reads key
             head h // (H / KV), as transformers' repeat_kv lays them out.
         attention_mask: None (plain causal, queries are the last Lq positions), a boolean 4D mask
-            (True = attend) or an additive float 4D mask, as transformers passes them.
+            (True = attend) or an additive float 4D mask, as transformers passes them. It must be
+            causal (true of every supported family's language model): keys after a row's own
+            position are never read.
         scaling: the softmax scale.
         row_weights: (B, G, Lq) weights of each query row in each of G groups; rows with zero
             weight in every group and sample are never computed.

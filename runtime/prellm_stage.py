@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from . import prellm
+from .adapters import adapter_for
 
 FIXED_RATIO_METHODS = ("g-prune", "fopru-rank", "fopru-row")
 STAGE_METHODS = (*FIXED_RATIO_METHODS, "cls-inflection")
@@ -333,6 +334,7 @@ class PreLLMStage:
                 raise ValueError(unsupported_reason(model, method))
         self._family = _family(model)
         self._model = model
+        self._image_token_id = int(adapter_for(model).image_token_id(model))
         base = _base(model)
         hooks = []
         if self._family != "llava":  # NeXT/Qwen views need the placeholder runs (NeXT: newlines inside)
@@ -473,10 +475,7 @@ class PreLLMStage:
     def _placeholder_runs(self, roles: Any) -> list[tuple[int, torch.Tensor]]:
         if self._ids is None or self._ids.shape != roles.valid.shape:
             raise RuntimeError("the pre-LLM stage did not see this prefill's input_ids")
-        from .adapters import adapter_for
-
-        token = int(adapter_for(self._model).image_token_id(self._model))
-        image = (self._ids.to(roles.valid.device) == token) & roles.valid
+        image = (self._ids.to(roles.valid.device) == self._image_token_id) & roles.valid
         return [(row, run) for row in range(image.shape[0]) for run in _runs(torch.nonzero(image[row]).flatten())]
 
     def _next_views(self, roles: Any) -> list[View]:

@@ -47,3 +47,18 @@ def make_inputs(loaded, samples, prompts=None):
         return_tensors="pt",
         padding=True,
     )
+
+
+def run_cli(capsys, argv, main=None):
+    """Run a console entry point in-process: ``(exit code, stdout, stderr)``; default ``recipe-compile``.
+
+    argparse rejects bad option values with SystemExit, so that counts as an exit code too.
+    """
+    if main is None:
+        from recipe_compiler.cli import compile_main as main
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,20 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from recipe_compiler.cli import compile_main, inspect_main
+from conftest import run_cli
+from recipe_compiler.cli import inspect_main
 from runtime import load
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny-llava", "--samples", "6", "--quiet"]
 
 
-def _run(capsys, argv, main=compile_main):
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse rejects bad option values this way
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 def test_console_script_compiles_tiny_llava_and_prints_one_summary_line(tmp_path):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from conftest import run_cli
 from recipe_compiler import models
 from recipe_compiler.cli import compile_main
 
@@ -33,13 +34,7 @@ def plain_recipe(checkpoint, tmp_path_factory):
     return out.read_bytes()
 
 
-def _run(capsys, argv):
-    try:
-        code = compile_main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 def _spy_from_pretrained(monkeypatch, checkpoint):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from recipe_compiler.evaluate import evaluate_recipes, main as eval_main
 from runtime.adapters import model_fingerprint
 from runtime.errors import RecipeError, RecipeMismatchError
@@ -36,12 +37,7 @@ def recipe25(tiny):
 
 
 def _run(capsys, argv):
-    try:
-        code = eval_main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, argv, eval_main)
 
 
 # ------------------------------------------------------------------------------- recipe-eval

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_cli
 import runtime.recipe as recipe_module
-from recipe_compiler.cli import compile_main
 from runtime import Recipe, RecipeError, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,13 +242,7 @@ WRITE_ERRORS = {
 }
 
 
-def _run(capsys, argv):
-    try:
-        code = compile_main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 @pytest.mark.parametrize("previous", [True, False], ids=["over-old-file", "fresh"])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from recipe_compiler.errors import CompileError
 from recipe_compiler.plots import (DROPPED_ALPHA, PANEL_PX, darken, grid_rectangles, kept_tokens, llava_next_grids,
                                    plot_kept_tokens, qwen2_vl_grid, token_views)
@@ -267,11 +268,7 @@ def test_recipe_eval_show_writes_the_kept_token_picture_for_the_family(tmp_path,
     Recipe.keep_all(model_fingerprint(load_model(model).model)).save(keep)
     argv = ["--model", model, "--recipe", str(keep), "--samples", "1", "--new-tokens", "1", "--repeats", "1",
             "--show", str(_solid_red(tmp_path / "red.png", 90, 40)), "--layers", "1,4", "--out", str(tmp_path / "pics")]
-    try:
-        code = eval_main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(capsys, argv, eval_main)
     assert code == 0, err
     with Image.open(tmp_path / "pics" / "tokens-keep.png") as im:
         assert im.size == (PANEL_PX[0] * 2, PANEL_PX[1] * views)

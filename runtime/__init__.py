@@ -8,7 +8,7 @@ Example:
     >>> model.generate(**inputs)                                  # doctest: +SKIP
     >>> handle.remove()                                           # doctest: +SKIP
 """
-from .errors import RecipeAlreadyAppliedError, RecipeError, RecipeMismatchError
+from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, RecipeError, RecipeMismatchError
 from .recipe import Recipe, load
 
-__all__ = ["Recipe", "RecipeAlreadyAppliedError", "RecipeError", "RecipeMismatchError", "load"]
+__all__ = ["PruningUnsupportedError", "Recipe", "RecipeAlreadyAppliedError", "RecipeError", "RecipeMismatchError", "load"]

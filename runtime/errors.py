@@ -11,3 +11,11 @@ class RecipeMismatchError(RecipeError):
 
 class RecipeAlreadyAppliedError(RuntimeError):
     """A pruning recipe is applied to a model that already carries one (hooks would stack)."""
+
+
+class PruningUnsupportedError(RuntimeError):
+    """A call that cannot run on a pruned model (e.g. a forward with ``labels``); the message says what to do."""
+
+
+class StageCannotRun(RuntimeError):
+    """A pre-LLM stage cannot map this request's images to their tokens; the request passes through unpruned."""

@@ -31,6 +31,7 @@ Pure torch; the scorers are in :mod:`runtime.prellm`.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,8 @@ import torch
 
 from . import prellm
 from .adapters import adapter_for
+from .errors import StageCannotRun
+from .state import PerThread
 
 FIXED_RATIO_METHODS = ("g-prune", "fopru-rank", "fopru-row")
 STAGE_METHODS = (*FIXED_RATIO_METHODS, "cls-inflection")
@@ -257,13 +260,6 @@ class _Restore:
             self.owner.__dict__[self.name] = self.previous
 
 
-def _runs(positions: torch.Tensor) -> list[torch.Tensor]:
-    if positions.numel() == 0:
-        return []
-    breaks = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1
-    return list(torch.tensor_split(positions, breaks.cpu()))
-
-
 @functools.lru_cache(maxsize=1024)
 def _next_sources(pinpoints: tuple, crop: int, patch: int, size: tuple[int, int]) -> tuple[torch.Tensor, int]:
     """One packed LLaVA-NeXT image: per placeholder its encoder patch ``crop·P + p`` or -1 (newline),
@@ -285,6 +281,31 @@ def _next_sources(pinpoints: tuple, crop: int, patch: int, size: tuple[int, int]
     return packed[0][:, 0].round().long(), crops
 
 
+@dataclass
+class _Encoded:
+    """One ``get_image_features`` call: the per-image feature blocks it returned, with its signals.
+
+    ``blocks`` are what the model scatters into the image placeholders, image by image; the
+    signals were captured from the vision encoder during the same call and are indexed by image
+    (LLaVA), crop (LLaVA-NeXT) or patch (Qwen-VL) in encoding order.
+    """
+
+    blocks: list
+    attention: torch.Tensor | None = None  # LLaVA (images, P); NeXT (crops, P); Qwen-VL (patches,)
+    features: torch.Tensor | None = None  # LLaVA (images, 1 + P, D); NeXT (crops, 1 + P, D)
+    sizes: list | None = None  # NeXT: (height, width) of each image
+    grids: list | None = None  # Qwen-VL: (t, h, w) of each image
+
+
+_KEEP_ENCODED = 4  # encodings remembered per thread: generate() encodes once, then prefills
+
+
+def _blocks(pooled: Any) -> list:
+    if isinstance(pooled, torch.Tensor):
+        return list(pooled) if pooled.dim() == 3 else [pooled]
+    return list(pooled)
+
+
 class PreLLMStage:
     """One pre-LLM method with its parameters; hooks the vision encoder and picks layer-0 survivors.
 
@@ -296,7 +317,25 @@ class PreLLMStage:
             ``inflection_detector`` (others are ignored).
         capture: which vision signals to record: ``{"attention", "features"}`` (default: what
             ``method`` needs; the calibration pass asks for all the model supports).
+
+    Images are matched to their placeholders the way the model itself fills them: the feature
+    blocks the base model scatters (``generate`` hands them over in ``mm_encoder_outputs``, expanded
+    for beam search; a plain forward encodes them itself) split the row-major run of placeholders,
+    and each block is traced back to the ``get_image_features`` call that produced it, whose vision
+    signals it then reads. So adjacent images, several images per row, beam search and any batch
+    layout map exactly. What the hooks capture for the request in flight is kept per thread
+    (:mod:`runtime.state`).
     """
+
+    _attention = PerThread(list)  # per vision forward of the current encode: significance
+    _features = PerThread(list)  # per vision forward of the current encode: (n, 1 + P, D)
+    _patch_grids = PerThread(list)  # Qwen-VL: grid_thw per vision forward of the current encode
+    _encoded = PerThread(list)  # recent _Encoded, oldest first
+    _encode_count = PerThread(lambda: 0)
+    _forward_mark = PerThread(lambda: 0)  # _encode_count when the prefill's base forward began
+    _scattered = PerThread()  # the blocks mm_encoder_outputs carried into this forward, if any
+    _ids = PerThread()
+    _embeds = PerThread()
 
     def __init__(self, method: str, keep_ratio: float = 1.0, params: dict | None = None, capture: set | None = None) -> None:
         if method not in STAGE_METHODS:
@@ -313,13 +352,10 @@ class PreLLMStage:
             capture = {"attention"} if method.startswith("fopru") else {"features"} if method == "cls-inflection" else set()
         self.capture = set(capture)
         self._family = "llava"
-        self._attention: list[torch.Tensor] = []  # per vision forward: per-patch significance
-        self._features: list[torch.Tensor] = []  # per vision forward: (crops, 1 + P, D)
-        self._grids: list[torch.Tensor] = []  # Qwen-VL: grid_thw per vision forward
-        self._image_sizes: Any = None
-        self._ids: torch.Tensor | None = None
-        self._embeds: torch.Tensor | None = None
         self._model: Any = None
+
+    def __deepcopy__(self, memo: dict) -> "PreLLMStage":
+        return self  # shared with the handle that owns it (see PruningHandle._deepcopy_model)
 
     # ------------------------------------------------------------------ hooks
     def attach(self, model: Any) -> list:
@@ -336,9 +372,18 @@ class PreLLMStage:
         self._model = model
         self._image_token_id = int(adapter_for(model).image_token_id(model))
         base = _base(model)
-        hooks = []
-        if self._family != "llava":  # NeXT/Qwen views need the placeholder runs (NeXT: newlines inside)
-            hooks.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
+        hooks = [base.register_forward_pre_hook(self._on_base, with_kwargs=True)]
+        original = base.get_image_features
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)  # generate() reads the signature through __wrapped__
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            self._attention, self._features, self._patch_grids = [], [], []
+            output = original(*args, **kwargs)
+            self._remember(output, signature.bind_partial(*args, **kwargs).arguments)
+            return output
+
+        hooks.append(_Restore(base, "get_image_features", get_image_features))
         if not self.capture:
             return hooks
         layers = vision_layers(model)
@@ -348,30 +393,41 @@ class PreLLMStage:
                 attn = layers[feature_encoder_layer(model, self.feature_layer)].attn
                 hooks.append(attn.register_forward_pre_hook(self._on_qwen_attention, with_kwargs=True))
             return hooks
-        hooks.append(base.vision_tower.register_forward_pre_hook(self._reset))
         if "attention" in self.capture:
             attn = layers[feature_encoder_layer(model, self.feature_layer)].self_attn
             hooks.append(attn.register_forward_pre_hook(self._on_attention_input, with_kwargs=True))
         if "features" in self.capture:
             hooks.append(layers[feature_encoder_layer(model)].register_forward_hook(self._on_layer_output))
-        if self._family == "llava_next":
-            original = base.get_image_features
-
-            @functools.wraps(original)  # generate() reads the signature through __wrapped__
-            def get_image_features(*args: Any, **kwargs: Any) -> Any:
-                self._image_sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
-                return original(*args, **kwargs)
-
-            hooks.append(_Restore(base, "get_image_features", get_image_features))
         return hooks
+
+    def _remember(self, output: Any, arguments: dict) -> None:
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is None and isinstance(output, (tuple, list)) and output:
+            pooled = output[0]
+        if pooled is None:
+            return
+        sizes = arguments.get("image_sizes")
+        grids = arguments.get("image_grid_thw")
+        cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
+        encoded = _Encoded(
+            blocks=_blocks(pooled),
+            attention=cat([a for a in self._attention if a is not None]),
+            features=cat(self._features),
+            sizes=None if sizes is None else [tuple(int(v) for v in s) for s in (sizes.tolist() if hasattr(sizes, "tolist") else sizes)],
+            grids=None if grids is None else [tuple(int(v) for v in g) for g in grids.tolist()],
+        )
+        self._attention, self._features, self._patch_grids = [], [], []
+        self._encoded = (self._encoded + [encoded])[-_KEEP_ENCODED:]
+        self._encode_count += 1
 
     def _on_base(self, module: Any, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None:
             self._ids = ids
-
-    def _reset(self, module: Any, args: tuple) -> None:
-        self._attention, self._features = [], []
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        pooled = getattr(encoded, "pooler_output", None)
+        self._scattered = None if pooled is None else _blocks(pooled)
+        self._forward_mark = self._encode_count
 
     def _on_attention_input(self, module: Any, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["hidden_states"]
@@ -388,9 +444,7 @@ class PreLLMStage:
         self._features.append(hidden.detach())
 
     def _on_qwen_visual(self, module: Any, args: tuple, kwargs: dict) -> None:
-        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        self._grids.append(grid.detach().cpu() if grid is not None else None)
-        self._attention.append(None)  # filled by the attention hook of this forward
+        self._attention.append(None)  # filled by the attention hook of this vision forward
 
     def _on_qwen_attention(self, module: Any, args: tuple, kwargs: dict) -> None:
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
@@ -412,18 +466,58 @@ class PreLLMStage:
                     probs = torch.softmax((q[:, q0:min(q0 + 1024, end)] @ keys.transpose(-1, -2)) * module.scaling, dim=-1)
                     total += probs.sum(dim=(0, 1))
                 received[start:end] = total / (module.num_heads * (end - start))
-        self._attention[-1] = received
+        if self._attention:
+            self._attention[-1] = received
+        else:
+            self._attention.append(received)
 
     def on_inputs(self, embeds: torch.Tensor) -> None:
         self._embeds = embeds
 
-    # ------------------------------------------------------------------ views
-    def images(self, roles: Any) -> list[tuple[int, torch.Tensor]]:
-        """(row, prompt positions) of each image's run of prunable tokens (LLaVA-1.5 layout)."""
-        out = []
-        for row in range(roles.visual.shape[0]):
-            for run in _runs(torch.nonzero(roles.visual[row]).flatten()):
-                out.append((row, run))
+    # ------------------------------------------------------------------ images and views
+    def _source(self, block: torch.Tensor) -> tuple[_Encoded, int]:
+        """The encoding and image index a scattered feature block came from."""
+        for encoded in reversed(self._encoded):
+            for index, candidate in enumerate(encoded.blocks):
+                if candidate is block:
+                    return encoded, index
+        for encoded in reversed(self._encoded):  # copied on the way (a device move, a cat): same values
+            for index, candidate in enumerate(encoded.blocks):
+                if candidate.shape == block.shape and torch.equal(candidate, block.to(candidate.device, candidate.dtype)):
+                    return encoded, index
+        raise StageCannotRun("an image's features in the prompt match no image the vision encoder encoded")
+
+    def images(self, roles: Any) -> list[tuple[int, torch.Tensor, _Encoded, int]]:
+        """Each image of the prefill, in the order the model scatters them.
+
+        Returns:
+            ``(row, prompt positions of its placeholders, its encoding, its index there)`` per image.
+
+        Raises:
+            StageCannotRun: the images cannot be matched to their placeholders (the request then
+                passes through unpruned).
+        """
+        if self._ids is None or self._ids.shape != roles.valid.shape:
+            raise StageCannotRun("the pre-LLM stage did not see this prefill's input_ids")
+        if self._scattered is not None:
+            blocks = self._scattered
+        elif self._encode_count > self._forward_mark and self._encoded:
+            blocks = self._encoded[-1].blocks
+        else:
+            raise StageCannotRun("no image features reached the language model in this forward")
+        placeholders = (self._ids.to(roles.valid.device) == self._image_token_id) & roles.valid
+        rows, cols = torch.nonzero(placeholders, as_tuple=True)  # row-major, the order masked_scatter fills
+        lengths = [int(block.shape[0]) for block in blocks]
+        if sum(lengths) != rows.numel():
+            raise StageCannotRun(f"{rows.numel()} image placeholders but {sum(lengths)} image features")
+        out, start = [], 0
+        for block, length in zip(blocks, lengths):
+            row = rows[start:start + length]
+            if length == 0 or bool((row != row[0]).any()):
+                raise StageCannotRun("an image's placeholders span two rows of the batch")
+            encoded, index = self._source(block)
+            out.append((int(row[0]), cols[start:start + length], encoded, index))
+            start += length
         return out
 
     def views(self, roles: Any) -> list[View]:
@@ -435,118 +529,96 @@ class PreLLMStage:
         Returns:
             :class:`View` list: LLaVA one per image; LLaVA-NeXT base then high-res per image;
             Qwen-VL one per image.
+
+        Raises:
+            StageCannotRun: the images or their signals cannot be mapped to the prompt.
         """
-        if self._family == "llava_next":
-            return self._next_views(roles)
-        if self._family.startswith("qwen2"):
-            return self._qwen_views(roles)
-        return self._llava_views(roles)
-
-    def _store(self, name: str) -> torch.Tensor | None:
-        if name not in self.capture:
-            return None
-        parts = self._attention if name == "attention" else self._features
-        if not parts:
-            raise RuntimeError("the vision encoder did not run in this forward, so no pre-LLM signal was captured")
-        return torch.cat(parts)
-
-    def _llava_views(self, roles: Any) -> list[View]:
-        attention, features = self._store("attention"), self._store("features")
+        views = {"llava_next": self._next_views, "qwen2_vl": self._qwen_views, "qwen2_5_vl": self._qwen_views}.get(self._family, self._llava_views)
         out = []
-        for image, (row, positions) in enumerate(self.images(roles)):
-            n = positions.numel()
-            side = math.isqrt(n)
-            view = View(row, positions, (side, side) if side * side == n else None)
-            for signal, store in (("attention", attention), ("features", features)):
-                if store is None:
-                    continue
-                if image >= store.shape[0]:
-                    raise RuntimeError("the vision encoder saw fewer images than the prompt has image-token runs")
-                width = store.shape[1] - (1 if signal == "features" else 0)
-                if width != n:
-                    raise RuntimeError(f"image {image} has {n} tokens but {width} encoder patches (strategy 'default' expected)")
-                if signal == "attention":
-                    view.attention = store[image].float()
-                else:
-                    view.clssim = prellm.cls_similarity(store[image][1:], store[image][0])
-            out.append(view)
+        for row, positions, encoded, index in self.images(roles):
+            out.extend(views(roles, row, positions, encoded, index))
         return out
 
-    def _placeholder_runs(self, roles: Any) -> list[tuple[int, torch.Tensor]]:
-        if self._ids is None or self._ids.shape != roles.valid.shape:
-            raise RuntimeError("the pre-LLM stage did not see this prefill's input_ids")
-        image = (self._ids.to(roles.valid.device) == self._image_token_id) & roles.valid
-        return [(row, run) for row in range(image.shape[0]) for run in _runs(torch.nonzero(image[row]).flatten())]
+    def _signal(self, encoded: _Encoded, name: str) -> torch.Tensor | None:
+        if name not in self.capture:
+            return None
+        value = encoded.attention if name == "attention" else encoded.features
+        if value is None:
+            raise StageCannotRun("the vision encoder ran without the stage's hooks, so no pre-LLM signal was captured")
+        return value
 
-    def _next_views(self, roles: Any) -> list[View]:
+    def _llava_views(self, roles: Any, row: int, positions: torch.Tensor, encoded: _Encoded, index: int) -> list[View]:
+        n = positions.numel()
+        side = math.isqrt(n)
+        view = View(row, positions, (side, side) if side * side == n else None)
+        attention, features = self._signal(encoded, "attention"), self._signal(encoded, "features")
+        for signal, store in (("attention", attention), ("features", features)):
+            if store is None:
+                continue
+            width = store.shape[1] - (1 if signal == "features" else 0)
+            if index >= store.shape[0] or width != n:
+                raise StageCannotRun(f"an image has {n} tokens but its encoder signal has {width} patches (strategy 'default' expected)")
+            if signal == "attention":
+                view.attention = store[index].float()
+            else:
+                view.clssim = prellm.cls_similarity(store[index][1:], store[index][0])
+        return [view]
+
+    def _next_views(self, roles: Any, row: int, positions: torch.Tensor, encoded: _Encoded, index: int) -> list[View]:
         config = self._model.config
         side = config.vision_config.image_size // config.vision_config.patch_size
         patches = side * side
-        attention, features = self._store("attention"), self._store("features")
+        newline = ~roles.visual[row, positions]
+        attention, features = self._signal(encoded, "attention"), self._signal(encoded, "features")
+        source = None
+        if encoded.sizes is not None and index < len(encoded.sizes):
+            pinpoints = tuple(tuple(int(v) for v in p) for p in config.image_grid_pinpoints)
+            crop, patch = config.vision_config.image_size, config.vision_config.patch_size
+            first_crop = sum(_next_sources(pinpoints, crop, patch, size)[1] for size in encoded.sizes[:index])
+            source, _ = _next_sources(pinpoints, crop, patch, encoded.sizes[index])
+            if source.numel() != positions.numel() or not torch.equal((source < 0).to(newline.device), newline):
+                raise StageCannotRun(f"the LLaVA-NeXT layout of a {encoded.sizes[index]} image does not match its {positions.numel()} placeholders")
+            source = source.to(positions.device) + first_crop * patches
+        elif attention is not None or features is not None:
+            raise StageCannotRun("no image_sizes reached get_image_features; LLaVA-NeXT crops cannot be mapped to tokens")
         clssim = None
         if features is not None:  # each crop's patches against that crop's own CLS
             clssim = torch.stack([prellm.cls_similarity(f[1:], f[0]) for f in features]).flatten()
-        if attention is not None:
-            attention = attention.float().flatten()
-        sizes = None
-        if attention is not None or clssim is not None:
-            if self._image_sizes is None:
-                raise RuntimeError("no image_sizes reached get_image_features; LLaVA-NeXT crops cannot be mapped to tokens")
-            sizes = [tuple(int(v) for v in s) for s in (self._image_sizes.tolist() if hasattr(self._image_sizes, "tolist") else self._image_sizes)]
-        pinpoints = tuple(tuple(int(v) for v in p) for p in config.image_grid_pinpoints)
-        out, crop0 = [], 0
-        for image, (row, run) in enumerate(self._placeholder_runs(roles)):
-            newline = ~roles.visual[row, run]
-            source = None
-            if sizes is not None:
-                if image >= len(sizes):
-                    raise RuntimeError("the prompt has more LLaVA-NeXT image runs than images were encoded")
-                source, crops = _next_sources(pinpoints, config.vision_config.image_size, config.vision_config.patch_size, sizes[image])
-                if source.numel() != run.numel() or not torch.equal((source < 0).to(newline.device), newline):
-                    raise RuntimeError(f"LLaVA-NeXT image {image}: the packed layout does not match its {run.numel()} placeholders")
-                source = source.to(run.device) + crop0 * patches
-                crop0 += crops
-            prunable = torch.nonzero(~newline).flatten()
-            base, rest = prunable[:patches], prunable[patches:]
-            parts = [(base, (side, side))]
-            if rest.numel():
-                after = newline.clone()
-                after[: int(base[-1]) + 1 if base.numel() else 0] = False
-                rows = int(after.sum())
-                parts.append((rest, (rows, rest.numel() // rows) if rows and rest.numel() % rows == 0 else None))
-            for index, grid in parts:
-                view = View(row, run[index], grid)
-                if source is not None:
-                    src = source[index].cpu()
-                    view.attention = attention[src] if attention is not None else None
-                    view.clssim = clssim[src] if clssim is not None else None
-                out.append(view)
+        attention = attention.float().flatten() if attention is not None else None
+        prunable = torch.nonzero(~newline).flatten()
+        base, rest = prunable[:patches], prunable[patches:]
+        parts = [(base, (side, side))]
+        if rest.numel():
+            after = newline.clone()
+            after[: int(base[-1]) + 1 if base.numel() else 0] = False
+            lines = int(after.sum())
+            parts.append((rest, (lines, rest.numel() // lines) if lines and rest.numel() % lines == 0 else None))
+        out = []
+        for part, grid in parts:
+            view = View(row, positions[part], grid)
+            if source is not None:
+                src = source[part].cpu()
+                view.attention = attention[src] if attention is not None else None
+                view.clssim = clssim[src] if clssim is not None else None
+            out.append(view)
         return out
 
-    def _qwen_views(self, roles: Any) -> list[View]:
-        runs = self._placeholder_runs(roles)
-        if "attention" not in self.capture:
-            return [View(row, run, None) for row, run in runs]
+    def _qwen_views(self, roles: Any, row: int, positions: torch.Tensor, encoded: _Encoded, index: int) -> list[View]:
         merge = int(self._model.config.vision_config.spatial_merge_size)
-        total = sum(run.numel() for _, run in runs)
-        call = next((i for i in range(len(self._grids) - 1, -1, -1)
-                     if self._grids[i] is not None and int((self._grids[i].prod(-1) // merge**2).sum()) == total), None)
-        if call is None or self._attention[call] is None:
-            raise RuntimeError("no Qwen-VL vision forward matches this prompt's image placeholders")
-        grids, received = self._grids[call], self._attention[call]
-        self._grids, self._attention = [], []
-        per_token = received.view(-1, merge * merge).mean(dim=1)  # mean over each merge group
-        counts = (grids.prod(-1) // merge**2).tolist()
-        flat = torch.cat([run for _, run in runs])
-        rows = torch.cat([torch.full((run.numel(),), row) for row, run in runs])
-        out, start = [], 0
-        for (t, h, w), count in zip(grids.tolist(), counts):
-            positions, row = flat[start:start + count], rows[start:start + count]
-            if row.numel() == 0 or bool((row != row[0]).any()) or bool((positions[1:] != positions[:-1] + 1).any()):
-                raise RuntimeError("a Qwen-VL image's placeholders are not one contiguous run")
-            out.append(View(int(row[0]), positions, (t * h // merge, w // merge), attention=per_token[start:start + count]))
-            start += count
-        return out
+        attention = self._signal(encoded, "attention")
+        if encoded.grids is None or index >= len(encoded.grids):
+            if attention is not None:
+                raise StageCannotRun("no image_grid_thw reached get_image_features; Qwen-VL patches cannot be mapped to tokens")
+            return [View(row, positions, None)]
+        t, h, w = encoded.grids[index]
+        if t * h * w // merge**2 != positions.numel():
+            raise StageCannotRun(f"a Qwen-VL image of grid {(t, h, w)} does not match its {positions.numel()} placeholders")
+        view = View(row, positions, (t * h // merge, w // merge))
+        if attention is not None:
+            first = sum(a * b * c for a, b, c in encoded.grids[:index])
+            patches = attention[first:first + t * h * w]
+            view.attention = patches.view(-1, merge * merge).mean(dim=1)  # mean over each merge group
+        return [view]
 
     # ------------------------------------------------------------------ per view
     def scores(self, roles: Any) -> list[dict]:
@@ -568,18 +640,24 @@ class PreLLMStage:
         return out
 
     def keep(self, roles: Any) -> torch.Tensor:
-        """(B, L) bool: the visual tokens that enter layer 0 (LLaVA-NeXT newlines are never dropped)."""
-        kept = torch.zeros_like(roles.visual)
-        for view in self.views(roles):
-            if self.method == "g-prune":
-                x = self._embeds[view.row, view.positions.to(self._embeds.device)]
-                scores = prellm.gprune_scores(x, **self.params)
-            elif self.method == "cls-inflection":
-                scores = view.clssim
-            else:
-                scores = view.attention
-            mask = view_keep(self.method, scores, self.keep_ratio, view.grid, self.detector)
-            kept[view.row, view.positions[mask.to(view.positions.device)]] = True
-        self._embeds = None
-        self._ids = None
+        """(B, L) bool: the visual tokens that enter layer 0 (LLaVA-NeXT newlines are never dropped).
+
+        Raises:
+            StageCannotRun: the images cannot be mapped (the pruner passes the request through).
+        """
+        try:
+            kept = torch.zeros_like(roles.visual)
+            for view in self.views(roles):
+                if self.method == "g-prune":
+                    x = self._embeds[view.row, view.positions.to(self._embeds.device)]
+                    scores = prellm.gprune_scores(x, **self.params)
+                elif self.method == "cls-inflection":
+                    scores = view.clssim
+                else:
+                    scores = view.attention
+                mask = view_keep(self.method, scores, self.keep_ratio, view.grid, self.detector)
+                kept[view.row, view.positions[mask.to(view.positions.device)]] = True
+        finally:
+            self._embeds = None
+            self._ids = None
         return kept

@@ -13,6 +13,7 @@ See ``notes/transformers-5.md`` in the design docs for the measured reasons behi
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
@@ -21,8 +22,9 @@ import torch
 
 from . import attention
 from .adapters import adapter_for
-from .errors import RecipeAlreadyAppliedError
+from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, StageCannotRun
 from .scoring import keep_top, scorer_groups, scores_from_sums
+from .state import PerThread
 
 logger = logging.getLogger("runtime")
 
@@ -59,6 +61,9 @@ class Policy:
     probe_layers: tuple[int, ...] = ()
     head_reduce: str = "max"
 
+    def __deepcopy__(self, memo: dict) -> "Policy":
+        return self  # shared, like the handle: a deep-copied model is cleaned of its hooks afterwards
+
     def attach(self, model: torch.nn.Module) -> list:
         """Install extra hooks on ``model`` (e.g. on the vision encoder); return their handles.
 
@@ -91,8 +96,12 @@ class RecipePolicy(Policy):
     """The production policy: per-layer keep counts from a recipe, top-k by the recipe's scorer.
 
     A recipe with a pre-LLM stage also prunes on entry to layer 0 (the stage's selection); the
-    in-LLM schedule then scales with each row's visual tokens *after* the stage.
+    in-LLM schedule then scales with each row's visual tokens *after* the stage. The scores and
+    keep counts of the request in flight are per thread, so concurrent requests never mix.
     """
+
+    _scores = PerThread()
+    _keep = PerThread()
 
     def __init__(self, recipe: Any) -> None:
         self.recipe = recipe
@@ -108,8 +117,6 @@ class RecipePolicy(Policy):
             in_llm = (0, *in_llm)
         self.pruning_layers = in_llm
         self.head_reduce = recipe.head_reduce
-        self._scores: torch.Tensor | None = None
-        self._keep: torch.Tensor | None = None
         self._counts: dict[int, torch.Tensor] = {}  # visual tokens of a row -> keep counts per layer
 
     def attach(self, model: torch.nn.Module) -> list:
@@ -168,8 +175,10 @@ class _Request:
 class PruningHandle:
     """Hooks that prune visual tokens in ``model`` per ``policy``; ``remove()`` undoes everything.
 
-    Use as a context manager or call :meth:`remove`. Not safe for concurrent forwards on the same
-    model (the hooks keep per-request state between prefill and decode, like the KV cache does).
+    Use as a context manager or call :meth:`remove`. Concurrent requests on one model (a server's
+    request threads) are each exactly what they would be alone: everything a request's hooks
+    remember between its prefill and its decode steps is kept per thread (:mod:`runtime.state`).
+    ``copy.deepcopy(model)`` gives a clean, unpatched copy; apply the recipe to it if it should prune.
 
     Args:
         model: a stock HF VLM of a supported family (see ``runtime.adapters``).
@@ -180,6 +189,14 @@ class PruningHandle:
         ...     out = model.generate(**inputs, max_new_tokens=16)
     """
 
+    # Per request, hence per thread: the request in flight and the forward being run.
+    last_request = PerThread()  # the latest pruned prefill of this thread (None if it passed through)
+    _request = PerThread()
+    _forward = PerThread(dict)
+    _input_ids = PerThread()
+    _base_kwargs = PerThread(dict)
+    _replay = PerThread()
+
     def __init__(self, model: torch.nn.Module, policy: Any) -> None:
         self.policy = policy if isinstance(policy, Policy) else RecipePolicy(policy)
         self.model = model
@@ -187,12 +204,6 @@ class PruningHandle:
         self.language_model = self.adapter.language_model(model)
         self.layers = self.adapter.layers(model)
         self.image_token_id = self.adapter.image_token_id(model)
-        self.last_request: _Request | None = None
-        self._request: _Request | None = None
-        self._forward: dict = {}
-        self._input_ids: torch.Tensor | None = None
-        self._base_kwargs: dict = {}
-        self._replay: dict | None = None
         self._hooks: list = []
         self._policy_hooks: list = []
         self._probed: list = []
@@ -220,8 +231,11 @@ class PruningHandle:
         attention.register()
         self._config._attn_implementation = attention.WRAPPED[self._saved_impl]
         base = self.adapter.base_model(self.model)
+        if base is not self.model:
+            self._hooks.append(self.model.register_forward_pre_hook(self._on_top, with_kwargs=True))
         self._hooks.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
         self._hooks.append(self.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+        self.model.__deepcopy__ = self._deepcopy_model  # copy.deepcopy looks it up on the instance
         first = min(self.policy.pruning_layers, default=len(self.layers))
         for index in range(first, len(self.layers)):
             hook = self._make_layer_hook(index)
@@ -247,9 +261,40 @@ class PruningHandle:
             attention.set_probe(module, None)
         self._probed.clear()
         self._config._attn_implementation = self._saved_impl
+        if self.model.__dict__.get("__deepcopy__") == self._deepcopy_model:
+            del self.model.__dict__["__deepcopy__"]
         if getattr(self.model, "_recipe_runtime_handle", None) is self:
             del self.model._recipe_runtime_handle
         self._request = None
+
+    def __deepcopy__(self, memo: dict) -> "PruningHandle":
+        return self  # a handle is a resource, not a value; see _deepcopy_model
+
+    def _deepcopy_model(self, memo: dict) -> torch.nn.Module:
+        """``copy.deepcopy(model)``: a copy of the model as it was before :meth:`apply`.
+
+        The copy shares no state with this handle: the hooks, probes, wrappers and the wrapped
+        attention implementation are taken off it, so removing this handle never leaves the copy
+        patched, and applying a recipe to the copy works as on any stock model.
+        """
+        model = self.model
+        held = {key: model.__dict__.pop(key) for key in ("__deepcopy__", "_recipe_runtime_handle") if key in model.__dict__}
+        try:
+            clone = copy.deepcopy(model, memo)
+        finally:
+            model.__dict__.update(held)
+        hook_ids = {hook.id for hook in (*self._hooks, *self._policy_hooks) if hasattr(hook, "id")}
+        wrappers = [(hook.name, hook.wrapper) for hook in self._policy_hooks if hasattr(hook, "wrapper")]
+        for module in clone.modules():
+            for hooks in (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs,
+                          module._forward_hooks, module._forward_hooks_with_kwargs):
+                for hook_id in hook_ids & set(hooks):
+                    del hooks[hook_id]
+            for name, wrapper in wrappers:
+                if module.__dict__.get(name) is wrapper:
+                    del module.__dict__[name]
+        self.adapter.language_model(clone).config._attn_implementation = self._saved_impl
+        return clone
 
     def __enter__(self) -> "PruningHandle":
         return self
@@ -275,6 +320,14 @@ class PruningHandle:
             logger.info("recipe runtime: %s; %s", reason, consequence)
 
     # ----------------------------------------------------------------------------- hooks
+    def _on_top(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("labels") is not None:
+            raise PruningUnsupportedError(
+                "labels were passed to a model with a pruning recipe applied: pruning drops visual tokens, so the "
+                "sequence no longer lines up with the labels; to train or compute a loss, run the unpatched model "
+                "(handle.remove(), or outside the handle's with-block)"
+            )
+
     def _on_base(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._base_kwargs = kwargs  # image_sizes, grids…: what an adapter needs to find visual tokens
@@ -371,7 +424,14 @@ class PruningHandle:
             hidden = args[0] if args else kwargs["hidden_states"]
             if is_pruning:
                 if self._forward["prefill"]:
-                    hidden = self._prune(layer, request, hidden, kwargs)
+                    try:
+                        hidden = self._prune(layer, request, hidden, kwargs)
+                    except StageCannotRun as exc:
+                        if request.kept:  # an earlier layer already pruned: the request cannot be undone
+                            raise
+                        self._request = None
+                        self._say_once(str(exc))
+                        return None
                 request.carry["attention_mask"] = self._rebuild_mask(layer, request, hidden)
             elif self._forward["prefill"]:
                 self._count(request)
@@ -434,7 +494,9 @@ class PruningHandle:
         prompt = request.prompt_len
         orig_index, valid = request.kept[layer]
         if mask2d is None:  # no padding anywhere: the prompt part is the dummy mask, new tokens are real
-            new = 0 if self._forward["prefill"] else cache.get_seq_length() + hidden.shape[1] - prompt
+            # Tokens after the prompt, this forward's included, from this layer's own cache (it holds
+            # the pruned prompt): layer 0's length is wrong when layer 0 itself prunes (a pre-LLM stage).
+            new = 0 if self._forward["prefill"] else cache.get_seq_length(layer) - valid.shape[1] + hidden.shape[1]
             tail = torch.ones(valid.shape[0], new, dtype=torch.bool, device=valid.device)
             pruned = torch.cat([valid, tail], dim=1)
         else:

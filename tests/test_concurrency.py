@@ -1,0 +1,81 @@
+"""Concurrent requests on one patched model (a server's request threads) are each exactly what they are alone.
+
+Threads share one model and one handle; each sends a different request (prompt, image, length,
+batch size). Every thread's sequences and per-step logits must equal the same request run alone,
+bit for bit, in every round.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from families import FamilyCase, family_params
+from runtime import Recipe
+from runtime.adapters import model_fingerprint
+
+THREADS = 4
+ROUNDS = 6
+GREEDY = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+QUESTIONS = ["What is in the picture?", "Describe the colours of this picture in detail, please.", "Count?",
+             "Is there a cat in this image, or is it something else?"]
+
+
+def _requests(case: FamilyCase, loaded) -> list[dict]:
+    from recipe_compiler.calibration import load_calibration, load_image
+
+    samples = load_calibration().samples
+    out = []
+    for i, question in enumerate(QUESTIONS):
+        size = case.image_sizes[i % 2]
+        images = [load_image(samples[i + j]).resize(size, Image.BICUBIC) for j in range(1 + i % 2)]
+        texts = [loaded.format_prompt(question)] if i % 2 == 0 else [loaded.format_prompt(question), loaded.format_prompt("Why?")]
+        out.append(dict(loaded.processor(images=images, text=texts, return_tensors="pt", padding=True)))
+    return out
+
+
+def _recipe(model, stage: bool | None):
+    if stage is None:  # the control: the unpatched model under the same threads
+        return contextlib.nullcontext()
+    fp = model_fingerprint(model)
+    v, layers = fp["visual_tokens"], fp["num_layers"]
+    counts = np.array([v, v] + [v // 2] * 2 + [v // 4] * (layers - 4))
+    spec = {"method": "g-prune", "keep_ratio": 0.75, "params": {}} if stage else {"method": "none"}
+    return Recipe(keep_count=counts, scorer="fitprune", fingerprint=fp, pre_llm=spec).apply(model)
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a.sequences, b.sequences) and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+
+
+@pytest.mark.parametrize("stage", [None, False, True], ids=["unpatched", "schedule", "stage+schedule"])
+@pytest.mark.parametrize("case", family_params())
+def test_threads_sharing_one_patched_model_each_get_what_they_get_alone(case: FamilyCase, stage: bool | None):
+    loaded = case.load()
+    model = loaded.model
+    requests = _requests(case, loaded)
+    with _recipe(model, stage), torch.no_grad():
+        alone = [model.generate(**r, **GREEDY) for r in requests]
+        failures: list[str] = []
+
+        def serve(index: int, start: threading.Barrier) -> None:
+            start.wait()
+            try:
+                out = model.generate(**requests[index], **GREEDY)
+                if not _same(out, alone[index]):
+                    failures.append(f"request {index}: output differs from the request run alone")
+            except Exception as exc:  # noqa: BLE001 - reported as the test's failure
+                failures.append(f"request {index}: {type(exc).__name__}: {exc}")
+
+        for _ in range(ROUNDS):
+            start = threading.Barrier(THREADS)
+            threads = [threading.Thread(target=serve, args=(i % len(requests), start)) for i in range(THREADS)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    assert not failures, "; ".join(failures[:4])

@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:  # the suite also runs from a plain checkout witho
 # Tiny models are made of tiny matrix products: one thread runs them as fast as two on an idle
 # machine and several times faster on a busy one (OpenMP threads spin while they wait for a core).
 torch.set_num_threads(int(os.environ.get("RECIPE_TEST_THREADS", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("RECIPE_TEST_THREADS", "1"))  # CLI subprocesses too
 
 
 @pytest.fixture(scope="session")

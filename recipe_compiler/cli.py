@@ -175,7 +175,7 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
         "" if v.vision_flops is None else f" | vision encoder {format_flops(v.vision_flops)}/sample ({100 * v.vision_share:.1f}% of unpruned)")
     print(
         f"budget {args.budget:g} | flops {v.flops_fraction:.4f} | visual tokens {result.visual_token_equivalent:.1f}/{v_ref} "
-        f"| divergence {result.divergence:.4f} | kl {v.kl:.4g} | top1 {v.top1_agreement:.2f} | search {args.search}{stage_text}"
+        f"| divergence {result.divergence:.4f} (runs {result.nested_divergence:.4f}, verified {v.divergence:.4f}) | kl {v.kl:.4g} | top1 {v.top1_agreement:.2f} | search {args.search}{stage_text}"
         f"{vision_text} | time {stage_times} | wrote {output}"
     )
     return 0

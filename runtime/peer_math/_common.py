@@ -36,12 +36,19 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs: scores are never computed below float32."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def order_best_first(scores: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
     """Indices sorting the last axis best first: descending score, ties by ascending position.
 
-    Ineligible entries and NaN scores come last (in position order). Float32 comparison.
+    Ineligible entries and NaN scores come last (in position order). Compared in float32 at least
+    (float64 scores stay float64).
     """
-    s = torch.nan_to_num(scores.detach().float(), nan=-math.inf)
+    s = scores.detach()
+    s = torch.nan_to_num(s.to(torch.promote_types(s.dtype, torch.float32)), nan=-math.inf)
     if eligible is not None:
         s = torch.where(eligible, s, torch.full_like(s, -math.inf))
     return torch.sort(s, dim=-1, descending=True, stable=True).indices

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_batch, check_count, check_ratio, round_half_up, top_k_mask
+from ._common import as_batch, check_count, check_ratio, round_half_up, top_k_mask, work_dtype
 
 __all__ = ["DEFAULT_LAYER", "DEFAULT_DROP_RATIO", "PAPER_SETTINGS", "keep_count", "scores", "select"]
 
@@ -60,7 +60,7 @@ def scores(last_row: torch.Tensor) -> torch.Tensor:
             layer ``K − 1``.
     """
     x, single = as_batch(last_row, "last_row", 3)
-    out = x.float().mean(dim=1)
+    out = x.to(work_dtype(x)).mean(dim=1)
     return out[0] if single else out
 
 

@@ -42,11 +42,8 @@ def stage_layers(num_layers: int, stages: int = 3) -> tuple[int, ...]:
         ((10, 20, 30), (2, 4, 6))
     """
     check_count(num_layers, 1 << 20, "num_layers")
-    check_count(stages, num_layers - 1 if num_layers > 1 else 0, "stages")
-    layers = tuple(s * num_layers // (stages + 1) for s in range(1, stages + 1))
-    if len(set(layers)) != len(layers) or (layers and layers[0] < 1):
-        raise ValueError(f"{stages} stages do not fit in {num_layers} layers; use fewer stages")
-    return layers
+    check_count(stages, max(num_layers - 1, 0), "stages")  # then the layers are distinct and >= 1
+    return tuple(s * num_layers // (stages + 1) for s in range(1, stages + 1))
 
 
 def stage_counts(n_visual: int, lam: float = DEFAULT_LAMBDA, stages: int = 3) -> list[int]:

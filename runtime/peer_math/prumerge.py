@@ -120,9 +120,10 @@ def prumerge(
     kept = torch.zeros(N, dtype=torch.bool, device=features.device)
     kept[index] = True
     others = torch.nonzero(~kept).flatten()  # ascending
-    x, a = features.float(), cls_attn.float()
-    unit = torch.nn.functional.normalize(k.float(), p=2, dim=-1)
-    merged = torch.empty(index.numel(), features.shape[1], dtype=torch.float32, device=features.device)
+    work = torch.float64 if features.dtype == torch.float64 else torch.float32  # float32 at least
+    x, a = features.to(work), cls_attn.to(work)
+    unit = torch.nn.functional.normalize(k.to(work), p=2, dim=-1)
+    merged = torch.empty(index.numel(), features.shape[1], dtype=work, device=features.device)
     for i in range(index.numel()):
         rest = torch.cat([index[:i], index[i + 1:], others])
         similarity = unit[rest] @ unit[index[i]]

@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from ._common import as_batch, check_count, top_k_mask
+from ._common import as_batch, check_count, top_k_mask, work_dtype
 
 __all__ = ["LAYERS", "SCHEDULES", "TOP_HEADS", "keep_count", "raters", "rope_bias", "scores", "select"]
 
@@ -110,9 +110,9 @@ def scores(
     """
     a, single = as_batch(attention, "attention", 4)
     r, _ = as_batch(rater_mask, "rater_mask", 2)
-    a = a.float()
+    a = a.to(work_dtype(a))
     if bias is not None:
-        a = a / as_batch(bias, "bias", 3)[0].float()[:, None]
+        a = a / as_batch(bias, "bias", 3)[0].to(a.dtype)[:, None]
     rm = r.bool()[:, None, :, None].to(a.dtype)
     if top_heads is not None and top_heads < a.shape[1]:
         per_head = (a * rm).sum(dim=(2, 3))  # (B, H)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import as_batch, check_count, order_best_first
+from ._common import as_batch, check_count, order_best_first, work_dtype
 
 __all__ = ["SETTINGS", "SETTINGS_PER_CROP", "VisionZipResult", "visionzip", "anyres_order"]
 
@@ -91,7 +91,7 @@ def visionzip(
     rest = T - dominant
     check_count(contextual, rest, "contextual")
 
-    patch_scores = a.float().sum(dim=1)[:, 1:]  # (B, N): CLS → patch, summed over heads
+    patch_scores = a.to(work_dtype(a)).sum(dim=1)[:, 1:]  # (B, N): CLS → patch, summed over heads
     top = order_best_first(patch_scores)[:, : dominant - 1] + 1
     is_dominant = torch.zeros(B, T, dtype=torch.bool, device=h.device)
     is_dominant[:, 0] = True
@@ -115,7 +115,7 @@ def visionzip(
     def take(x, index):
         return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
-    metric = k.float() / k.float().norm(dim=-1, keepdim=True)
+    metric = k.to(work_dtype(k)) / k.to(work_dtype(k)).norm(dim=-1, keepdim=True)
     similarity = torch.bmm(take(metric, merged_index), take(metric, contextual_index).transpose(1, 2))  # (B, m, c)
     assignment = similarity.argmax(dim=2)  # first maximum on ties
     one_hot = torch.nn.functional.one_hot(assignment, contextual).to(h.dtype)  # (B, m, c)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_batch, check_count, top_k_mask
+from ._common import as_batch, check_count, top_k_mask, work_dtype
 
 __all__ = ["DEFAULT_START_LAYER", "DEFAULT_TOKEN_NUM", "layer_range", "scores", "select"]
 
@@ -53,7 +53,7 @@ def scores(cls_rows: torch.Tensor) -> torch.Tensor:
     x, single = as_batch(cls_rows, "cls_rows", 4)
     if single:  # (n_layers, H, 1 + N): one image
         x = x.squeeze(0).unsqueeze(1)
-    out = x.float().mean(dim=2)[..., 1:].sum(dim=0)
+    out = x.to(work_dtype(x)).mean(dim=2)[..., 1:].sum(dim=0)
     return out[0] if single else out
 
 

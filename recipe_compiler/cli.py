@@ -331,7 +331,7 @@ def format_recipe(recipe) -> str:
                      f"({vision['model']}; not part of the budget)")
     if prov:
         measured = "  ".join(
-            f"{key} {prov[key]:.4g}" for key in ("budget", "flops_fraction", "divergence", "kl", "top1_agreement") if isinstance(prov.get(key), (int, float))
+            f"{key} {prov[key]:.4g}" for key in ("budget", "flops_fraction", "divergence", "divergence_nested", "divergence_verified", "kl", "top1_agreement") if isinstance(prov.get(key), (int, float))
         )
         lines.append(f"compiled  search {prov.get('search', '?')} {json.dumps(prov.get('search_params', {}), sort_keys=True)}")
         lines.append(f"measured  {measured}")

@@ -294,8 +294,10 @@ def nested_keep_sets(
     S, L, V = stats.cross.shape
     grid = V if v_ref is None else int(v_ref)
     keep = np.asarray(keep_counts)
-    if keep.shape != (L,) or keep.dtype.kind not in "iu" or np.any(keep < 0) or np.any(keep > grid) or np.any(np.diff(keep) > 0):
-        raise ValueError(f"keep_counts must be {L} non-increasing integers in [0, {grid}], got {keep.tolist()}")
+    if (keep.shape != (L,) or keep.dtype.kind not in "iu" or np.any(keep < 0) or np.any(keep > grid)
+            or np.any(np.diff(keep) > 0) or keep[0] != grid):
+        raise ValueError(f"keep_counts must be {L} non-increasing integers in [0, {grid}] starting at {grid} "
+                         f"(nothing is pruned before layer 0), got {keep.tolist()}")
     alive = _alive_at_layer_zero(stats, survivors)
     counts = scale_counts(keep[None, :], alive.sum(axis=1)[:, None], grid)  # [S, L]
     out = np.empty((S, L, V), dtype=bool)

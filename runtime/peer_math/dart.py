@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_batch, check_count, order_best_first
+from ._common import as_batch, check_count, order_best_first, work_dtype
 
 __all__ = ["DEFAULT_LAYER", "DEFAULT_BUDGET", "DEFAULT_PIVOTS", "token_topk", "retained_count", "pivot_order", "dart_keep"]
 
@@ -113,7 +113,7 @@ def dart_keep(
         raise ValueError(f"keys {tuple(k.shape)}, hidden {tuple(h.shape)}, image {tuple(im.shape)} and text {tuple(tx.shape)} "
                          "must agree on (B, L)")
     per = token_topk(budget, pivot_image, pivot_text)
-    norms = k.float().abs().sum(dim=-1)  # L1 norm of each token's key
+    norms = k.to(work_dtype(k)).abs().sum(dim=-1)  # L1 norm of each token's key
     va = torch.ones_like(im, dtype=torch.bool) if valid is None else as_batch(valid, "valid", 2)[0].bool()
     offset = torch.argmax(va.int(), dim=1)  # first real token of each row
     keep = torch.zeros(B, L, dtype=torch.bool, device=im.device)
@@ -130,7 +130,7 @@ def dart_keep(
         available[img_piv] = False
         chosen = torch.zeros(L, dtype=torch.bool, device=im.device)
         chosen[img_piv] = True
-        unit = h[b].float()
+        unit = h[b].to(work_dtype(h))
         for pivot in order:
             candidates = torch.nonzero(available).flatten()
             if candidates.numel() == 0:

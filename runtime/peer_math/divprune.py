@@ -7,7 +7,7 @@ features), distance ``1 − cos``; the first pick is the token whose nearest nei
 the distance to the nearest token already picked; ``round(ratio·n)`` picks, ratio 0.098 by
 default (``SUBSET_RATIO``); the kept tokens are fed in position order.
 
-Deviations: distances in float32 (the reference uses the model's dtype); a token already picked
+Deviations: distances in float32 at least (the reference uses the model's dtype); a token already picked
 is never picked again (the reference could repeat one when all remaining distances are 0:
 exact duplicates); ties go to the earlier position (``torch.argmax``'s first maximum: the same);
 batched. LLaVA-NeXT's row-end newlines are never candidates (the runtime protects them).
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_batch, check_count, check_ratio
+from ._common import as_batch, check_count, check_ratio, work_dtype
 
 __all__ = ["DEFAULT_RATIO", "keep_count", "distances", "divprune"]
 
@@ -43,9 +43,10 @@ def keep_count(n_visual: int, ratio: float = DEFAULT_RATIO) -> int:
 
 
 def distances(features: torch.Tensor) -> torch.Tensor:
-    """(B, N, N) cosine distance ``1 − x̂ᵢ·x̂ⱼ`` in float32."""
+    """(B, N, N) cosine distance ``1 − x̂ᵢ·x̂ⱼ`` (float32, or float64 for float64 features)."""
     x, _ = as_batch(features, "features", 3)
-    unit = x.float() / x.float().norm(dim=-1, keepdim=True)
+    x = x.to(work_dtype(x))
+    unit = x / x.norm(dim=-1, keepdim=True)
     return 1.0 - unit @ unit.transpose(1, 2)
 
 

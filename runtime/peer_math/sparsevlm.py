@@ -69,7 +69,8 @@ def raters(visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | N
     v, single = as_batch(visual, "visual", 3)
     t, _ = as_batch(text, "text", 3)
     mask = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if text_mask is None else as_batch(text_mask, "text_mask", 2)[0].bool()
-    logits = (v.float() @ t.float().transpose(1, 2)).masked_fill(~mask[:, None, :], float("-inf"))
+    w = work_dtype(v)
+    logits = (v.to(w) @ t.to(w).transpose(1, 2)).masked_fill(~mask[:, None, :], float("-inf"))
     relevance = torch.softmax(logits, dim=2).mean(dim=1)  # (B, T)
     mean = (relevance * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
     out = (relevance > mean) & mask

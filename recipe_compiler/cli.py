@@ -175,7 +175,7 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
         "" if v.vision_flops is None else f" | vision encoder {format_flops(v.vision_flops)}/sample ({100 * v.vision_share:.1f}% of unpruned)")
     print(
         f"budget {args.budget:g} | flops {v.flops_fraction:.4f} | visual tokens {result.visual_token_equivalent:.1f}/{v_ref} "
-        f"| divergence {result.divergence:.4f} | kl {v.kl:.4g} | top1 {v.top1_agreement:.2f} | search {args.search}{stage_text}"
+        f"| divergence {result.divergence:.4f} (runs {result.nested_divergence:.4f}, verified {v.divergence:.4f}) | kl {v.kl:.4g} | top1 {v.top1_agreement:.2f} | search {args.search}{stage_text}"
         f"{vision_text} | time {stage_times} | wrote {output}"
     )
     return 0
@@ -331,7 +331,7 @@ def format_recipe(recipe) -> str:
                      f"({vision['model']}; not part of the budget)")
     if prov:
         measured = "  ".join(
-            f"{key} {prov[key]:.4g}" for key in ("budget", "flops_fraction", "divergence", "kl", "top1_agreement") if isinstance(prov.get(key), (int, float))
+            f"{key} {prov[key]:.4g}" for key in ("budget", "flops_fraction", "divergence", "divergence_nested", "divergence_verified", "kl", "top1_agreement") if isinstance(prov.get(key), (int, float))
         )
         lines.append(f"compiled  search {prov.get('search', '?')} {json.dumps(prov.get('search_params', {}), sort_keys=True)}")
         lines.append(f"measured  {measured}")

@@ -19,7 +19,7 @@ from runtime.recipe import HEAD_REDUCTIONS, SCORERS, Recipe
 from .calibration import CalibrationSet
 from .collect import collect_statistics
 from .distributed import SINGLE, Sharding
-from .divergence import divergence_table, schedule_objective
+from .divergence import divergence_table, nested_divergence, schedule_objective
 from .errors import BudgetError, StatisticsError
 from .flops import LMShape, cost_table, min_feasible_budget, visual_token_equivalent
 from .search import SEARCHES as TABLE_SEARCHES
@@ -134,7 +134,11 @@ class CompileResult:
         recipe: the :class:`runtime.Recipe`; ``recipe.save(path)`` writes it.
         statistics: the calibration statistics (reusable with ``--stats``).
         verification: what the recipe really did on the calibration samples.
-        divergence: the search objective (attention divergence) of the chosen schedule.
+        divergence: the search objective (separable attention divergence) of the chosen schedule.
+        nested_divergence: the divergence of what the runtime executes for that schedule, on the
+            calibration statistics (:func:`~recipe_compiler.divergence.nested_divergence`): the
+            prediction ``verification.divergence`` (the sets the runtime really kept) is checked
+            against.
         visual_token_equivalent: constant visual-token count with the same FLOPs.
         timings: seconds per stage ("calibrate", "search", "verify").
         details: search-specific facts (e.g. FitPrune's alpha trace).
@@ -147,6 +151,7 @@ class CompileResult:
     visual_token_equivalent: float
     timings: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    nested_divergence: float = float("nan")
 
 
 def compile_recipe(
@@ -253,6 +258,7 @@ def compile_recipe(
         details["fitprune_pruned_per_layer"] = found.pruned_per_layer.astype(int).tolist()
     timings["search"] = time.perf_counter() - started
     divergence = schedule_objective(table, keep)
+    nested = nested_divergence(statistics, config.scorer, np.asarray(keep, dtype=np.int64), v_ref=v_ref, survivors=alive)
 
     provenance = {
         "budget": config.budget,
@@ -260,17 +266,18 @@ def compile_recipe(
         "search_params": search_params,
         "head_reduce": config.head_reduce,
         "divergence": round(float(divergence), 9),
+        "divergence_nested": round(float(nested), 9),
         "calibration": {"fingerprint": calibration.fingerprint(), "samples": len(calibration)},
         "versions": _versions(),
     }
     recipe, verification = _verify(
         lambda prov: Recipe(keep_count=keep, scorer=config.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce,
                             provenance=prov, **({"pre_llm": stage} if stage is not None else {})),
-        provenance, model, processor, calibration, shape, config, timings, step("verify", share), common,
+        provenance, model, processor, calibration, shape, config, timings, step("verify", share), common, statistics,
     )
     equivalent = visual_token_equivalent(shape, statistics.n_other, statistics.n_visual, keep, v_ref,
                                          n_survivors=None if alive is None else alive.sum(axis=1))
-    return CompileResult(recipe, statistics, verification, float(divergence), float(equivalent), timings, details)
+    return CompileResult(recipe, statistics, verification, float(divergence), float(equivalent), timings, details, float(nested))
 
 
 def _fitprune_stage(config: CompileConfig, statistics: Statistics) -> tuple[dict, np.ndarray]:
@@ -313,6 +320,11 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
         )
     timings["search"] = time.perf_counter() - started
     keep = chosen.keep.astype(np.int32)
+    survivors = None
+    if chosen.method != "none":
+        survivors = prellm_search.survivors(statistics, chosen.method, chosen.keep_ratio,
+                                            chosen.params.get("inflection_detector", "kneedle"))
+    nested = nested_divergence(statistics, chosen.scorer, keep.astype(np.int64), v_ref=v_ref, survivors=survivors)
     search_params = {
         "method": "cls-inflection-grid" if chosen.method == "cls-inflection" else _SEARCH_METHODS[config.search],
         "grid": int(v_ref) + 1,
@@ -324,6 +336,7 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
         "search_params": search_params,
         "head_reduce": config.head_reduce,
         "divergence": round(float(chosen.divergence), 9),
+        "divergence_nested": round(float(nested), 9),
         "calibration": {"fingerprint": calibration.fingerprint(), "samples": len(calibration)},
         "versions": _versions(),
     }
@@ -332,24 +345,24 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
         return Recipe(keep_count=keep, scorer=chosen.scorer, fingerprint=fingerprint, head_reduce=config.head_reduce,
                       pre_llm=chosen.pre_llm, provenance=prov)
 
-    recipe, verification = _verify(build, provenance, model, processor, calibration, shape, config, timings, step("verify", share), common)
-    n_post = None
-    if chosen.method != "none":
-        n_post = prellm_search.survivors(statistics, chosen.method, chosen.keep_ratio,
-                                         chosen.params.get("inflection_detector", "kneedle")).sum(axis=1)
+    recipe, verification = _verify(build, provenance, model, processor, calibration, shape, config, timings, step("verify", share),
+                                   common, statistics)
+    n_post = None if survivors is None else survivors.sum(axis=1)
     equivalent = visual_token_equivalent(shape, statistics.n_other, statistics.n_visual, keep, v_ref, n_survivors=n_post)
     details = {"pre_llm_candidates": candidates, "pre_llm_chosen": chosen,
                "pre_llm_table": prellm_search.format_candidates(candidates, chosen)}
-    return CompileResult(recipe, statistics, verification, float(chosen.divergence), float(equivalent), timings, details)
+    return CompileResult(recipe, statistics, verification, float(chosen.divergence), float(equivalent), timings, details, float(nested))
 
 
-def _verify(build, provenance, model, processor, calibration, shape, config, timings, progress, common):
+def _verify(build, provenance, model, processor, calibration, shape, config, timings, progress, common, statistics):
     """Run the real runtime on the calibration set, refuse an over-budget result, record what it did.
 
-    ``build(provenance) -> Recipe``; returns the recipe with the measured figures in its provenance.
+    ``build(provenance) -> Recipe``; returns the recipe with the measured figures in its provenance,
+    the realised divergence of the sets the runtime kept (on ``statistics``) among them.
     """
     started = time.perf_counter()
-    verification = verify_recipe(model, processor, calibration, build(provenance), shape, progress=progress, **common)
+    verification = verify_recipe(model, processor, calibration, build(provenance), shape, progress=progress,
+                                 statistics=statistics, **common)
     timings["verify"] = time.perf_counter() - started
     if verification.flops_fraction > config.budget * (1 + BUDGET_RTOL):
         raise RuntimeError(
@@ -357,6 +370,7 @@ def _verify(build, provenance, model, processor, calibration, shape, config, tim
             f"{config.budget}; please report this with the command line"
         )
     provenance.update(
+        divergence_verified=round(float(verification.divergence), 9),
         flops_fraction=round(verification.flops_fraction, 9),
         kl=round(verification.kl, 9),
         top1_agreement=round(verification.top1_agreement, 9),

@@ -1,12 +1,32 @@
-"""Attention divergence of keeping the top-k visual tokens at each layer (separable form).
+"""Attention divergence of keeping the top-k visual tokens at each layer: separable and nested.
 
-Pure numpy. METHODS.md §2: keeping the ``k`` best-ranked visual tokens entering layer ``l`` loses
-the attention mass the dropped ones carried in layer ``l``'s text→visual (``cross``) and
-visual→visual (``self_attn``) distributions; the divergence is ``−log(1 − lost)`` (the KL of the
-renormalised kept distribution to the original), averaged over the two. The ranking entering layer
-``l`` comes from layer ``l − 1``'s statistics, as at run time (the scorer sees the attention of the
-layer before the cut). The table is separable: each layer is scored against the unpruned
-statistics, independently of what earlier layers dropped.
+Pure numpy. METHODS.md §2: keeping a set of visual tokens entering layer ``l`` loses the attention
+mass the dropped ones carried in layer ``l``'s text→visual (``cross``) and visual→visual
+(``self_attn``) distributions; the divergence is ``−log(1 − lost)`` (the KL of the renormalised
+kept distribution to the original), averaged over the two. The ranking entering layer ``l`` comes
+from layer ``l − 1``'s statistics, as at run time (the scorer sees the attention of the layer
+before the cut).
+
+Two forms (docs/methods.md, "Nested selection"):
+
+* :func:`divergence_table` is **separable**: the set entering ``l`` is the top ``k_l`` of *all*
+  tokens by layer ``l − 1``'s ranking, independently of earlier cuts. The table searches
+  (optimal, gsearch, psigmoid) minimise ``Σ_l table[l, k_l]`` exactly.
+* :func:`nested_keep_sets` / :func:`nested_divergence` apply **the runtime's rule**: at each layer
+  where the schedule's count falls, keep the top ``k_l`` *of the survivors* (a token dropped
+  earlier is gone), ranked by layer ``l − 1``'s statistics, ties as the runtime breaks them. This
+  is what a recipe executes, scored on the unpruned model's attention; the verification pass
+  measures the same quantity on the sets the runtime really kept
+  (:func:`kept_set_divergence`). The two forms agree up to and including the first cut, and at
+  every layer whose separable top-k happens to lie inside the survivors (always, if one ranking
+  served every layer); after the first cut they differ in general, even where the count stays:
+  the separable table re-ranks every layer and so may bring a dropped token back. No separable
+  table can equal the runtime for every schedule: a nested rule whose loss at ``l`` depends on
+  ``k_l`` alone needs ``set(l, k) ⊆ set(l − 1, k)``, i.e. one fixed ranking for every layer.
+
+Ties: among equal scores the **later** position is kept (the runtime's
+:func:`runtime.scoring.keep_top` drops the earlier tokens first); :func:`order_best_first` is the
+one place that says so here, and a test pins it to the runtime.
 
 Counts are for the reference count ``V = stats.max_visual``; a sample with ``n_visual`` tokens
 keeps ``round_half_up(k·n_visual/V)`` (:func:`recipe_compiler.flops.scale_counts`).
@@ -20,7 +40,16 @@ import numpy as np
 from recipe_compiler.flops import scale_counts
 from recipe_compiler.statistics import Statistics
 
-__all__ = ["SCORERS", "ranking_scores", "divergence_table", "schedule_objective"]
+__all__ = [
+    "SCORERS",
+    "ranking_scores",
+    "order_best_first",
+    "divergence_table",
+    "schedule_objective",
+    "nested_keep_sets",
+    "kept_set_divergence",
+    "nested_divergence",
+]
 
 SCORERS = ("fitprune", "text-mean", "last-token")
 
@@ -79,13 +108,29 @@ def _normalised(values: np.ndarray) -> np.ndarray:
     return np.divide(x, total, out=np.zeros_like(x), where=total > 0)
 
 
+def order_best_first(key: np.ndarray) -> np.ndarray:
+    """Indices that sort the last axis best first: ascending ``key``, ties by **descending** position.
+
+    ``key`` is the negated score (``+inf`` for tokens that must come last). This is the runtime's
+    tie rule (:func:`runtime.scoring.keep_top` drops the earliest of equal scores first), so a kept
+    prefix of this order is exactly the set the runtime keeps.
+
+    Example:
+        >>> order_best_first(np.array([-1.0, -2.0, -1.0, np.inf])).tolist()  # 1 best; the tie 0/2 keeps 2
+        [1, 2, 0, 3]
+    """
+    n = key.shape[-1]
+    reversed_order = np.argsort(key[..., ::-1], axis=-1, kind="stable")
+    return n - 1 - reversed_order
+
+
 def divergence_table(
     stats: Statistics, scorer: str = "fitprune", v_ref: int | None = None, survivors: np.ndarray | None = None
 ) -> np.ndarray:
     """Mean divergence of keeping the ``k`` top-ranked visual tokens entering each layer.
 
     For sample ``s`` at layer ``l >= 1``: rank the visual tokens by :func:`ranking_scores`
-    (highest kept; ties kept by lower position first), keep ``k_s = round_half_up(k·n_visual/G)``
+    (highest kept; among ties the later position, as the runtime), keep ``k_s = round_half_up(k·n_visual/G)``
     where ``G`` is the grid (``v_ref``, default the widest sample ``V``);
     ``lost_cross`` = mass of ``cross[s, l] / sum(cross[s, l])`` on the dropped tokens, likewise
     ``lost_self``; ``D_s = ½·(−log max(1 − lost_cross, 1e-6) − log max(1 − lost_self, 1e-6))``.
@@ -109,8 +154,8 @@ def divergence_table(
         >>> import numpy as np
         >>> a = np.array([[[0.5, 0.5], [0.75, 0.25]]], dtype=np.float32)
         >>> st = Statistics(a, a, a, np.array([2]), np.array([3]), np.array([10]))
-        >>> divergence_table(st, "text-mean").round(4).tolist()  # layer 1 keeps token 0 (ranked at layer 0)
-        [[inf, inf, 0.0], [13.8155, 0.2877, 0.0]]
+        >>> divergence_table(st, "text-mean").round(4).tolist()  # layer 1 keeps token 1 (the later of a tie)
+        [[inf, inf, 0.0], [13.8155, 1.3863, 0.0]]
     """
     _check_scorer(scorer)
     S, L, V = stats.cross.shape
@@ -146,7 +191,7 @@ def divergence_table(
         valid = positions[None, None, :] < n_visual[:, None, None]
         # Dropped last: positions beyond the sample's count (never kept, no mass) and NaN scores.
         key = np.where(valid & alive[:, None, :] & ~np.isnan(scores), -scores, np.inf)
-        order = np.argsort(key, axis=-1, kind="stable")  # best first; ties by position
+        order = order_best_first(key)  # best first; ties: the later position (the runtime's rule)
         index = np.broadcast_to(ks[:, None, :], (S, n, grid + 1))
         total = np.zeros((S, n, grid + 1), dtype=np.float64)
         for values in (stats.cross, stats.self_attn):
@@ -193,3 +238,134 @@ def schedule_objective(table: Any, keep_counts: Any) -> float:
     if k.dtype.kind not in "iu" or np.any(k < 0) or np.any(k >= t.shape[1]):
         raise ValueError(f"keep_counts must be integers in [0, {t.shape[1] - 1}], got {k.tolist()}")
     return float(np.sum(t[np.arange(t.shape[0]), k]))
+
+
+def _alive_at_layer_zero(stats: Statistics, survivors: np.ndarray | None) -> np.ndarray:
+    """bool [S, V]: the visual tokens entering layer 0 (a pre-LLM stage's survivors, if any)."""
+    S, _, V = stats.cross.shape
+    n_visual = np.asarray(stats.n_visual, dtype=np.int64)
+    if n_visual.shape != (S,) or np.any(n_visual < 0) or np.any(n_visual > V):
+        raise ValueError(f"stats.n_visual must hold one count in [0, {V}] per sample, got {n_visual!r}")
+    alive = np.arange(V)[None, :] < n_visual[:, None]
+    if survivors is not None:
+        survivors = np.asarray(survivors, dtype=bool)
+        if survivors.shape != (S, V):
+            raise ValueError(f"survivors must be a bool [S, V] = {(S, V)} mask, got {survivors.shape}")
+        alive = alive & survivors
+    return alive
+
+
+def nested_keep_sets(
+    stats: Statistics,
+    scorer: str,
+    keep_counts: Any,
+    v_ref: int | None = None,
+    survivors: np.ndarray | None = None,
+) -> np.ndarray:
+    """The visual tokens the runtime keeps entering each layer, simulated on the statistics.
+
+    The runtime's rule (``runtime.pruner.RecipePolicy``): a sample with ``n`` visual tokens after
+    the pre-LLM stage keeps ``k_s(l) = round_half_up(keep_counts[l]·n/G)`` entering layer ``l``; at
+    each layer where ``keep_counts`` falls it keeps the ``k_s(l)`` best **survivors** by the
+    scorer on layer ``l − 1``'s attention (ties: the later position), and the set carries over
+    unchanged to the layers where the count does not fall. The scores come from the unpruned
+    model's statistics; at run time the scores of cuts after the first come from the pruned
+    model's attention, the one thing no offline table can know.
+
+    Args:
+        stats: calibration statistics.
+        scorer: one of :data:`SCORERS`.
+        keep_counts: int ``[L]`` reference counts (non-increasing, ``[0] == G``).
+        v_ref: the reference count ``G`` (default: ``V``).
+        survivors: optional bool ``[S, V]``, the tokens a pre-LLM stage lets into layer 0.
+
+    Returns:
+        bool ``[S, L, V]``: entry ``[s, l, j]`` is True if visual token ``j`` of sample ``s`` enters
+        layer ``l``.
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.array([[[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]]], dtype=np.float32)
+        >>> st = Statistics(a, a, a, np.array([3]), np.array([3]), np.array([10]))
+        >>> nested_keep_sets(st, "text-mean", [3, 2, 1]).astype(int)[0].tolist()  # layer 2 ranks 1, 2 only
+        [[1, 1, 1], [0, 1, 1], [0, 0, 1]]
+    """
+    _check_scorer(scorer)
+    S, L, V = stats.cross.shape
+    grid = V if v_ref is None else int(v_ref)
+    keep = np.asarray(keep_counts)
+    if (keep.shape != (L,) or keep.dtype.kind not in "iu" or np.any(keep < 0) or np.any(keep > grid)
+            or np.any(np.diff(keep) > 0) or keep[0] != grid):
+        raise ValueError(f"keep_counts must be {L} non-increasing integers in [0, {grid}] starting at {grid} "
+                         f"(nothing is pruned before layer 0), got {keep.tolist()}")
+    alive = _alive_at_layer_zero(stats, survivors)
+    counts = scale_counts(keep[None, :], alive.sum(axis=1)[:, None], grid)  # [S, L]
+    out = np.empty((S, L, V), dtype=bool)
+    out[:, 0] = alive
+    for l in range(1, L):
+        if keep[l] < keep[l - 1]:
+            scores = _base_scores(stats, scorer, slice(l - 1, l))[:, 0]  # [S, V]
+            key = np.where(alive, -np.nan_to_num(scores, nan=-np.inf), np.inf)
+            order = order_best_first(key)
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(V)[None, :].repeat(S, axis=0), axis=-1)
+            alive = alive & (rank < counts[:, l : l + 1])
+        out[:, l] = alive
+    return out
+
+
+def kept_set_divergence(stats: Statistics, alive: np.ndarray) -> np.ndarray:
+    """Mean divergence at each layer of the visual tokens ``alive`` entering it.
+
+    ``D_s,l = ½·(−log max(1 − lost_cross, 1e-6) − log max(1 − lost_self, 1e-6))`` where ``lost``
+    is the mass of layer ``l``'s normalised ``cross`` (``self_attn``) on the tokens not alive, the
+    definition :func:`divergence_table` uses for a top-k set.
+
+    Args:
+        stats: calibration statistics.
+        alive: bool ``[S, L, V]``, e.g. from :func:`nested_keep_sets` or the verification pass.
+
+    Returns:
+        float64 ``[L]``: mean over samples at each layer (sum it for a schedule's total).
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.array([[[0.5, 0.5], [0.75, 0.25]]], dtype=np.float32)
+        >>> st = Statistics(a, a, a, np.array([2]), np.array([3]), np.array([10]))
+        >>> kept_set_divergence(st, np.array([[[True, True], [True, False]]])).round(4).tolist()
+        [0.0, 0.2877]
+    """
+    S, L, V = stats.cross.shape
+    alive = np.asarray(alive, dtype=bool)
+    if alive.shape != (S, L, V):
+        raise ValueError(f"alive must be a bool [S, L, V] = {(S, L, V)} array, got {alive.shape}")
+    valid = (np.arange(V)[None, :] < np.asarray(stats.n_visual)[:, None])[:, None, :]
+    total = np.zeros((S, L), dtype=np.float64)
+    for values in (stats.cross, stats.self_attn):
+        p = np.where(valid, _normalised(values), 0.0)
+        lost = np.sum(np.where(alive, 0.0, p), axis=-1)
+        total += -np.log(np.maximum(1.0 - lost, _MIN_KEPT))
+    return 0.5 * np.mean(total, axis=0)
+
+
+def nested_divergence(
+    stats: Statistics,
+    scorer: str,
+    keep_counts: Any,
+    v_ref: int | None = None,
+    survivors: np.ndarray | None = None,
+) -> float:
+    """Total divergence of what the runtime executes for ``keep_counts``, on the statistics.
+
+    ``Σ_l kept_set_divergence(stats, nested_keep_sets(...))[l]``: the prediction the
+    verification pass checks (it scores the sets the runtime really kept the same way).
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.array([[[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]]], dtype=np.float32)
+        >>> st = Statistics(a, a, a, np.array([3]), np.array([3]), np.array([10]))
+        >>> round(nested_divergence(st, "text-mean", [3, 2, 1]), 4)  # the separable table says 2.3026 (token 0 back)
+        1.3863
+    """
+    alive = nested_keep_sets(stats, scorer, keep_counts, v_ref=v_ref, survivors=survivors)
+    return float(np.sum(kept_set_divergence(stats, alive)))

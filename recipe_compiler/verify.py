@@ -4,6 +4,9 @@ FLOPs come from the token counts that really entered each layer (recorded by the
 not from the plan; drift is measured on the next-token distribution at the end of each prompt,
 pruned against unpruned. Beside the language-model figures it reports what the vision encoder and
 projector cost on the same images (never part of the budget) and the visual-token-only fraction.
+Given the calibration statistics of the same samples, it also scores the visual tokens the runtime
+really kept at each layer with the search's divergence (the realised divergence, which the
+compiler compares with its nested prediction, ``recipe_compiler.divergence.nested_divergence``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from .calibration import CalibrationSet
 from .collect import model_inputs
 from .distributed import SINGLE, Sharding, batches_of
 from .flops import LMShape, VisionShape, encoder_flops, layer_flops, visual_token_fraction
+from .statistics import Statistics
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,11 @@ class Verification:
             :class:`~recipe_compiler.flops.VisionShape` does not know.
         visual_token_fraction: the visual tokens' own FLOPs, pruned / unpruned
             (:func:`~recipe_compiler.flops.visual_token_fraction`).
+        divergence: with ``statistics`` given, the realised divergence: the search's divergence
+            (:func:`~recipe_compiler.divergence.kept_set_divergence`, summed over layers) of the
+            visual tokens the runtime really kept entering each layer; else None.
+        kept_visual: with ``statistics`` given, bool ``[S, L, V]``: which of each sample's visual
+            tokens (in prompt order, the statistics' columns) entered each layer; else None.
     """
 
     flops_fraction: float
@@ -47,6 +56,8 @@ class Verification:
     unpruned_flops: float = float("nan")
     vision_flops: float | None = None
     visual_token_fraction: float = float("nan")
+    divergence: float | None = None
+    kept_visual: np.ndarray | None = None
 
     @property
     def vision_share(self) -> float | None:
@@ -75,6 +86,7 @@ def verify_recipe(
     batch_size: int = 4,
     progress: Callable[[int], None] | None = None,
     sharding: Sharding = SINGLE,
+    statistics: Statistics | None = None,
 ) -> Verification:
     """Run ``recipe`` on ``calibration`` and measure FLOPs and next-token drift.
 
@@ -85,6 +97,9 @@ def verify_recipe(
         progress: called with the number of samples finished after each batch.
         sharding: under torchrun, which global batches this rank runs; the per-sample results
             are gathered in global order, so every rank computes the same means.
+        statistics: the calibration statistics of these same samples, in the same order (as
+            :func:`~recipe_compiler.collect.collect_statistics` returned them); enables
+            :attr:`Verification.divergence` and :attr:`Verification.kept_visual`.
 
     Returns:
         :class:`Verification`.
@@ -93,6 +108,9 @@ def verify_recipe(
         >>> v = verify_recipe(m.model, m.processor, cal, recipe, LMShape.from_config(cfg))  # doctest: +SKIP
         >>> v.flops_fraction <= 0.45                                                          # doctest: +SKIP
     """
+    if statistics is not None and statistics.num_samples != len(calibration.samples):
+        raise ValueError(f"statistics hold {statistics.num_samples} samples but the calibration set has "
+                         f"{len(calibration.samples)}; pass the statistics collected on this set")
     mine = []
     try:
         vision = VisionShape.from_config(model.config)
@@ -124,12 +142,19 @@ def verify_recipe(
             (full_logits.argmax(-1) == pruned_logits.argmax(-1)).cpu().numpy(),
             n_visual.astype(np.int64),
             _vision_flops_per_row(model, inputs, vision, handle.image_token_id),
+            None if statistics is None else _kept_visual(handle, model, inputs, request, shape.num_layers),
         )))
         if progress is not None:
             progress(len(batch))
-    pruned_flops, full_flops, visual, kls, agree, n_visual, vision_rows = (list(column) for column in zip(*sharding.gather(mine)))
+    pruned_flops, full_flops, visual, kls, agree, n_visual, vision_rows, kept_rows = (list(column) for column in zip(*sharding.gather(mine)))
     visual_all = np.concatenate(visual)
     vision_all = None if any(v is None for v in vision_rows) else np.concatenate(vision_rows)
+    kept_visual, realised = None, None
+    if statistics is not None:
+        kept_visual = _stack_kept(statistics, [row for rows in kept_rows for row in rows])
+        from .divergence import kept_set_divergence
+
+        realised = float(np.sum(kept_set_divergence(statistics, kept_visual)))
     return Verification(
         flops_fraction=float(np.mean(np.concatenate(pruned_flops)) / np.mean(np.concatenate(full_flops))),
         visual_tokens_per_layer=visual_all.mean(axis=0),
@@ -139,7 +164,43 @@ def verify_recipe(
         unpruned_flops=float(np.mean(np.concatenate(full_flops))),
         vision_flops=None if vision_all is None else float(np.mean(vision_all)),
         visual_token_fraction=visual_token_fraction(shape, np.rint(visual_all), np.concatenate(n_visual)),
+        divergence=realised,
+        kept_visual=kept_visual,
     )
+
+
+def _kept_visual(handle: Any, model: torch.nn.Module, inputs: dict, request: Any, num_layers: int) -> list[np.ndarray]:
+    """Per row, bool ``[L, n_visual]``: which of its visual tokens (prompt order) entered each layer.
+
+    The runtime records, at each pruning layer, the prompt positions of the visual tokens it kept
+    (``request.selection``); a set holds until the next pruning layer. The row's visual positions
+    are the prunable tokens the runtime itself located (the same adapter call, the same mask).
+    """
+    ids = inputs["input_ids"]
+    visual = handle.adapter.prunable_visual_tokens(model, ids, inputs)
+    if inputs.get("attention_mask") is not None:
+        visual = visual & inputs["attention_mask"].bool()
+    selection = {} if request is None else request.selection
+    rows = []
+    for row in range(ids.shape[0]):
+        positions = torch.nonzero(visual[row]).flatten().cpu()
+        kept = np.ones((num_layers, positions.numel()), dtype=bool)
+        for layer in sorted(selection):
+            kept[layer:] = torch.isin(positions, selection[layer][row].cpu()).numpy()
+        rows.append(kept)
+    return rows
+
+
+def _stack_kept(statistics: Statistics, rows: list[np.ndarray]) -> np.ndarray:
+    """bool ``[S, L, V]`` from per-sample ``[L, n_visual]`` rows, checked against the statistics."""
+    S, L, V = statistics.cross.shape
+    out = np.zeros((S, L, V), dtype=bool)
+    for s, kept in enumerate(rows):
+        if kept.shape != (L, int(statistics.n_visual[s])):
+            raise ValueError(f"sample {s} has {kept.shape[1]} visual tokens at run time but {int(statistics.n_visual[s])} "
+                             "in the statistics; pass the statistics collected on this calibration set")
+        out[s, :, : kept.shape[1]] = kept
+    return out
 
 
 def _vision_flops_per_row(model: torch.nn.Module, inputs: dict, vision: VisionShape | None, image_token_id: int) -> np.ndarray | None:

@@ -68,12 +68,13 @@ def test_scorers_rank_differently():
         assert divergence_table(stats, scorer)[1, 1] == pytest.approx(value, rel=1e-6), scorer
 
 
-def test_ties_keep_lower_positions_first():
-    # Layer 0 scores all equal: the survivors are the first positions.
+def test_ties_keep_later_positions_as_the_runtime_does():
+    # Layer 0 scores all equal: the runtime's keep_top drops the earliest first, so the survivors
+    # are the last positions (the table used to keep the first ones: a mismatch with what runs).
     cross = [[[0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]]]
     table = divergence_table(make_stats(cross), "text-mean")
-    assert table[1, 2] == pytest.approx(d(0.7, 0.7), rel=1e-6)  # keep {0, 1}: lose 0.3 + 0.4
-    assert table[1, 1] == pytest.approx(d(0.9, 0.9), rel=1e-6)
+    assert table[1, 2] == pytest.approx(d(0.3, 0.3), rel=1e-6)  # keep {2, 3}: lose 0.1 + 0.2
+    assert table[1, 1] == pytest.approx(d(0.6, 0.6), rel=1e-6)  # keep {3}
 
 
 def test_samples_with_fewer_visual_tokens_scale_their_counts():

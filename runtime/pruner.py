@@ -434,7 +434,8 @@ class PruningHandle:
         prompt = request.prompt_len
         orig_index, valid = request.kept[layer]
         if mask2d is None:  # no padding anywhere: the prompt part is the dummy mask, new tokens are real
-            new = 0 if self._forward["prefill"] else cache.get_seq_length() + hidden.shape[1] - prompt
+            # This layer's own cache length: layer 0 is pruned too when the recipe has a pre-LLM stage.
+            new = 0 if self._forward["prefill"] else cache.get_seq_length(layer) + hidden.shape[1] - valid.shape[1]
             tail = torch.ones(valid.shape[0], new, dtype=torch.bool, device=valid.device)
             pruned = torch.cat([valid, tail], dim=1)
         else:

@@ -74,6 +74,19 @@ def _next_layout(hf_config: Any, height: int, width: int) -> tuple[int, int, int
     return side * side, int(rows), int(unpadded) // int(rows)
 
 
+def check_recipe(model_config: Any) -> None:
+    """Refuse to start (one line) unless the carried recipe's fingerprint matches the model's config.
+
+    Raises:
+        RecipeMismatchError: the first differing field, as :meth:`runtime.Recipe.check_model` names it.
+        RecipeError: the config carries no recipe, or a corrupt one.
+    """
+    try:
+        recipe_from_config(model_config.hf_config).check_model(_shim(model_config.hf_config))
+    except RecipeMismatchError as exc:
+        raise RecipeMismatchError(f"{exc} (model {model_config.model})") from None
+
+
 def _shim(hf_config: Any) -> Any:
     """What the runtime's fingerprint and stage checks read of a HF model, built from vLLM's hf_config.
 
@@ -90,6 +103,10 @@ def _shim(hf_config: Any) -> Any:
 class RecipeLlavaProcessingInfo(LlavaProcessingInfo):
     """LLaVA-1.5: an image keeps ``round_half_up(r · n)`` of its ``n`` tokens."""
 
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        check_recipe(ctx.model_config)  # the processor is built before the engine: refuse before any model time
+
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         return stage_count(_stage(self.get_hf_config())["keep_ratio"], n)
@@ -97,6 +114,10 @@ class RecipeLlavaProcessingInfo(LlavaProcessingInfo):
 
 class RecipeLlavaNextProcessingInfo(LlavaNextProcessingInfo):
     """LLaVA-NeXT: each view (base crop, high-res grid) keeps its share; every row-end newline stays."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        check_recipe(ctx.model_config)
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         config = self.get_hf_config()
@@ -116,10 +137,6 @@ class _RecipeStageMixin:
     def _recipe_init(self, vllm_config: Any) -> None:
         config = vllm_config.model_config.hf_config
         recipe = recipe_from_config(config)
-        try:
-            recipe.check_model(_shim(config))
-        except RecipeMismatchError as exc:
-            raise RecipeMismatchError(f"{exc} (model {vllm_config.model_config.model})") from None
         spec = recipe.pre_llm
         self._recipe_method = spec["method"]
         self._recipe_ratio = float(spec["keep_ratio"])
@@ -270,6 +287,7 @@ class RecipePrunedLlavaForConditionalGeneration(_RecipeStageMixin, LlavaForCondi
     _recipe_stock = LlavaForConditionalGeneration
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        check_recipe(vllm_config.model_config)  # before any layer is built
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._recipe_init(vllm_config)
 
@@ -300,6 +318,7 @@ class RecipePrunedLlavaNextForConditionalGeneration(_RecipeStageMixin, LlavaNext
     _recipe_stock = LlavaNextForConditionalGeneration
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        check_recipe(vllm_config.model_config)  # before any layer is built
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._recipe_init(vllm_config)
 

@@ -69,6 +69,7 @@ for op in ("nms", "qnms"):
         raise SystemExit(f"{path}: no register_fake for torchvision::{op}; the torchvision fix needs updating")
 path.write_text(text)
 PY
+    "${pip[@]}" install "pytest>=8,<10"  # the vLLM tests run here
     "$ENV_DIR/bin/python" -c 'import torchvision, transformers, vllm; print("vllm", vllm.__version__, "transformers", transformers.__version__)' >&2
     rm -f "$project_marker"
     touch "$marker"

@@ -181,7 +181,7 @@ if __name__ == "__main__":
     command, arg = sys.argv[1], Path(sys.argv[2])
     if command == "build":
         print(json.dumps(build(arg)))
-    elif command == "reference":
-        print(json.dumps(reference(json.loads(arg.read_text()))))
+    elif command == "reference":  # a list of specs: one process, one import of transformers
+        print(json.dumps([reference(spec) for spec in json.loads(arg.read_text())]))
     else:
         raise SystemExit(f"unknown command {command!r}; use build or reference")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 # Chat template for the OpenAI-server test (LLaVA-1.5 style): one "<image>" per image part.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
@@ -83,8 +83,6 @@ def _images(family: str) -> list:
 def build(out: Path) -> dict:
     """Save each tiny family (checkpoint, tokenizer, processor), its images and one recipe per stage."""
     import torch
-    from safetensors.torch import load_file, save_file
-
     from recipe_compiler.models import FAMILY_PROCESSORS, _random_model
     from runtime import Recipe
     from runtime.adapters import model_fingerprint
@@ -95,20 +93,7 @@ def build(out: Path) -> dict:
         directory.mkdir(parents=True, exist_ok=True)
         config = _config(family)
         model = _random_model(config, device="cpu", dtype=torch.float32, attn_implementation="sdpa", seed=0)
-        model.save_pretrained(directory)
-        # llava-hf key layout (what vLLM's weight mapper expects; transformers 5.23 maps it back on load).
-        weights = load_file(directory / "model.safetensors")
-        renamed = {}
-        for key, value in weights.items():
-            for old, new in (("model.vision_tower.", "vision_tower."), ("model.language_model.", "language_model.model."),
-                             ("model.multi_modal_projector.", "multi_modal_projector."), ("model.image_newline", "image_newline"),
-                             ("lm_head.", "language_model.lm_head.")):
-                if key.startswith(old):
-                    key = new + key[len(old):]
-            if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-                key = "vision_tower.vision_model." + key[len("vision_tower."):]
-            renamed[key] = value.contiguous()
-        save_file(renamed, directory / "model.safetensors", metadata={"format": "pt"})
+        _save_llava_hf(model, directory)
         processor = FAMILY_PROCESSORS[family](config)
         processor.chat_template = CHAT_TEMPLATE
         processor.save_pretrained(directory)
@@ -137,6 +122,79 @@ def build(out: Path) -> dict:
         manifest[family] = {"dir": str(directory), "recipe_dir": str(recipe_dir), "images": images, "recipes": recipes, "fingerprint": fingerprint}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
+
+
+# The bench's CPU model: LLaVA-1.5's 576 visual tokens per 336-px image and a 12x768 Llama (head size 64),
+# with a small CLIP tower so the language model, where pruning acts, dominates prefill.
+MID_LLAVA = copy.deepcopy(FAMILIES["llava"])
+MID_LLAVA["vision_config"].update(image_size=336, patch_size=14)
+MID_LLAVA["text_config"].update(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                                num_key_value_heads=12, head_dim=64, initializer_range=0.02)
+
+
+def bench_model(name: str, out: Path, stage: str, ratio: float) -> dict:
+    """A model directory and a stage-only recipe for ``bench/vllm.py``.
+
+    ``name``: ``tiny`` (the tests' LLaVA), ``mid`` (:data:`MID_LLAVA`), both with random weights saved
+    in the llava-hf layout; or a registry alias (e.g. ``llava-1.5-7b``): its embedded config, the
+    built-in processor and **no weights** (vLLM's ``load_format="dummy"`` fills them at random), for
+    a real-size run on a GPU.
+    """
+    import torch
+
+    from recipe_compiler.models import FAMILY_PROCESSORS, REGISTRY, _llava_config, _random_model
+    from runtime import Recipe
+    from runtime.adapters import model_fingerprint
+
+    out.mkdir(parents=True, exist_ok=True)
+    if name in ("tiny", "mid"):
+        spec = copy.deepcopy(FAMILIES["llava"] if name == "tiny" else MID_LLAVA)
+        config = _config_from(spec)
+        model = _random_model(config, device="cpu", dtype=torch.float32, attn_implementation="sdpa", seed=0)
+        _save_llava_hf(model, out)
+        weights = True
+    else:
+        config = _llava_config(REGISTRY[name].config)
+        model = _random_model(config, device="meta", dtype=torch.float32, attn_implementation="sdpa", seed=0)
+        config.save_pretrained(out)
+        weights = False
+    processor = FAMILY_PROCESSORS[config.model_type](config)
+    processor.chat_template = CHAT_TEMPLATE
+    processor.save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)
+    recipe = Recipe.keep_all(model_fingerprint(model), pre_llm={"method": stage, "keep_ratio": ratio, "params": {}})
+    recipe_path = out.parent / f"{out.name}-{stage}-{ratio}.safetensors"
+    recipe.save(recipe_path)
+    vision = config.vision_config
+    return {"dir": str(out), "recipe": str(recipe_path), "weights": weights, "image_size": int(vision.image_size),
+            "visual_tokens": (int(vision.image_size) // int(vision.patch_size)) ** 2,
+            "text": {k: getattr(config.text_config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")}}
+
+
+def _config_from(spec: dict):
+    from transformers import AutoConfig
+
+    spec = copy.deepcopy(spec)
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def _save_llava_hf(model, directory: Path) -> None:
+    """save_pretrained, then the checkpoint keys in the llava-hf layout (what vLLM's weight mapper expects)."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(directory)
+    weights = load_file(directory / "model.safetensors")
+    renamed = {}
+    for key, value in weights.items():
+        for old, new in (("model.vision_tower.", "vision_tower."), ("model.language_model.", "language_model.model."),
+                         ("model.multi_modal_projector.", "multi_modal_projector."), ("model.image_newline", "image_newline"),
+                         ("lm_head.", "language_model.lm_head.")):
+            if key.startswith(old):
+                key = new + key[len(old):]
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            key = "vision_tower.vision_model." + key[len("vision_tower."):]
+        renamed[key] = value.contiguous()
+    save_file(renamed, directory / "model.safetensors", metadata={"format": "pt"})
 
 
 def prompt_text(prompt: str, n_images: int = 1) -> str:
@@ -183,5 +241,7 @@ if __name__ == "__main__":
         print(json.dumps(build(arg)))
     elif command == "reference":  # a list of specs: one process, one import of transformers
         print(json.dumps([reference(spec) for spec in json.loads(arg.read_text())]))
+    elif command == "bench-model":  # NAME OUT STAGE RATIO
+        print(json.dumps(bench_model(sys.argv[3], arg, sys.argv[4], float(sys.argv[5]))))
     else:
-        raise SystemExit(f"unknown command {command!r}; use build or reference")
+        raise SystemExit(f"unknown command {command!r}; use build, reference or bench-model")

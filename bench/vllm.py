@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as `python bench/vllm.py`, this file's folder leads sys.path and this file would shadow the vllm package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
 PROMPTS = ["What is in the picture?", "Describe the image in detail.", "Which colours do you see?", "Count the shapes."]
 
 
@@ -72,7 +75,6 @@ def worker(spec: dict) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
 
-    sys.path.insert(0, str(ROOT))
     import runtime.vllm
 
     options = dict(model=spec["dir"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0,

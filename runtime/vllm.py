@@ -43,10 +43,14 @@ ARCHITECTURES = {
 }
 """model_type -> the architecture name this plugin registers for it."""
 
-_WHY_NOT = {
-    "qwen2_vl": "Qwen2-VL is not served by the vLLM plugin yet",
-    "qwen2_5_vl": "Qwen2.5-VL is not served by the vLLM plugin yet",
-}
+_QWEN = (
+    "{name} is not served by the vLLM plugin yet: its kept tokens need their original M-RoPE (t, h, w) positions, "
+    "and vLLM 0.32's in-tree hook for pruned positions (SupportsMultiModalPruning.recompute_mrope_positions) is never "
+    "called by its CPU model runner, and on GPU only with video_pruning_rate > 0, so the plugin would have to set them "
+    "itself (as it does for LLaVA), which it does not do for Qwen yet; serve it with the HF runtime "
+    "(runtime.load(recipe).apply(model))"
+)
+_WHY_NOT = {"qwen2_vl": _QWEN.format(name="Qwen2-VL"), "qwen2_5_vl": _QWEN.format(name="Qwen2.5-VL")}
 
 IN_LLM_CHOICES = ("serve-stage", "refuse")
 

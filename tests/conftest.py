@@ -16,7 +16,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # tests/vllm runs in its own environment (scripts/vllm-env.sh builds it; .ci/run runs it there): where
 # vLLM is not installed (the main environment) it is neither collected nor imported.
-collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["vllm"]
+# (This folder is on sys.path, so tests/vllm itself is a namespace package named vllm: it has no origin.)
+_vllm = importlib.util.find_spec("vllm")
+collect_ignore = [] if _vllm is not None and _vllm.origin is not None else ["vllm"]
 
 
 @pytest.fixture(scope="session")

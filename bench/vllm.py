@@ -148,6 +148,8 @@ def main() -> None:
     if built.returncode != 0:
         raise SystemExit(f"building the bench model in the main environment ({args.hf_python}) failed:\n{built.stderr[-2000:]}")
     model = json.loads(built.stdout.strip().splitlines()[-1])
+    if model["model_type"] != "llava":
+        raise SystemExit(f"bench/vllm.py measures LLaVA-1.5 models (one fixed-size view per image); {args.model} is {model['model_type']}")
     dtype = args.dtype or ("bfloat16" if args.random_weights else "float32")
     base = {**model, "dtype": dtype, "max_model_len": args.max_model_len, "max_tokens": args.max_tokens,
             "requests": args.requests, "repeats": args.repeats, "ttft": args.ttft, "enforce_eager": not args.cuda_graphs}

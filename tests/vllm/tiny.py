@@ -166,7 +166,7 @@ def bench_model(name: str, out: Path, stage: str, ratio: float) -> dict:
     recipe_path = out.parent / f"{out.name}-{stage}-{ratio}.safetensors"
     recipe.save(recipe_path)
     vision = config.vision_config
-    return {"dir": str(out), "recipe": str(recipe_path), "weights": weights, "image_size": int(vision.image_size),
+    return {"dir": str(out), "recipe": str(recipe_path), "weights": weights, "model_type": config.model_type, "image_size": int(vision.image_size),
             "visual_tokens": (int(vision.image_size) // int(vision.patch_size)) ** 2,
             "text": {k: getattr(config.text_config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")}}
 

@@ -13,14 +13,16 @@ Mechanism, per family (vLLM 0.32):
   layer's fused q/k projection (vLLM's fused attention returns no weights).
 * **Positions.** The HF runtime keeps each kept token at its original position. vLLM numbers a
   prompt 0..L'-1 unless the model supplies positions, which vLLM asks for only from M-RoPE models:
-  so the LLaVA language model gets a one-row M-RoPE section (``[head_dim/2, 0, 0]``: every
-  frequency reads row 0, i.e. plain RoPE), :meth:`get_mrope_input_positions` places the text after
-  an image at its original position, and the in-tree hook
-  ``SupportsMultiModalPruning.recompute_mrope_positions`` sets each kept image token's original
-  position once its features exist (they carry it in two extra channels, stripped there). vLLM
-  0.32 calls that hook only when ``MultiModalConfig.is_multimodal_pruning_enabled()``, which reads
-  ``video_pruning_rate > 0``; these classes turn that gate on for themselves in the worker's
-  config (images only; they have no video path).
+  so the LLaVA language model gets a one-section M-RoPE (``[head_dim/2, 0, 0]``: every frequency
+  reads row 0, i.e. plain RoPE), and :meth:`get_mrope_input_positions` puts each kept token at its
+  original index and the text after an image where it was. That needs the selection when the
+  request is admitted, so it is made there (encoder, projector, stage, for that image alone) and
+  handed to ``embed_multimodal`` through a bounded cache keyed by the image's pixels: positions
+  and features always come from the same selection.
+  vLLM's in-tree hook for pruned positions, ``SupportsMultiModalPruning.recompute_mrope_positions``,
+  is not used: in vLLM 0.32 the CPU model runner never enables it (``CPUModelRunner.load_model``
+  leaves ``is_multimodal_pruning_enabled`` False) and the GPU runner only when
+  ``video_pruning_rate > 0``.
 """
 from __future__ import annotations
 

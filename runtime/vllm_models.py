@@ -253,7 +253,8 @@ class _RecipeStageMixin:
     def _recipe_items(self, kwargs: dict) -> list[dict]:
         raise NotImplementedError
 
-    def _recipe_feature_item(self, feature: Any) -> dict:
+    def _recipe_feature_item(self, feature: Any) -> dict | None:
+        """One admitted image's encoder inputs (``None`` for image embeddings given directly)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- positions
@@ -271,7 +272,9 @@ class _RecipeStageMixin:
         source, value = 0, 0
         for feature in sorted((f for f in mm_features if f.modality == "image"), key=lambda f: f.mm_position.offset):
             start, kept = int(feature.mm_position.offset), int(feature.mm_position.length)
-            keep = self._recipe_selection(self._recipe_feature_item(feature))
+            item = self._recipe_feature_item(feature)
+            # Embeddings given directly (no pixels) are served unpruned: every placeholder is a kept token.
+            keep = self._recipe_selection(item) if item is not None else torch.ones(kept, dtype=torch.bool)
             if int(keep.sum()) != kept:
                 raise RuntimeError(f"the stage kept {int(keep.sum())} tokens of an image with {kept} placeholders")
             positions[source:start] = np.arange(start - source) + value
@@ -302,7 +305,9 @@ class RecipePrunedLlavaForConditionalGeneration(_RecipeStageMixin, LlavaForCondi
     def _recipe_items(self, kwargs: dict) -> list[dict]:
         return [{"pixel_values": pv} for pv in kwargs["pixel_values"]]
 
-    def _recipe_feature_item(self, feature: Any) -> dict:
+    def _recipe_feature_item(self, feature: Any) -> dict | None:
+        if "pixel_values" not in feature.data:
+            return None
         return {"pixel_values": feature.data["pixel_values"].data}
 
     def _recipe_select(self, embeds: list, signal: torch.Tensor | None, kwargs: dict) -> list:
@@ -333,7 +338,9 @@ class RecipePrunedLlavaNextForConditionalGeneration(_RecipeStageMixin, LlavaNext
     def _recipe_items(self, kwargs: dict) -> list[dict]:
         return [{"pixel_values": pv, "image_sizes": torch.as_tensor(size)} for pv, size in zip(kwargs["pixel_values"], kwargs["image_sizes"])]
 
-    def _recipe_feature_item(self, feature: Any) -> dict:
+    def _recipe_feature_item(self, feature: Any) -> dict | None:
+        if "pixel_values" not in feature.data:
+            return None
         return {"pixel_values": feature.data["pixel_values"].data, "image_sizes": torch.as_tensor(feature.data["image_sizes"].data)}
 
     def _sources(self, image_size: torch.Tensor, crops: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real architectures built from configs, the shipped calibration data."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,12 @@ if str(ROOT) not in sys.path:  # the suite also runs from a plain checkout witho
 # machine and several times faster on a busy one (OpenMP threads spin while they wait for a core).
 torch.set_num_threads(int(os.environ.get("RECIPE_TEST_THREADS", "1")))
 os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("RECIPE_TEST_THREADS", "1"))  # CLI subprocesses too
+
+# tests/vllm runs in its own environment (scripts/vllm-env.sh builds it; .ci/run runs it there): where
+# vLLM is not installed (the main environment) it is neither collected nor imported.
+# (This folder is on sys.path, so tests/vllm itself is a namespace package named vllm: it has no origin.)
+_vllm = importlib.util.find_spec("vllm")
+collect_ignore = [] if _vllm is not None and _vllm.origin is not None else ["vllm"]
 
 
 @pytest.fixture(scope="session")

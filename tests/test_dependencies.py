@@ -6,6 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("scipy", "click", "tqdm", "recipe_compiler", "matplotlib")
+SERVING = ("vllm", "transformers")  # imported lazily: only when a model is patched or vLLM loads the plugin
 
 
 def _loaded_after(statement: str) -> list[str]:
@@ -30,3 +31,16 @@ def test_runtime_source_never_imports_the_compiler():
         text = path.read_text()
         for name in HEAVY:
             assert f"import {name}" not in text and f"from {name}" not in text, f"{path.name} imports {name}"
+
+
+def test_import_runtime_and_its_vllm_helpers_loads_neither_vllm_nor_transformers():
+    code = (f"import sys, json; import runtime, runtime.vllm; from runtime.vllm import overrides, register; "
+            f"print(json.dumps([m for m in {SERVING!r} if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_only_the_vllm_model_module_imports_vllm_at_module_level():
+    for path in (ROOT / "runtime").glob("*.py"):
+        top_level = [line for line in path.read_text().splitlines() if line.startswith(("import vllm", "from vllm"))]
+        assert not top_level or path.name == "vllm_models.py", f"{path.name} imports vLLM at module level"

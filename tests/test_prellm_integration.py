@@ -332,3 +332,21 @@ def test_inflection_detector_flows_into_the_recipe_and_the_runtime(tiny, batch2,
         assert torch.equal(selection[0][row], visual[prellm.inflection_keep(sim, "max-curvature")])
         differs |= not torch.equal(prellm.inflection_keep(sim, "max-curvature"), prellm.inflection_keep(sim, "kneedle"))
     assert differs  # the detector changes the selection on these images
+
+
+def test_stage_only_recipe_generates_with_batch_1_unpadded_and_equals_no_cache_recomputation(tiny, calibration):
+    """Batch 1 without padding (how users call it): layer 0 is a pruned layer, and no 2D mask reaches the LM."""
+    model = tiny.model
+    inputs = make_inputs(tiny, calibration.samples[:1])
+    with torch.no_grad(), _stage_recipe(model, "g-prune", counts=[576] * 8).apply(model) as handle:
+        generated = model.generate(**inputs, **GREEDY)
+        selection = handle.last_request.selection
+        worst = 0.0
+        with handle.replay(selection):
+            for step in range(4):
+                length = inputs["input_ids"].shape[1] + step
+                logits = model(input_ids=generated.sequences[:, :length], pixel_values=inputs["pixel_values"],
+                               use_cache=False).logits[:, -1]
+                worst = max(worst, float((logits - generated.logits[step]).abs().max()))
+    assert generated.sequences.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert worst <= 1e-4

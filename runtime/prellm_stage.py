@@ -56,7 +56,8 @@ def unsupported_reason(model: Any, method: str) -> str | None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = FAMILIES.get(model_type)
     if family is None or not family.pre_llm:
-        return f"pre-LLM stages support model types {', '.join(t for t, f in FAMILIES.items() if f.pre_llm)}, not {model_type!r}"
+        supported = ", ".join(t for t, f in FAMILIES.items() if f.pre_llm)
+        return f"pre-LLM stage {method!r} is not supported on model_type {model_type!r}: pre-LLM stages support model types {supported}"
     if method not in STAGES:
         return f"pre-LLM stage {method!r} is unknown; choose one of {', '.join(STAGES)}"
     why = _stage_reason(family, STAGES[method])

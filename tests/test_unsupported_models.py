@@ -17,6 +17,8 @@ import torch
 from runtime import Recipe, RecipeMismatchError
 from runtime.errors import UnsupportedModelError
 from runtime.families import FAMILIES, Family, model_fingerprint, supported_model_types
+from runtime.methods.stages import STAGES
+from runtime.prellm_stage import unsupported_reason
 from runtime.pruner import PruningHandle
 
 
@@ -95,6 +97,9 @@ def test_layers_of_another_kind_are_refused_even_in_a_registered_family(model_ty
         with pytest.raises(UnsupportedModelError, match=other):  # the pruner itself never hooks such a model
             PruningHandle(model, recipe)
         assert _hooks(model) == before and getattr(model, "_recipe_runtime_handle", None) is None
+        for method in STAGES:  # a family without pre-LLM stages refuses each one by name
+            reason = unsupported_reason(model, method)
+            assert repr(method) in reason and repr(model_type) in reason and "llava" in reason
     finally:
         FAMILIES.unregister(model_type)
 

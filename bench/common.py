@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from recipe_compiler.models import LLAVA_15_PROMPT_TEMPLATE, REGISTRY, ModelSpec  # noqa: E402
+from recipe_compiler.families import FAMILIES  # noqa: E402
+from recipe_compiler.families.llava import LLAVA_15_PROMPT_TEMPLATE  # noqa: E402
+from recipe_compiler.models import REGISTRY, ModelSpec  # noqa: E402
 
 
 def mid_spec() -> ModelSpec:
@@ -47,32 +49,25 @@ MID_TEXT = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 
 
 def mid_family_spec(tiny_alias: str) -> ModelSpec:
     """A family's built-in tiny model (its vision tower and image layout) with the mid-size LM."""
-    import copy
     import dataclasses
 
     tiny = REGISTRY[tiny_alias]
-    config = copy.deepcopy(tiny.config)
-    config["text_config"].update(MID_TEXT)
-    config["text_config"].pop("head_dim", None)
-    if config.get("model_type", "").startswith("qwen"):
-        config["text_config"]["num_key_value_heads"] = 2  # Qwen2's GQA layout
-        # The vision merger projects into the LM's width (Qwen2-VL: hidden_size; Qwen2.5-VL: out_hidden_size).
-        vision = config["vision_config"]
-        vision["out_hidden_size" if "out_hidden_size" in vision else "hidden_size"] = MID_TEXT["hidden_size"]
-        for rope in (config["text_config"].get("rope_scaling"), config["text_config"].get("rope_parameters")):
-            if isinstance(rope, dict) and "mrope_section" in rope:
-                rope["mrope_section"] = [8, 12, 12]  # head_dim 64 → 32 rotary pairs, split as Qwen2-VL-7B splits its 64
+    config = FAMILIES[tiny.config["model_type"]].resize_language_model(tiny.config, MID_TEXT)
     return dataclasses.replace(tiny, alias=f"mid-{tiny_alias.removeprefix('tiny-')}", config=config,
                                description=f"{tiny.description}; mid-size 12x768 LM for benchmarks")
 
 
 def spec_for(name: str) -> ModelSpec:
+    """``mid`` (the LLaVA-1.5 layout with the mid-size LM), ``mid-<f>`` (built-in ``tiny-<f>`` with
+    the mid-size LM) or a registry alias."""
     if name == "mid":
         return mid_spec()
-    if name in ("mid-llava-next", "mid-qwen2-vl"):
-        return mid_family_spec(name.replace("mid-", "tiny-"))
+    tiny = "tiny-" + name.lower().removeprefix("mid-")
+    if name.lower() != tiny and tiny in REGISTRY:
+        return mid_family_spec(tiny)
     if name.lower() not in REGISTRY:
-        raise SystemExit(f"unknown model {name!r}: use 'mid', 'mid-llava-next', 'mid-qwen2-vl' or one of {', '.join(sorted(REGISTRY))}")
+        mids = ", ".join(f"'mid-{alias.removeprefix('tiny-')}'" for alias in sorted(REGISTRY) if alias.startswith("tiny-"))
+        raise SystemExit(f"unknown model {name!r}: use 'mid', {mids} or one of {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name.lower()]
 
 

@@ -19,11 +19,7 @@ import numpy as np
 from common import emit, machine
 
 from recipe_compiler.flops import LMShape, cost_table
-from recipe_compiler.search.gsearch import gsearch_schedule
-from recipe_compiler.search.optimal import optimal_schedule
-from recipe_compiler.search.psigmoid import psigmoid_schedule
-
-SEARCHES = {"optimal": optimal_schedule, "gsearch": gsearch_schedule, "psigmoid": psigmoid_schedule}
+from recipe_compiler.search import TABLE_SEARCHES as SEARCHES
 
 
 def synthetic_table(layers: int, tokens: int, seed: int = 0) -> np.ndarray:

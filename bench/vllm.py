@@ -166,7 +166,7 @@ def main() -> None:
             print(f"round {round_} {name}: done", file=sys.stderr)
     info["load_average_end"] = os.getloadavg()[0]
 
-    from runtime.prellm_stage import stage_count
+    from runtime.prellm import stage_count
 
     text_tokens = None
     summary = {}

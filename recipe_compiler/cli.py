@@ -16,15 +16,8 @@ from typing import Sequence
 
 from runtime.errors import RecipeError
 
+from .cli_common import ATTN_IMPLEMENTATIONS, EXIT_FAILURE, Parser, check_device, one_line, positive_int
 from .errors import CompileError
-
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage block
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _budget(text: str) -> float:
@@ -39,22 +32,15 @@ def _budget(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _compile_parser() -> argparse.ArgumentParser:
-    from runtime.recipe import SCORERS
+    from runtime.methods.detectors import DETECTORS
+    from runtime.methods.heads import HEAD_REDUCTIONS
+    from runtime.methods.scorers import SCORERS
 
-    from .compile import SEARCHES
+    from .prellm_search import pre_llm_choices
+    from .search import SEARCHES
 
-    parser = _Parser(
+    parser = Parser(
         prog="recipe-compile",
         description="Compile a visual-token pruning recipe for a vision-language model under a FLOPs budget.",
     )
@@ -62,28 +48,28 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=_budget, required=True, help="fraction of the unpruned language-model prefill FLOPs to spend, in (0, 1]")
     parser.add_argument("-o", "--output", required=True, help="recipe file to write (.safetensors)")
     parser.add_argument("--calibration", help="folder of images (optionally with manifest.jsonl) or a .jsonl manifest (default: the shipped set)")
-    parser.add_argument("--samples", type=_positive_int, help="use the first N calibration samples")
-    parser.add_argument("--search", choices=SEARCHES, default="optimal", help="schedule search (default: optimal)")
-    parser.add_argument("--scorer", choices=SCORERS, default="fitprune", help="run-time scorer recorded in the recipe (default: fitprune)")
-    parser.add_argument("--head-reduce", choices=("max", "mean"), default="max", help="how attention heads are combined (default: max)")
+    parser.add_argument("--samples", type=positive_int, help="use the first N calibration samples")
+    parser.add_argument("--search", choices=SEARCHES.names(), default="optimal", help="schedule search (default: optimal)")
+    parser.add_argument("--scorer", choices=SCORERS.names(), default="fitprune", help="run-time scorer recorded in the recipe (default: fitprune)")
+    parser.add_argument("--head-reduce", choices=HEAD_REDUCTIONS.names(), default="max", help="how attention heads are combined (default: max)")
     parser.add_argument("--device", default="cpu", help="torch device for calibration (default: cpu; under torchrun, cuda means cuda:LOCAL_RANK)")
     parser.add_argument("--device-map", type=_device_map, help="spread a checkpoint's layers over devices: auto, balanced, sequential or a JSON map (needs accelerate: pip install 'recipe-compiler[big]')")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
-    parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa", help="attention kernel (default: sdpa)")
-    parser.add_argument("--batch-size", type=_positive_int, default=4, help="calibration samples per forward (default: 4)")
+    parser.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default="sdpa", help="attention kernel (default: sdpa)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="calibration samples per forward (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     parser.add_argument("--random-weights", action="store_true", help="build the model's architecture with random weights (no download)")
     parser.add_argument("--save-stats", help="also write the calibration statistics to this file")
     parser.add_argument("--stats", help="reuse statistics saved with --save-stats instead of calibrating")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--pre-llm", choices=("none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection", "auto"), default="none",
+    parser.add_argument("--pre-llm", choices=pre_llm_choices(), default="none",
                         help="pre-LLM stage (drops tokens before the language model); auto compares them all and prints a candidate table (default: none)")
     parser.add_argument("--gprune-threshold", type=float, help="G-Prune similarity threshold in [-1, 1] (default: 0.5)")
     parser.add_argument("--gprune-temperature", type=float, help="G-Prune softmax temperature > 0 (default: 0.03)")
     parser.add_argument("--gprune-steps", type=int, help="G-Prune propagation steps >= 0 (default: 5)")
     parser.add_argument("--pre-llm-ratio", type=float, help="keep ratio of a fixed-ratio pre-LLM stage in (0, 1] (default: the best of a grid)")
     parser.add_argument("--fopru-feature-layer", type=int, help="vision-encoder layer whose attention FoPru reads, HF vision_feature_layer convention, negative allowed (default: the model's feature layer)")
-    parser.add_argument("--inflection-detector", choices=("kneedle", "max-curvature"), help="knee detector of cls-inflection: kneedle (farthest from the chord) or max-curvature (default: kneedle)")
+    parser.add_argument("--inflection-detector", choices=DETECTORS.names(), help="knee detector of cls-inflection: kneedle (farthest from the chord) or max-curvature (default: kneedle)")
     return parser
 
 
@@ -95,13 +81,13 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
 
     rank, world, _ = env_world()
     try:
-        _check_device(args.device)
+        check_device(args.device)
         with from_env(args.device) as (sharding, device):  # under torchrun: join the process group
             args.device = device
             return _compile(args, sharding)
     except (CompileError, RecipeError, ValueError, RankFailed) as exc:
         if rank == 0:  # every rank fails alike (inputs are checked on all, then agreed); say it once
-            print(f"recipe-compile: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"recipe-compile: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("recipe-compile: interrupted; no recipe was written", file=sys.stderr)
@@ -129,7 +115,7 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
                                                          ("steps", args.gprune_steps)) if v is not None} or None,
                                fopru_feature_layer=args.fopru_feature_layer, inflection_detector=args.inflection_detector)
         dtype = parse_dtype(args.dtype)
-        _check_device(args.device)
+        check_device(args.device)
         if args.device_map is not None and sharding.world > 1:
             raise CompileError("--device-map cannot be combined with torchrun: each rank would spread the model over every GPU; use one process")
         calibration = load_calibration(args.calibration, samples=args.samples)
@@ -201,23 +187,6 @@ def _device_map(text: str):
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def _check_device(name: str) -> None:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CompileError(f"device {name!r} is not a torch device; use cpu, cuda, cuda:1, mps, …") from None
-    available = {
-        "cuda": torch.cuda.is_available,
-        "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
-    }.get(device.type, lambda: True)
-    if not available():
-        raise CompileError(f"device {name!r} is not available on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CompileError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
 def _check_writable(path: Path, what: str) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
@@ -247,15 +216,10 @@ def _progress_bars():
     return factory
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
-
-
 # ------------------------------------------------------------------------------------- inspect
 def inspect_main(argv: Sequence[str] | None = None) -> int:
     """``recipe-inspect RECIPE``: print a recipe's schedule and provenance. Returns the exit code."""
-    parser = _Parser(prog="recipe-inspect", description="Print a recipe's per-layer schedule and provenance.")
+    parser = Parser(prog="recipe-inspect", description="Print a recipe's per-layer schedule and provenance.")
     parser.add_argument("recipe", help="recipe file (.safetensors), or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
@@ -264,7 +228,7 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
     try:
         recipe = resolve(args.recipe)  # a file, or a FitPrune published preset
     except RecipeError as exc:
-        print(f"recipe-inspect: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"recipe-inspect: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     if args.json:
         print(json.dumps(_describe(recipe), indent=2, sort_keys=True))
@@ -288,7 +252,7 @@ def _describe(recipe) -> dict:
 
 def _vision(recipe) -> dict | None:
     """The vision encoder's FLOPs per reference image, when the fingerprint names a registry model."""
-    from .evaluate import registry_vision_flops
+    from .families import registry_vision_flops
 
     try:
         found = registry_vision_flops(recipe.fingerprint)
@@ -298,15 +262,14 @@ def _vision(recipe) -> dict | None:
 
 
 def _stage_text(stage: dict) -> str:
-    """The whole pre-LLM stage: method, keep ratio, every parameter, and cls-inflection's layer-K cut."""
-    method = stage.get("method", "none")
-    if method == "none":
-        return "none"
+    """The whole pre-LLM stage: method, what it keeps, every parameter, and a stage-2 layer-K cut."""
+    from runtime.methods.stages import NO_STAGE, STAGES
+
+    method = stage.get("method", NO_STAGE)
+    if method == NO_STAGE:
+        return NO_STAGE
     params = dict(stage.get("params", {}))
-    if method == "cls-inflection":
-        text = "cls-inflection: keeps each image's tokens up to the knee of its CLS-similarity curve, on entry to layer 0"
-    else:
-        text = f"{method}: keeps {stage.get('keep_ratio', 1.0):g} of each image's tokens, on entry to layer 0"
+    text = f"{method}: {STAGES[method].describe(stage)}, on entry to layer 0"
     if "stage2_layer" in params:
         text += f"; stage 2: {params.pop('stage2_ratio', '?')} of the survivors from layer {params.pop('stage2_layer')}"
     if params:

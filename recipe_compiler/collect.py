@@ -14,15 +14,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from runtime.adapters import model_fingerprint
+from runtime.families import family_for, model_fingerprint
+from runtime.methods.heads import HEAD_REDUCTIONS
+from runtime.methods.stages import STAGES
+from runtime.prellm_stage import PreLLMStage, supported_methods
 from runtime.pruner import Policy, PruningHandle, Roles
 
 from .calibration import CalibrationSet, load_image
 from .errors import CalibrationDataError
 from .distributed import SINGLE, Sharding, batches_of
-from .statistics import Statistics
+from .statistics import PRELLM_SCORES, Statistics
 
-HEAD_REDUCTIONS = ("max", "mean")
 
 
 class StatisticsPolicy(Policy):
@@ -35,10 +37,8 @@ class StatisticsPolicy(Policy):
         self.rows: list[dict] = []
         self.stage = None
         if prellm is not False:  # pre-LLM scores from the same pass: vision hooks + the layer-0 input embeddings
-            from runtime.prellm_stage import PreLLMStage
-
             capture = prellm if isinstance(prellm, set) else {"attention", "features"}  # the signals the model supports
-            self.stage = PreLLMStage("g-prune", params=prellm_params, capture=capture)
+            self.stage = PreLLMStage(None, params=prellm_params, capture=capture)  # records every stage's scores
 
     def attach(self, model: torch.nn.Module) -> list:
         return self.stage.attach(model) if self.stage is not None else []
@@ -54,7 +54,7 @@ class StatisticsPolicy(Policy):
             store = self._batch[image["row"]]["prellm"]
             index = views[image["row"]] = views.get(image["row"], -1) + 1
             image["view"] = torch.full((image["positions"].numel(),), float(index))
-            for name in ("gprune", "fopru", "clssim", "view", "grid_row"):
+            for name in PRELLM_SCORES:
                 if name not in image:
                     continue
                 part = image[name].float().cpu().numpy()
@@ -112,8 +112,9 @@ def collect_statistics(
         progress: called with the number of samples finished after each batch.
         sharding: under torchrun, which global batches this rank runs; every rank gets the
             same :class:`Statistics` (rows gathered in global sample order).
-        prellm_params: G-Prune ``threshold``, ``temperature``, ``steps`` for the recorded scores
-            (default: G-Prune's 0.5, 0.03, 5) and the FoPru ``feature_layer`` (default: the model's).
+        prellm_params: the parameters the recorded pre-LLM scores depend on (each stage's
+            ``score_params``: G-Prune ``threshold``, ``temperature``, ``steps``, default 0.5, 0.03,
+            5; the FoPru ``feature_layer``, default the model's).
 
     Returns:
         :class:`Statistics` with S = len(calibration) samples.
@@ -122,19 +123,17 @@ def collect_statistics(
         >>> stats = collect_statistics(m.model, m.processor, load_calibration(), format_prompt=m.format_prompt)  # doctest: +SKIP
     """
     if head_reduce not in HEAD_REDUCTIONS:
-        raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
+        raise ValueError(f"head_reduce must be one of {tuple(HEAD_REDUCTIONS)}, got {head_reduce!r}")
     check_inputs(model, processor, calibration, format_prompt=format_prompt)  # before any forward
-    from runtime.adapters import adapter_for
-
-    from runtime.prellm_stage import GPRUNE_DEFAULTS, resolve_feature_layer, supported_methods
-
-    num_layers = len(adapter_for(model).layers(model))
-    methods = supported_methods(model)
-    prellm = ({"attention"} if "fopru-rank" in methods else set()) | ({"features"} if "cls-inflection" in methods else set())
-    prellm = prellm if methods else False  # an empty set still records G-Prune scores (Qwen2.5-VL)
-    params = {**GPRUNE_DEFAULTS, **(prellm_params or {})}
-    if "fopru-rank" in methods:  # recorded as the hidden_states index, so -2 and depth-1 compare equal
-        params["feature_layer"] = resolve_feature_layer(model, params.get("feature_layer"))
+    family = family_for(model)
+    num_layers = len(family.layers(model))
+    stages = [STAGES[m] for m in supported_methods(model)]
+    prellm = set().union(*(stage.signals for stage in stages))
+    prellm = prellm if stages else False  # an empty set still records the stages that read no signal (G-Prune)
+    params = {key: stage.defaults[key] for stage in stages for key in stage.score_params if key in stage.defaults}
+    params.update(prellm_params or {})
+    if any("feature_layer" in stage.score_params for stage in stages):  # recorded as the hidden_states index, so -2 and depth-1 compare equal
+        params["feature_layer"] = family.resolve_feature_layer(model, params.get("feature_layer"))
     else:
         params.pop("feature_layer", None)
     policy = StatisticsPolicy(num_layers, head_reduce, prellm=prellm, prellm_params=params)
@@ -182,9 +181,7 @@ def check_inputs(
     Example:
         >>> check_inputs(m.model, m.processor, load_calibration(), format_prompt=m.format_prompt)  # doctest: +SKIP
     """
-    from runtime.adapters import adapter_for
-
-    limit = getattr(adapter_for(model).text_config(model), "max_position_embeddings", None)
+    limit = getattr(family_for(model).text_config(model), "max_position_embeddings", None)
     tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
     level = tokenizer_log.level
     tokenizer_log.setLevel(logging.ERROR)  # its "longer than the maximum" warning; ours names the entry
@@ -242,7 +239,7 @@ def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp:
             arrays[name][s, :, : row["n_visual"]] = np.stack(row[name])
     prellm = {}
     if all("prellm" in r for r in rows):
-        for name in [n for n in ("gprune", "fopru", "clssim", "view", "grid_row") if all(n in r["prellm"] for r in rows)]:
+        for name in [n for n in PRELLM_SCORES if all(n in r["prellm"] for r in rows)]:
             prellm[name] = np.full((samples, width), np.nan, dtype=np.float32)
             for s, row in enumerate(rows):
                 prellm[name][s, : row["n_visual"]] = row["prellm"][name]

@@ -13,22 +13,26 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.adapters import adapter_for, model_fingerprint
-from runtime.recipe import HEAD_REDUCTIONS, SCORERS, Recipe
+from runtime.families import family_for, model_fingerprint
+from runtime.methods.detectors import DETECTORS
+from runtime.methods.heads import HEAD_REDUCTIONS
+from runtime.methods.scorers import SCORERS
+from runtime.methods.stages import NO_STAGE, STAGES
+from runtime.prellm_stage import supported_methods, unsupported_reason
+from runtime.recipe import Recipe
 
 from .calibration import CalibrationSet
 from .collect import collect_statistics
 from .distributed import SINGLE, Sharding
 from .divergence import divergence_table, nested_divergence, schedule_objective
 from .errors import BudgetError, StatisticsError
+from . import prellm_search
 from .flops import LMShape, cost_table, min_feasible_budget, visual_token_equivalent
-from .search import SEARCHES as TABLE_SEARCHES
+from .prellm_search import AUTO, pre_llm_choices
+from .search import SEARCHES
 from .statistics import Statistics
 from .verify import Verification, verify_recipe
 
-# Searches on the statistics alone, then FitPrune's model-in-the-loop search.
-SEARCHES = (*TABLE_SEARCHES, "fitprune")
-_SEARCH_METHODS = {"optimal": "lagrangian-dp", "gsearch": "greedy-epsilon-bisection", "psigmoid": "sigmoid-fit"}
 # Verified FLOPs fractions are compared with the budget up to floating-point summation order only.
 BUDGET_RTOL = 1e-9
 
@@ -40,11 +44,11 @@ class CompileConfig:
     Args:
         budget: fraction of the unpruned language-model prefill FLOPs the pruned model may spend,
             averaged over the calibration prompts; ``0 < budget <= 1``.
-        search: schedule search, one of :data:`SEARCHES`.
-        scorer: run-time scorer recorded in the recipe, one of ``runtime.recipe.SCORERS``.
-        head_reduce: "max" (FitPrune) or "mean" over attention heads.
+        search: schedule search, a :data:`recipe_compiler.search.SEARCHES` name.
+        scorer: run-time scorer recorded in the recipe, a ``runtime.methods.scorers.SCORERS`` name.
+        head_reduce: a ``runtime.methods.heads.HEAD_REDUCTIONS`` name: "max" (FitPrune) or "mean" over attention heads.
         batch_size: calibration samples per forward.
-        pre_llm: pre-LLM stage, one of ``prellm_search.PRE_LLM_CHOICES``; ``auto`` evaluates every
+        pre_llm: pre-LLM stage, one of ``prellm_search.pre_llm_choices()``; ``auto`` evaluates every
             stage (and none) with the in-LLM schedule and keeps the least divergence in budget.
         pre_llm_ratio: fix a fixed-ratio stage's keep ratio instead of trying a grid.
         gprune: G-Prune ``threshold`` / ``temperature`` / ``steps`` overrides (defaults 0.5, 0.03, 5).
@@ -83,47 +87,47 @@ class CompileConfig:
             raise ValueError(f"scorer {self.scorer!r} is unknown; choose one of {', '.join(SCORERS)}")
         if self.head_reduce not in HEAD_REDUCTIONS:
             raise ValueError(f"head_reduce {self.head_reduce!r} is unknown; choose one of {', '.join(HEAD_REDUCTIONS)}")
-        from .prellm_search import PRE_LLM_CHOICES
-
-        if self.pre_llm not in PRE_LLM_CHOICES:
-            raise ValueError(f"pre-LLM stage {self.pre_llm!r} is unknown; choose one of {', '.join(PRE_LLM_CHOICES)}")
-        if self.search == "fitprune" and self.pre_llm == "auto":
-            raise ValueError("--pre-llm auto compares the stages on the statistics with a table search; with --search fitprune "
+        if self.pre_llm not in pre_llm_choices():
+            raise ValueError(f"pre-LLM stage {self.pre_llm!r} is unknown; choose one of {', '.join(pre_llm_choices())}")
+        search = SEARCHES[self.search]
+        stage = STAGES.get(self.pre_llm)
+        fixed = ", ".join(name for name, s in STAGES.items() if s.fixed_ratio)
+        if search.in_the_loop and self.pre_llm == AUTO:
+            raise ValueError(f"--pre-llm auto compares the stages on the statistics with a table search; with --search {self.search} "
                              "name one fixed-ratio stage and its ratio (e.g. --pre-llm g-prune --pre-llm-ratio 0.5), or use --search optimal")
-        if self.search == "fitprune" and self.pre_llm == "cls-inflection":
-            raise ValueError("--pre-llm cls-inflection brings its own in-LLM cut (layer K and ratio, searched on a grid with the "
-                             "text-mean scorer), so a FitPrune schedule has no place in it; use --search optimal with it, or a "
-                             "fixed-ratio stage (g-prune, fopru-rank, fopru-row) with --search fitprune")
-        if self.search == "fitprune" and self.pre_llm != "none" and self.pre_llm_ratio is None:
-            raise ValueError(f"--pre-llm {self.pre_llm} with --search fitprune needs --pre-llm-ratio (the model-in-the-loop "
+        if search.in_the_loop and stage is not None and stage.own_schedule:
+            raise ValueError(f"--pre-llm {self.pre_llm} brings its own in-LLM cut (layer K and ratio, searched on a grid with the "
+                             f"{stage.stage2_scorer} scorer), so a {search.title} schedule has no place in it; use --search optimal with it, or a "
+                             f"fixed-ratio stage ({fixed}) with --search {self.search}")
+        if search.in_the_loop and self.pre_llm != NO_STAGE and self.pre_llm_ratio is None:
+            raise ValueError(f"--pre-llm {self.pre_llm} with --search {self.search} needs --pre-llm-ratio (the model-in-the-loop "
                              "search runs for one ratio; a table search such as --search optimal tries a grid of ratios)")
         if self.pre_llm_ratio is not None:
             r = self.pre_llm_ratio
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
                 raise ValueError(f"pre-LLM keep ratio must be a number in (0, 1], got {r!r}")
-            if self.pre_llm in ("none", "auto", "cls-inflection"):
-                raise ValueError(f"a pre-LLM keep ratio needs a fixed-ratio stage (g-prune, fopru-rank, fopru-row), not {self.pre_llm!r}")
+            if stage is None or not stage.fixed_ratio:
+                raise ValueError(f"a pre-LLM keep ratio needs a fixed-ratio stage ({fixed}), not {self.pre_llm!r}")
+        gprune = STAGES["g-prune"]
         for key, value in (self.gprune or {}).items():
-            ok = {"threshold": lambda v: -1 <= v <= 1, "temperature": lambda v: 0 < v < math.inf,
-                  "steps": lambda v: isinstance(v, int) and 0 <= v <= 10**6}.get(key)
-            if ok is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            if not gprune.param_ok(key, value):
                 raise ValueError(f"G-Prune parameter {key}={value!r} is unknown or out of range "
                                  "(threshold in [-1, 1], temperature > 0, steps a non-negative integer)")
         layer = self.fopru_feature_layer
-        if layer is not None:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer == 0:
-                raise ValueError(f"--fopru-feature-layer must be a non-zero integer (HF vision_feature_layer convention), got {layer!r}")
-            if self.pre_llm not in ("fopru-rank", "fopru-row", "auto"):
-                raise ValueError(f"--fopru-feature-layer applies to --pre-llm fopru-rank, fopru-row or auto, not {self.pre_llm!r}")
-        if self.inflection_detector is not None:
-            from runtime.prellm import DETECTORS
-
-            if self.inflection_detector not in DETECTORS:
-                raise ValueError(f"inflection detector {self.inflection_detector!r} is unknown; choose one of {', '.join(DETECTORS)}")
-            if self.pre_llm not in ("cls-inflection", "auto"):
-                raise ValueError(f"--inflection-detector applies to --pre-llm cls-inflection or auto, not {self.pre_llm!r}")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer == 0):
+            raise ValueError(f"--fopru-feature-layer must be a non-zero integer (HF vision_feature_layer convention), got {layer!r}")
+        self._check_applies("--fopru-feature-layer", layer, "feature_layer")
+        if self.inflection_detector is not None and self.inflection_detector not in DETECTORS:
+            raise ValueError(f"inflection detector {self.inflection_detector!r} is unknown; choose one of {', '.join(DETECTORS)}")
+        self._check_applies("--inflection-detector", self.inflection_detector, "inflection_detector")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+    def _check_applies(self, option: str, value: object, param: str) -> None:
+        """A stage option given with ``--pre-llm`` set to a stage that has no such parameter is an error."""
+        takers = [name for name, s in STAGES.items() if param in (*s.score_params, *s.selection_params)]
+        if value is not None and self.pre_llm not in (*takers, AUTO):
+            raise ValueError(f"{option} applies to --pre-llm {STAGES.choices([*takers, AUTO])}, not {self.pre_llm!r}")
 
 
 @dataclass
@@ -195,7 +199,7 @@ def compile_recipe(
     """
     step = progress or (lambda stage, total: (lambda n: None))
     fingerprint = model_fingerprint(model)
-    shape = LMShape.from_config(adapter_for(model).text_config(model))
+    shape = LMShape.from_config(family_for(model).text_config(model))
     v_ref = fingerprint["visual_tokens"]
     common = dict(format_prompt=format_prompt, batch_size=config.batch_size, sharding=sharding)
     share = sharding.share(len(calibration), config.batch_size)  # samples this rank runs per pass
@@ -209,15 +213,16 @@ def compile_recipe(
             progress=step("calibrate", share), prellm_params=prellm_params, **common,
         )
     else:
-        _check_statistics(statistics, fingerprint, calibration, config, feature_layer=prellm_params.get("feature_layer"))
+        _check_statistics(statistics, fingerprint, calibration, config, prellm_params)
     timings["calibrate"] = time.perf_counter() - started
 
+    search = SEARCHES[config.search]
     smallest = min_feasible_budget(shape, statistics.n_other, statistics.n_visual, v_ref)
-    if config.pre_llm != "none" and config.search in TABLE_SEARCHES:
+    if config.pre_llm != NO_STAGE and not search.in_the_loop:
         return _compile_with_stage(
             model, processor, calibration, config, statistics, shape, fingerprint, v_ref, timings, step, share, common
         )
-    if config.pre_llm == "none" and config.budget < smallest * (1 - BUDGET_RTOL):  # a stage lowers the floor
+    if config.pre_llm == NO_STAGE and config.budget < smallest * (1 - BUDGET_RTOL):  # a stage lowers the floor
         raise BudgetError(
             f"budget {config.budget:g} cannot be met: even dropping every visual token after layer 0 spends "
             f"{smallest:.4f} of the prefill FLOPs on these prompts; use --budget {math.ceil(smallest * 1000) / 1000:g} or more"
@@ -226,36 +231,29 @@ def compile_recipe(
     started = time.perf_counter()
     table = divergence_table(statistics, config.scorer, v_ref=v_ref)
     details: dict[str, Any] = {}
-    stage, alive = None, None  # --search fitprune with a fixed-ratio pre-LLM stage: its spec and survivors
-    if config.search in TABLE_SEARCHES:
+    stage, alive = None, None  # a model-in-the-loop search with a fixed-ratio pre-LLM stage: its spec and survivors
+    if not search.in_the_loop:
         costs = cost_table(shape, statistics.n_other, statistics.n_visual, v_ref)
         # The unpruned cost from the same table the search sums, so budget 1.0 admits keep-all exactly.
         budget_flops = config.budget * float(np.sum(costs[:, v_ref]))
         try:
-            keep = TABLE_SEARCHES[config.search](table, costs, budget_flops)
+            keep = search.schedule(table, costs, budget_flops)
         except BudgetError:
             # The floor check above passed, so the budget is at the floor within the stated tolerance;
             # the search's own sum may differ from it in the last bits.
-            keep = TABLE_SEARCHES[config.search](table, costs, budget_flops * (1 + BUDGET_RTOL))
-        search_params = {"method": _SEARCH_METHODS[config.search], "grid": int(v_ref) + 1}
+            keep = search.schedule(table, costs, budget_flops * (1 + BUDGET_RTOL))
+        search_params = {"method": search.provenance, "grid": int(v_ref) + 1}
     else:
-        from .search.fitprune import fitprune_search
-
-        if config.pre_llm != "none":
-            stage, alive = _fitprune_stage(config, statistics)
+        if config.pre_llm != NO_STAGE:
+            stage, alive = _fixed_stage(config, statistics)
             table = divergence_table(statistics, config.scorer, v_ref=v_ref, survivors=alive)
-        found = fitprune_search(
+        keep, search_params, found_details = search.run(
             model, processor, calibration, statistics, shape, config.budget, v_ref,
-            progress=step("search", 7 * share), pre_llm=stage, **common,
+            progress=step("search", search.passes * share), pre_llm=stage, **common,
         )
-        if found is None:
-            raise BudgetError(f"the FitPrune search found no alpha meeting budget {config.budget:g}; try a larger budget or --search optimal")
-        keep = found.keep_count
-        search_params = {"alpha": found.alpha, "stop_layer": found.stop_layer, "bisection_tol": 0.01}
         if stage is not None:
             search_params["pre_llm"] = config.pre_llm
-        details["alpha_trace"] = found.trace
-        details["fitprune_pruned_per_layer"] = found.pruned_per_layer.astype(int).tolist()
+        details.update(found_details)
     timings["search"] = time.perf_counter() - started
     divergence = schedule_objective(table, keep)
     nested = nested_divergence(statistics, config.scorer, np.asarray(keep, dtype=np.int64), v_ref=v_ref, survivors=alive)
@@ -280,10 +278,8 @@ def compile_recipe(
     return CompileResult(recipe, statistics, verification, float(divergence), float(equivalent), timings, details, float(nested))
 
 
-def _fitprune_stage(config: CompileConfig, statistics: Statistics) -> tuple[dict, np.ndarray]:
-    """The fixed-ratio stage ``--search fitprune`` runs first, as a recipe records it, and its survivors."""
-    from . import prellm_search
-
+def _fixed_stage(config: CompileConfig, statistics: Statistics) -> tuple[dict, np.ndarray]:
+    """The fixed-ratio stage a model-in-the-loop search runs first, as a recipe records it, and its survivors."""
     alive = prellm_search.survivors(statistics, config.pre_llm, config.pre_llm_ratio)
     params = prellm_search.stage_params(statistics, config.pre_llm)  # what its calibration scores were computed with
     return {"method": config.pre_llm, "keep_ratio": config.pre_llm_ratio, "params": params}, alive
@@ -291,23 +287,19 @@ def _fitprune_stage(config: CompileConfig, statistics: Statistics) -> tuple[dict
 
 def _compile_with_stage(model, processor, calibration, config, statistics, shape, fingerprint, v_ref, timings, step, share, common):
     """``--pre-llm``: evaluate the stage(s) with the in-LLM schedule, keep the best, verify it."""
-    from . import prellm_search
-
     started = time.perf_counter()
-    from runtime.prellm_stage import unsupported_reason
-
-    methods = ("none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection") if config.pre_llm == "auto" else (config.pre_llm,)
+    methods = (NO_STAGE, *STAGES) if config.pre_llm == AUTO else (config.pre_llm,)
     candidates = []
     for method in methods:
-        reason = None if method == "none" else unsupported_reason(model, method)
+        reason = None if method == NO_STAGE else unsupported_reason(model, method)
         if reason:  # only under auto: a named stage was refused before calibration
             candidates.append(prellm_search.skipped(method, reason))
             continue
         found = prellm_search.evaluate(
-            statistics, shape, v_ref, config.budget, method, config.scorer, TABLE_SEARCHES[config.search],
+            statistics, shape, v_ref, config.budget, method, config.scorer, SEARCHES[config.search].schedule,
             keep_ratio=config.pre_llm_ratio, detector=config.inflection_detector or "kneedle",
         )
-        if method == "cls-inflection":  # one line per stage: its best stage-2 (K, ratio), else its cheapest
+        if method != NO_STAGE and STAGES[method].own_schedule:  # one line per stage: its best own schedule, else its cheapest
             chosen_here = prellm_search.best(found)
             found = [chosen_here or min(found, key=lambda c: c.flops_fraction)]
         candidates.extend(found)
@@ -321,12 +313,12 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
     timings["search"] = time.perf_counter() - started
     keep = chosen.keep.astype(np.int32)
     survivors = None
-    if chosen.method != "none":
+    if chosen.method != NO_STAGE:
         survivors = prellm_search.survivors(statistics, chosen.method, chosen.keep_ratio,
                                             chosen.params.get("inflection_detector", "kneedle"))
     nested = nested_divergence(statistics, chosen.scorer, keep.astype(np.int64), v_ref=v_ref, survivors=survivors)
     search_params = {
-        "method": "cls-inflection-grid" if chosen.method == "cls-inflection" else _SEARCH_METHODS[config.search],
+        "method": f"{chosen.method}-grid" if chosen.method != NO_STAGE and STAGES[chosen.method].own_schedule else SEARCHES[config.search].provenance,
         "grid": int(v_ref) + 1,
         "pre_llm": config.pre_llm,
     }
@@ -380,38 +372,31 @@ def _verify(build, provenance, model, processor, calibration, shape, config, tim
 
 def _prellm_params(model: Any, config: CompileConfig) -> dict:
     """The calibration pass's pre-LLM parameters; ValueError (one line) if the model cannot run the stage."""
-    from runtime.prellm_stage import resolve_feature_layer, supported_methods, unsupported_reason
-
-    if config.pre_llm not in ("none", "auto") and unsupported_reason(model, config.pre_llm):
+    if config.pre_llm not in (NO_STAGE, AUTO) and unsupported_reason(model, config.pre_llm):
         raise ValueError(unsupported_reason(model, config.pre_llm))
     params = dict(config.gprune or {})
-    if "fopru-rank" in supported_methods(model):  # always explicit, so reused statistics are checked against it
-        params["feature_layer"] = resolve_feature_layer(model, config.fopru_feature_layer, name="--fopru-feature-layer")
+    readers = [name for name, stage in STAGES.items() if "feature_layer" in stage.score_params]
+    if set(readers) & set(supported_methods(model)):  # always explicit, so reused statistics are checked against it
+        params["feature_layer"] = family_for(model).resolve_feature_layer(model, config.fopru_feature_layer, name="--fopru-feature-layer")
     elif config.fopru_feature_layer is not None:
-        raise ValueError(unsupported_reason(model, "fopru-rank"))
+        raise ValueError(unsupported_reason(model, readers[0]))
     return params
 
 
 def _check_statistics(stats: Statistics, fingerprint: dict, calibration: CalibrationSet, config: CompileConfig,
-                      feature_layer: int | None = None) -> None:
+                      prellm_params: dict | None = None) -> None:
     theirs = json.loads(stats.model_fingerprint) if stats.model_fingerprint else {}
     if theirs != fingerprint:
         raise StatisticsError("the saved statistics were collected on a different model; recollect them without --stats")
     if stats.calibration_fingerprint != calibration.fingerprint():
         raise StatisticsError("the saved statistics were collected on a different calibration set or --samples; recollect them")
-    if config.pre_llm in ("g-prune", "auto") and stats.prellm:
-        from runtime.prellm_stage import GPRUNE_DEFAULTS
-
-        wanted = {**GPRUNE_DEFAULTS, **(config.gprune or {})}
-        recorded = json.loads(stats.prellm_params) if stats.prellm_params else {}
-        if {key: recorded.get(key) for key in wanted} != wanted:
-            held = json.dumps({key: recorded[key] for key in wanted if key in recorded}, sort_keys=True) if recorded else "unknown parameters"
-            raise StatisticsError(f"the saved statistics hold G-Prune scores for {held}, not {json.dumps(wanted, sort_keys=True)}; recollect them")
-    if config.pre_llm in ("fopru-rank", "fopru-row", "auto") and "fopru" in stats.prellm and feature_layer is not None:
-        recorded = json.loads(stats.prellm_params) if stats.prellm_params else {}
-        if recorded.get("feature_layer") != feature_layer:
-            raise StatisticsError(f"the saved statistics hold FoPru scores from vision feature layer {recorded.get('feature_layer', 'unknown')}, "
-                                  f"not {feature_layer} (hidden_states index); recollect them without --stats")
+    stages = list(STAGES.values()) if config.pre_llm == AUTO else [STAGES[config.pre_llm]] if config.pre_llm in STAGES else []
+    recorded = json.loads(stats.prellm_params) if stats.prellm_params else {}
+    for stage in stages:  # the scores a stage would be chosen on must be what it would compute now
+        if stage.statistic in stats.prellm:
+            mismatch = stage.statistics_mismatch(recorded, prellm_params or {})
+            if mismatch:
+                raise StatisticsError(mismatch)
     if stats.head_reduce != config.head_reduce:
         raise StatisticsError(f"the saved statistics use head_reduce={stats.head_reduce!r}, not {config.head_reduce!r}")
 

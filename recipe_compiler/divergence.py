@@ -39,9 +39,9 @@ import numpy as np
 
 from recipe_compiler.flops import scale_counts
 from recipe_compiler.statistics import Statistics
+from runtime.methods.scorers import SCORERS
 
 __all__ = [
-    "SCORERS",
     "ranking_scores",
     "order_best_first",
     "divergence_table",
@@ -50,8 +50,6 @@ __all__ = [
     "kept_set_divergence",
     "nested_divergence",
 ]
-
-SCORERS = ("fitprune", "text-mean", "last-token")
 
 _MIN_KEPT = 1e-6  # floor of the kept mass inside the log: caps one term at −log(1e-6) ≈ 13.8
 
@@ -67,8 +65,9 @@ def ranking_scores(stats: Statistics, scorer: str) -> np.ndarray:
 
     Args:
         stats: calibration statistics.
-        scorer: one of :data:`SCORERS`. ``fitprune``: ``cross·self_attn·n_text`` =
-            ``(Σ_text A)·(Σ_visual A / v)``; ``text-mean``: ``cross``; ``last-token``: ``last``.
+        scorer: a :data:`runtime.methods.scorers.SCORERS` name; its ``from_statistics`` gives the
+            score (``fitprune``: ``cross·self_attn·n_text`` = ``(Σ_text A)·(Σ_visual A / v)``;
+            ``text-mean``: ``cross``; ``last-token``: ``last``).
 
     Returns:
         float64 ``[S, L, V]``; row ``l >= 1`` is computed from layer ``l − 1``'s statistics, row 0
@@ -93,12 +92,7 @@ def ranking_scores(stats: Statistics, scorer: str) -> np.ndarray:
 
 def _base_scores(stats: Statistics, scorer: str, layers: slice) -> np.ndarray:
     """The scorer's value from the statistics of ``layers`` (float64 [S, len(layers), V])."""
-    if scorer == "fitprune":
-        n_text = np.asarray(stats.n_text, dtype=np.float64)[:, None, None]
-        return stats.cross[:, layers].astype(np.float64) * stats.self_attn[:, layers] * n_text
-    if scorer == "text-mean":
-        return stats.cross[:, layers].astype(np.float64)
-    return stats.last[:, layers].astype(np.float64)
+    return SCORERS[scorer].from_statistics(stats.cross[:, layers], stats.self_attn[:, layers], stats.last[:, layers], stats.n_text)
 
 
 def _normalised(values: np.ndarray) -> np.ndarray:
@@ -137,7 +131,7 @@ def divergence_table(
 
     Args:
         stats: calibration statistics.
-        scorer: one of :data:`SCORERS`.
+        scorer: a :data:`runtime.methods.scorers.SCORERS` name.
         v_ref: the recipe's reference visual-token count (grid size); samples with other counts
             (other image sizes) keep the same fraction. Default: ``V``.
         survivors: optional bool ``[S, V]``, the tokens a pre-LLM stage lets into layer 0. Counts

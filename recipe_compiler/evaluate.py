@@ -38,7 +38,7 @@ from runtime.errors import RecipeError
 from runtime.recipe import Recipe
 
 from .calibration import CalibrationSet
-from .cli import EXIT_FAILURE, _Parser, _check_device, _one_line, _positive_int
+from .cli_common import ATTN_IMPLEMENTATIONS, EXIT_FAILURE, Parser, check_device, one_line, positive_int
 from .collect import model_inputs
 from .distributed import batches_of
 from .errors import CompileError
@@ -136,13 +136,13 @@ def evaluate_recipes(
     Returns:
         One :class:`Evaluation` per recipe, in the order given.
     """
-    from runtime.adapters import adapter_for
+    from runtime.families import family_for
 
     from .flops import LMShape
 
     for recipe in recipes.values():
         recipe.check_model(model)  # RecipeMismatchError before any model time
-    shape = LMShape.from_config(adapter_for(model).text_config(model))
+    shape = LMShape.from_config(family_for(model).text_config(model))
     batches = [model_inputs(model, processor, batch, format_prompt) for _, batch in batches_of(samples.samples, batch_size)]
     unpruned_greedy = [_greedy(model, inputs, new_tokens) for inputs in batches]
     timed = batches[0]
@@ -194,43 +194,6 @@ def evaluate_recipes(
     return results
 
 
-def registry_vision_flops(fingerprint: dict) -> tuple[str, float] | None:
-    """The registry model a recipe's fingerprint names, and its encoder's FLOPs per reference image.
-
-    ``recipe-inspect`` has no model, only the fingerprint; the registry's embedded configs are
-    fingerprinted (no weights, no download) and the one matching every field is used.
-
-    Args:
-        fingerprint: a recipe's model fingerprint.
-
-    Returns:
-        ``(alias, vision encoder + projector FLOPs of the reference image)``, or None when no
-        registry model matches (a hub id or local directory outside the registry).
-
-    Example:
-        >>> registry_vision_flops(load("r.safetensors").fingerprint)   # doctest: +SKIP
-        ('tiny-llava', 112984320.0)
-    """
-    from types import SimpleNamespace
-
-    from runtime.adapters import adapter_for
-
-    from .flops import VisionShape, reference_encoder_flops
-    from .models import REGISTRY, _llava_config
-
-    for alias, spec in REGISTRY.items():
-        try:
-            config = _llava_config(spec.config)
-            text = getattr(config, "text_config", None) or config
-            fake = SimpleNamespace(config=config, language_model=SimpleNamespace(config=text))  # all a fingerprint reads
-            if adapter_for(fake).fingerprint(fake) != fingerprint:
-                continue
-            return alias, reference_encoder_flops(VisionShape.from_config(config), int(fingerprint["visual_tokens"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return None
-
-
 def format_table(results: Sequence[Evaluation]) -> str:
     """The comparison table ``recipe-eval`` prints."""
     header = (f"{'recipe':<24} {'flops':>7} {'vis.tok':>8} {'KL':>10} {'top1':>6} {'greedy':>7} {'exact':>6} {'prefill ms':>11} "
@@ -272,18 +235,18 @@ def _layers(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="recipe-eval", description="Compare pruning recipes against the unpruned model on held-out samples.")
+    parser = Parser(prog="recipe-eval", description="Compare pruning recipes against the unpruned model on held-out samples.")
     parser.add_argument("--model", default="tiny-llava", help="registry alias, hub id or local directory (default: tiny-llava)")
     parser.add_argument("--recipe", action="append", required=True,
                         help="recipe file, or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b); repeat to compare")
     parser.add_argument("--data", help="folder of images or .jsonl manifest (default: the shipped calibration set's held-out split)")
-    parser.add_argument("--samples", type=_positive_int, help="use the first N samples")
-    parser.add_argument("--new-tokens", type=_positive_int, default=8, help="greedy continuation length compared (default: 8)")
-    parser.add_argument("--repeats", type=_positive_int, default=5, help="alternating timed prefills per recipe (default: 5)")
-    parser.add_argument("--batch-size", type=_positive_int, default=4, help="samples per forward (default: 4)")
+    parser.add_argument("--samples", type=positive_int, help="use the first N samples")
+    parser.add_argument("--new-tokens", type=positive_int, default=8, help="greedy continuation length compared (default: 8)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="alternating timed prefills per recipe (default: 5)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="samples per forward (default: 4)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
+    parser.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default="sdpa")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     parser.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -308,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(args)
     except (CompileError, RecipeError, ValueError) as exc:
-        print(f"recipe-eval: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"recipe-eval: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("recipe-eval: interrupted", file=sys.stderr)
@@ -326,7 +289,7 @@ def _main(args: argparse.Namespace) -> int:
     recipes = {_recipe_name(spec, taken): resolve(spec) for spec in args.recipe}
     samples = load_calibration(args.data, samples=args.samples, split=None if args.data else "heldout")
     dtype = parse_dtype(args.dtype)
-    _check_device(args.device)
+    check_device(args.device)
     plots = args.show or args.out
     if plots:
         if not (args.show and args.out):

@@ -14,9 +14,9 @@ Visual-token counts in schedules are given for a reference count ``v_ref`` (the 
 a sample with ``n_visual`` visual tokens keeps ``round_half_up(k · n_visual / v_ref)`` of them
 (:func:`scale_counts`).
 
-Reported beside the budget, never part of it: the vision encoder + projector FLOPs per family
-(:class:`VisionShape`, :func:`encoder_flops`) and the visual-token-only fraction
-(:func:`visual_token_fraction`).
+Reported beside the budget, never part of it: the vision encoder + projector FLOPs
+(:class:`VisionShape`, built per family by ``recipe_compiler.families``; :func:`encoder_flops`) and
+the visual-token-only fraction (:func:`visual_token_fraction`).
 """
 from __future__ import annotations
 
@@ -376,7 +376,7 @@ def visual_token_equivalent(
 # --------------------------------------------------------------------------------------------
 # Vision encoder (+ projector): reported beside the LM figures, never part of the budget.
 # --------------------------------------------------------------------------------------------
-VISION_KINDS = ("clip", "qwen2_vl", "qwen2_5_vl")
+VISION_KINDS = ("crops", "grids")
 
 
 @dataclass(frozen=True)
@@ -390,27 +390,27 @@ class VisionShape:
     the projector ``Σ in·out`` per token it maps.
 
     Attributes:
-        kind: ``"clip"`` (LLaVA, LLaVA-NeXT: the CLIP ViT runs once per crop on ``patches + 1``
-            tokens, CLS included; the projector maps ``projected_per_crop`` of them),
-            ``"qwen2_vl"`` / ``"qwen2_5_vl"`` (a ViT over an image's ``t·h·w`` patches, attention
-            within each frame, or within windows of ``window × window`` merged tokens outside
-            ``full_attention_layers``; the merger maps every ``merge²`` patches to one token).
+        kind: ``"crops"`` (a ViT run once per square crop on ``patches + 1`` tokens, CLS included;
+            the projector maps ``projected_per_crop`` of them: CLIP in LLaVA, LLaVA-NeXT) or
+            ``"grids"`` (a ViT over an image's ``t·h·w`` patches, attention within each frame, or
+            within windows of ``window × window`` merged tokens outside ``full_attention_layers``;
+            the merger maps every ``merge²`` patches to one token: Qwen2-VL, Qwen2.5-VL).
         layers: encoder layers (all of them run, whatever feature layer is used).
         width: encoder width ``w``.
         intermediate: encoder MLP width ``m``.
         gated_mlp: a gate/up/down MLP (Qwen2.5-VL) instead of fc1/fc2.
         patch_inputs: pixel values per patch (channels · patch² · temporal patch).
         projector: ``((in, out), …)``, the linear layers of the projector / merger MLP.
-        tokens_per_crop: ``"clip"``: encoder tokens per crop (patches + CLS); 0 otherwise.
-        projected_per_crop: ``"clip"``: tokens the projector maps per crop.
-        merge: spatial merge size (1 for ``"clip"``).
+        tokens_per_crop: ``"crops"``: encoder tokens per crop (patches + CLS); 0 otherwise.
+        projected_per_crop: ``"crops"``: tokens the projector maps per crop.
+        merge: spatial merge size (1 for ``"crops"``).
         window: window side in merged tokens (0: every layer attends to the whole frame).
         full_attention_layers: with windows, the layers that attend to the whole frame.
-        reference_crops: ``"clip"``: crops of the family's reference image (1 for LLaVA-1.5,
+        reference_crops: ``"crops"``: crops of the family's reference image (1 for LLaVA-1.5,
             base + grid crops of the largest pinpoint for LLaVA-NeXT).
 
     Example:
-        >>> s = VisionShape("clip", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
+        >>> s = VisionShape("crops", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
         >>> encoder_flops(s, crops=1)  # 2·[patch 1·3·2 + 2 tokens·(4·2² + 2·2·4) + 2·2·2² + 1·2·3]
         184.0
     """
@@ -436,75 +436,10 @@ class VisionShape:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"VisionShape.{name}={value!r} is invalid; it must be a positive integer")
-        if self.kind == "clip" and not 1 <= self.projected_per_crop <= self.tokens_per_crop:
-            raise ValueError("a CLIP VisionShape needs 1 <= projected_per_crop <= tokens_per_crop")
+        if self.kind == "crops" and not 1 <= self.projected_per_crop <= self.tokens_per_crop:
+            raise ValueError("a crops VisionShape needs 1 <= projected_per_crop <= tokens_per_crop")
         object.__setattr__(self, "projector", tuple((int(a), int(b)) for a, b in self.projector))
         object.__setattr__(self, "full_attention_layers", tuple(int(i) for i in self.full_attention_layers))
-
-    @classmethod
-    def from_config(cls, config: Any) -> "VisionShape":
-        """Read the shape from a multimodal Hugging Face config (``model.config``, duck-typed).
-
-        Args:
-            config: a ``llava`` / ``llava_next`` / ``qwen2_vl`` / ``qwen2_5_vl`` config with a
-                ``vision_config`` (and, for LLaVA, a ``text_config``).
-
-        Returns:
-            The :class:`VisionShape`.
-
-        Raises:
-            ValueError: another model type, or a vision config without the needed sizes.
-
-        Example:
-            >>> from recipe_compiler.models import REGISTRY, _llava_config       # doctest: +SKIP
-            >>> VisionShape.from_config(_llava_config(REGISTRY["llava-1.5-7b"].config)).layers  # doctest: +SKIP
-            24
-        """
-        kind = getattr(config, "model_type", None)
-        vision = getattr(config, "vision_config", None)
-        if vision is None or kind not in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(f"vision-encoder FLOPs are known for llava, llava_next, qwen2_vl and qwen2_5_vl, not {kind!r}")
-        get = lambda obj, *names, default=None: next(  # noqa: E731
-            (getattr(obj, n) for n in names if getattr(obj, n, None) is not None), default)
-        channels = int(get(vision, "num_channels", "in_channels", "in_chans", default=3))
-        patch = int(vision.patch_size)
-        if kind in ("llava", "llava_next"):
-            width = int(vision.hidden_size)
-            patches = (int(vision.image_size) // patch) ** 2
-            feature_layer = get(config, "vision_feature_layer", default=-2)
-            n_features = 1 if isinstance(feature_layer, int) else len(feature_layer)
-            strategy = get(config, "vision_feature_select_strategy", default="default")
-            text_hidden = int(LMShape.from_config(config.text_config).hidden)
-            crops = 1
-            if kind == "llava_next":
-                size = int(vision.image_size)
-                points = [tuple(int(v) for v in p) for p in config.image_grid_pinpoints]
-                h, w = max(points, key=lambda p: p[0] * p[1])  # the adapter's reference image (first on a tie)
-                crops = 1 + -(-h // size) * -(-w // size)
-            return cls(
-                "clip", int(vision.num_hidden_layers), width, int(vision.intermediate_size), False,
-                channels * patch * patch, ((width * n_features, text_hidden), (text_hidden, text_hidden)),
-                tokens_per_crop=patches + 1, projected_per_crop=patches + (1 if strategy == "full" else 0),
-                reference_crops=crops,
-            )
-        merge = int(vision.spatial_merge_size)
-        temporal = int(get(vision, "temporal_patch_size", default=2))
-        layers = int(vision.depth)
-        if kind == "qwen2_vl":
-            width = int(vision.embed_dim)
-            intermediate, gated = int(width * float(vision.mlp_ratio)), False
-            out = int(vision.hidden_size)
-            window, full = 0, ()
-        else:
-            width, intermediate, gated = int(vision.hidden_size), int(vision.intermediate_size), True
-            out = int(vision.out_hidden_size)
-            window = int(vision.window_size) // merge // patch
-            full = tuple(get(vision, "fullatt_block_indexes", default=()))
-        merged = width * merge * merge
-        return cls(
-            kind, layers, width, intermediate, gated, channels * temporal * patch * patch,
-            ((merged, merged), (merged, out)), merge=merge, window=window, full_attention_layers=full,
-        )
 
 
 def _encoder_layer_macs(shape: VisionShape, sequences: Any) -> float:
@@ -520,7 +455,7 @@ def _window_sides(n: int, k: int) -> list[int]:
 
 
 def _grid_macs(shape: VisionShape, t: int, h: int, w: int) -> float:
-    """Multiply-adds of the Qwen ViT and merger on one image / video of ``t×h×w`` patches."""
+    """Multiply-adds of a ``"grids"`` ViT and merger on one image / video of ``t×h×w`` patches."""
     patches = t * h * w
     frame = h * w
     macs = patches * shape.patch_inputs * shape.width
@@ -544,19 +479,19 @@ def encoder_flops(shape: VisionShape, crops: int = 0, grids: Any = ()) -> float:
 
     Args:
         shape: the encoder's sizes.
-        crops: ``"clip"``: how many crops the encoder runs (one per LLaVA-1.5 image; base + grid
+        crops: ``"crops"``: how many crops the encoder runs (one per LLaVA-1.5 image; base + grid
             crops per LLaVA-NeXT image).
-        grids: ``"qwen*"``: ``(t, h, w)`` in patches per image (``image_grid_thw``).
+        grids: ``"grids"``: ``(t, h, w)`` in patches per image (``image_grid_thw``).
 
     Returns:
         float FLOPs (0.0 for no images).
 
     Example:
-        >>> s = VisionShape("clip", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
+        >>> s = VisionShape("crops", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
         >>> encoder_flops(s, crops=3) == 3 * encoder_flops(s, crops=1)
         True
     """
-    if shape.kind == "clip":
+    if shape.kind == "crops":
         crops = int(crops)
         if crops < 0:
             raise ValueError(f"crops must be non-negative, got {crops}")
@@ -581,19 +516,19 @@ def reference_encoder_flops(shape: VisionShape, v_ref: int) -> float:
 
     Args:
         shape: the encoder's sizes.
-        v_ref: the recipe's reference visual-token count (Qwen: a square grid of ``v_ref``
+        v_ref: the recipe's reference visual-token count (``"grids"``: a square grid of ``v_ref``
             merged tokens, one frame).
 
     Returns:
         float FLOPs.
 
     Example:
-        >>> s = VisionShape("clip", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
+        >>> s = VisionShape("crops", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
         >>> reference_encoder_flops(s, 1)
         184.0
     """
     v_ref = _check_v_ref(v_ref)
-    if shape.kind == "clip":
+    if shape.kind == "crops":
         return encoder_flops(shape, crops=shape.reference_crops)
     side = int(np.sqrt(v_ref))
     if side * side != v_ref:

@@ -10,7 +10,8 @@ import torch
 from lmms_eval.api.model import lmms
 from loguru import logger  # an lmms-eval dependency: its log stream
 
-from .models import IMAGE_TOKEN, load_model, parse_dtype
+from .models import load_model, parse_dtype
+from .tokenizer import IMAGE_TOKEN
 
 
 def _flag(value: Any) -> bool:

@@ -1,12 +1,13 @@
-"""Model registry and loader: aliases, embedded configs, the built-in ``tiny-llava``.
+"""The model loader: registry aliases, hub ids and local directories, real or random weights.
 
 ``--model`` takes a registry alias (``llava-1.5-7b``), a hub id (``org/name``) or a local
 directory.  Weights come from the local directory or the local HF cache; the hub is only tried
-when ``HF_HUB_OFFLINE`` is not set, and every failure there is caught.  The registry embeds each
-alias's full ``config.json``, so ``random_weights=True`` builds the real architecture without
-reading any weights.  ``tiny-llava`` is a small, seeded, random but real
-``LlavaForConditionalGeneration`` with an offline byte-level tokenizer; it runs anywhere in
-well under a second.
+when ``HF_HUB_OFFLINE`` is not set, and every failure there is caught.  The registry is every
+family's aliases (:mod:`recipe_compiler.families`), each with its full ``config.json`` embedded,
+so ``random_weights=True`` builds the real architecture without reading any weights; a family
+also builds its offline processor.  The built-in tiny models (``tiny-llava``, …) are small, seeded,
+random but real architectures with an offline byte-level tokenizer; they run anywhere in well
+under a second.
 
 Example:
     >>> from recipe_compiler.models import load_model
@@ -17,255 +18,41 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from recipe_compiler.configs_llava_next import (
-    LLAVA_16_MISTRAL_7B_CONFIG,
-    LLAVA_16_VICUNA_7B_CONFIG,
-    LLAVA_16_VICUNA_13B_CONFIG,
-    LLAVA_NEXT_MISTRAL_PROMPT_TEMPLATE,
-    TINY_LLAVA_NEXT_CONFIG,
-)
 from recipe_compiler.errors import ModelNotFoundError
+from recipe_compiler.families import ALIASES, FAMILIES, ModelSpec, config_from_dict, family_of
+from recipe_compiler.families.base import image_token_id, pad_token_id
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
 __all__ = [
-    "LLAVA_15_PROMPT_TEMPLATE",
     "REGISTRY",
     "LoadedModel",
     "ModelSpec",
+    "build_random",
+    "build_tiny",
     "build_tiny_llava",
     "build_tiny_llava_next",
-    "builtin_tokenizer",
+    "build_tiny_qwen2_5_vl",
+    "build_tiny_qwen2_vl",
     "load_model",
     "parse_dtype",
     "resolve_spec",
 ]
 
-LLAVA_15_PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
-"""The LLaVA-1.5 single-turn prompt; ``{prompt}`` is replaced by the user's question."""
-
-IMAGE_TOKEN = "<image>"
-
-# OpenAI CLIP normalisation, as in transformers.image_utils.OPENAI_CLIP_MEAN / _STD.
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One registry entry.
-
-    Attributes:
-        alias: Short name used on the command line, e.g. ``"llava-1.5-7b"``.
-        hub_id: Hub repository of the weights, e.g. ``"llava-hf/llava-1.5-7b-hf"``; ``None`` for
-            built-in models.
-        config: The full ``LlavaConfig`` as a dict (the checkpoint's ``config.json``).
-        prompt_template: Prompt format with one ``{prompt}`` placeholder.
-        description: One-line human description.
-    """
-
-    alias: str
-    hub_id: str | None
-    config: dict = field(hash=False, compare=True)
-    prompt_template: str = LLAVA_15_PROMPT_TEMPLATE
-    description: str = ""
-
-
-# CLIP ViT-L/14 at 336 px, as embedded in llava-hf/llava-1.5-{7b,13b}-hf/config.json.
-_CLIP_VIT_L_14_336 = {
-    "hidden_size": 1024,
-    "image_size": 336,
-    "intermediate_size": 4096,
-    "model_type": "clip_vision_model",
-    "num_attention_heads": 16,
-    "num_hidden_layers": 24,
-    "patch_size": 14,
-    "projection_dim": 768,
-    "vocab_size": 32000,
-}
-
-# config.json of llava-hf/llava-1.5-7b-hf (fields not given take the LlamaConfig / CLIPVisionConfig
-# defaults, exactly as when transformers reads the file).
-_LLAVA_15_7B_CONFIG: dict[str, Any] = {
-    "architectures": ["LlavaForConditionalGeneration"],
-    "ignore_index": -100,
-    "image_seq_length": 576,
-    "image_token_index": 32000,
-    "model_type": "llava",
-    "pad_token_id": 32001,
-    "projector_hidden_act": "gelu",
-    "text_config": {
-        "_name_or_path": "lmsys/vicuna-7b-v1.5",
-        "architectures": ["LlamaForCausalLM"],
-        "max_position_embeddings": 4096,
-        "model_type": "llama",
-        "rms_norm_eps": 1e-05,
-        "torch_dtype": "float16",
-        "vocab_size": 32064,
-    },
-    "tie_word_embeddings": False,
-    "torch_dtype": "float16",
-    "transformers_version": "4.36.0.dev0",
-    "vision_config": dict(_CLIP_VIT_L_14_336),
-    "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default",
-    "vocab_size": 32064,
-}
-
-# config.json of llava-hf/llava-1.5-13b-hf.
-_LLAVA_15_13B_CONFIG: dict[str, Any] = {
-    "architectures": ["LlavaForConditionalGeneration"],
-    "ignore_index": -100,
-    "image_seq_length": 576,
-    "image_token_index": 32000,
-    "model_type": "llava",
-    "pad_token_id": 32001,
-    "projector_hidden_act": "gelu",
-    "text_config": {
-        "_name_or_path": "lmsys/vicuna-13b-v1.5",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 5120,
-        "intermediate_size": 13824,
-        "max_position_embeddings": 4096,
-        "model_type": "llama",
-        "num_attention_heads": 40,
-        "num_hidden_layers": 40,
-        "num_key_value_heads": 40,
-        "rms_norm_eps": 1e-05,
-        "torch_dtype": "float16",
-        "vocab_size": 32064,
-    },
-    "tie_word_embeddings": False,
-    "torch_dtype": "float16",
-    "transformers_version": "4.36.0.dev0",
-    "vision_config": dict(_CLIP_VIT_L_14_336),
-    "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default",
-    "vocab_size": 32064,
-}
-
-# tiny-llava: built-in tokenizer layout is <unk>=0, <s>=1, </s>=2, bytes 3..258, <image>=259,
-# <pad>=260, so the vocabulary is exactly 261 tokens.
-TINY_IMAGE_TOKEN_ID = 259
-TINY_PAD_TOKEN_ID = 260
-TINY_VOCAB_SIZE = 261
-
-_TINY_LLAVA_CONFIG: dict[str, Any] = {
-    "architectures": ["LlavaForConditionalGeneration"],
-    "model_type": "llava",
-    "image_seq_length": 64,
-    "image_token_index": TINY_IMAGE_TOKEN_ID,
-    "pad_token_id": TINY_PAD_TOKEN_ID,
-    "projector_hidden_act": "gelu",
-    "tie_word_embeddings": False,
-    "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default",
-    "vision_config": {
-        "model_type": "clip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 96,
-        "patch_size": 4,
-        "projection_dim": 32,
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-05,
-    },
-    "text_config": {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "max_position_embeddings": 1024,
-        "rms_norm_eps": 1e-05,
-        "vocab_size": TINY_VOCAB_SIZE,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": TINY_PAD_TOKEN_ID,
-        "tie_word_embeddings": False,
-    },
-}
-
-REGISTRY: dict[str, ModelSpec] = {
-    "llava-1.5-7b": ModelSpec(
-        alias="llava-1.5-7b",
-        hub_id="llava-hf/llava-1.5-7b-hf",
-        config=_LLAVA_15_7B_CONFIG,
-        prompt_template=LLAVA_15_PROMPT_TEMPLATE,
-        description="LLaVA-1.5 7B (Vicuna-7B + CLIP ViT-L/14-336, 576 visual tokens per image)",
-    ),
-    "llava-1.5-13b": ModelSpec(
-        alias="llava-1.5-13b",
-        hub_id="llava-hf/llava-1.5-13b-hf",
-        config=_LLAVA_15_13B_CONFIG,
-        prompt_template=LLAVA_15_PROMPT_TEMPLATE,
-        description="LLaVA-1.5 13B (Vicuna-13B + CLIP ViT-L/14-336, 576 visual tokens per image)",
-    ),
-    "tiny-llava": ModelSpec(
-        alias="tiny-llava",
-        hub_id=None,
-        config=_TINY_LLAVA_CONFIG,
-        prompt_template=LLAVA_15_PROMPT_TEMPLATE,
-        description="built-in tiny random LLaVA (CLIP 2x32 @96px patch 4, Llama 8x64 GQA 4/2, 576 visual tokens like LLaVA-1.5)",
-    ),
-}
+REGISTRY = ALIASES
+"""alias → :class:`ModelSpec`: every family's aliases (:mod:`recipe_compiler.families`)."""
 
 TINY_ALIAS = "tiny-llava"
-
-# LLaVA-NeXT (LLaVA-1.6, anyres); the embedded configs live in configs_llava_next.py.
-TINY_LLAVA_NEXT_ALIAS = "tiny-llava-next"
-REGISTRY.update(
-    {
-        "llava-v1.6-vicuna-7b": ModelSpec(
-            alias="llava-v1.6-vicuna-7b",
-            hub_id="llava-hf/llava-v1.6-vicuna-7b-hf",
-            config=LLAVA_16_VICUNA_7B_CONFIG,
-            prompt_template=LLAVA_15_PROMPT_TEMPLATE,
-            description="LLaVA-1.6 (NeXT) 7B (Vicuna-7B + CLIP ViT-L/14-336 anyres, up to 2880 visual tokens + 48 newlines per image)",
-        ),
-        "llava-v1.6-mistral-7b": ModelSpec(
-            alias="llava-v1.6-mistral-7b",
-            hub_id="llava-hf/llava-v1.6-mistral-7b-hf",
-            config=LLAVA_16_MISTRAL_7B_CONFIG,
-            prompt_template=LLAVA_NEXT_MISTRAL_PROMPT_TEMPLATE,
-            description="LLaVA-1.6 (NeXT) Mistral 7B (Mistral-7B-Instruct-v0.2 GQA 32/8 + CLIP ViT-L/14-336 anyres)",
-        ),
-        "llava-v1.6-vicuna-13b": ModelSpec(
-            alias="llava-v1.6-vicuna-13b",
-            hub_id="llava-hf/llava-v1.6-vicuna-13b-hf",
-            config=LLAVA_16_VICUNA_13B_CONFIG,
-            prompt_template=LLAVA_15_PROMPT_TEMPLATE,
-            description="LLaVA-1.6 (NeXT) 13B (Vicuna-13B + CLIP ViT-L/14-336 anyres)",
-        ),
-        TINY_LLAVA_NEXT_ALIAS: ModelSpec(
-            alias=TINY_LLAVA_NEXT_ALIAS,
-            hub_id=None,
-            config=TINY_LLAVA_NEXT_CONFIG,
-            prompt_template=LLAVA_15_PROMPT_TEMPLATE,
-            description="built-in tiny random LLaVA-NeXT (CLIP 2x32 @32px crops patch 4, 5 anyres pinpoints up to 64x64, "
-            "Llama 8x64 GQA 4/2; up to 320 visual tokens + 16 newlines per image)",
-        ),
-    }
-)
+"""The built-in default model."""
 
 
 def resolve_spec(name: str) -> ModelSpec | None:
@@ -328,22 +115,22 @@ class LoadedModel:
             prompt: The question, without any ``<image>`` placeholder.
 
         Returns:
-            The full prompt with one image placeholder (the spec's template, else its family's, else LLaVA-1.5's).
+            The full prompt with one image placeholder (the spec's template, else its family's).
 
         Example:
             >>> build_tiny_llava().format_prompt("Hi?")
             'USER: <image>\\nHi? ASSISTANT:'
         """
-        if self.spec is not None:
+        if self.spec is not None and self.spec.prompt_template:
             template = self.spec.prompt_template
         else:  # a hub id or directory outside the registry: its family's template
-            template = FAMILY_PROMPT_TEMPLATES.get(self.model.config.model_type, LLAVA_15_PROMPT_TEMPLATE)
+            template = family_of(self.model.config).prompt_template
         return template.replace("{prompt}", prompt)
 
     @property
     def image_token_id(self) -> int:
-        """Id of the ``<image>`` placeholder token in ``input_ids``."""
-        return _image_token_id(self.model.config)
+        """Id of the image placeholder token in ``input_ids``."""
+        return image_token_id(self.model.config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,222 +179,13 @@ def parse_dtype(dtype: "torch.dtype | str") -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------
-# Built-in tokenizer and processor
+# Processors (each family builds its own; the loader only picks and repairs them)
 # --------------------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable-unicode map (what the ByteLevel pre-tokenizer uses)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
-    )
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-def builtin_tokenizer(
-    vocab_size: int,
-    image_token_id: int,
-    pad_token_id: int | None = None,
-    *,
-    image_token: str = IMAGE_TOKEN,
-    special_tokens: dict[str, int] | None = None,
-) -> "transformers.PreTrainedTokenizerFast":
-    """Build the offline byte-level tokenizer used by tiny-llava and random-weight models.
-
-    Every UTF-8 byte is one token (no merges), so any text round-trips.  Special tokens are
-    ``<unk>``, ``<s>`` (bos, prepended to every sequence), ``</s>`` (eos), ``<pad>`` and
-    ``<image>``; ``<image>`` gets exactly ``image_token_id`` and is never split.  The remaining
-    ids are laid out like Llama's: ``<unk>``, ``<s>``, ``</s>`` (and ``<pad>`` when no id is given)
-    take the lowest free ids, then the 256 bytes.  Unused ids below ``vocab_size`` are filled with
-    never-produced ``<extra_N>`` tokens so every id a model can emit decodes to something.
-    Padding is on the left.
-
-    Args:
-        vocab_size: Size of the model's embedding table; all ids are below it.
-        image_token_id: Id of ``<image>`` (e.g. 32000 for LLaVA-1.5).
-        pad_token_id: Id of ``<pad>``; ``None`` puts it right after ``</s>``'s free slot.
-        image_token: The image placeholder's text (``"<|image_pad|>"`` for Qwen2-VL).
-        special_tokens: Further never-split tokens and their ids, e.g. Qwen's
-            ``{"<|vision_start|>": 151652, ...}``.
-
-    Returns:
-        A ``PreTrainedTokenizerFast`` with ``tokenizer.image_token == image_token``.
-
-    Raises:
-        ValueError: Ids out of range, clashing, or a vocabulary too small to hold 256 bytes and
-            five special tokens.
-
-    Example:
-        >>> tok = builtin_tokenizer(261, 259, 260)
-        >>> tok("hi <image>").input_ids
-        [1, 107, 108, 35, 259]
-        >>> tok.decode(tok("héllo").input_ids, skip_special_tokens=True)
-        'héllo'
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    for label, value in (("vocab_size", vocab_size), ("image_token_id", image_token_id)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{label} must be an int, got {value!r}")
-    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
-        raise ValueError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
-    special_tokens = dict(special_tokens or {})
-    needed = 256 + 5 + len(special_tokens)
-    if vocab_size < needed:
-        raise ValueError(f"vocab_size {vocab_size} is too small for the byte-level tokenizer; use at least {needed}")
-    for label, value in (("image_token_id", image_token_id), ("pad_token_id", pad_token_id)):
-        if value is not None and not 0 <= value < vocab_size:
-            raise ValueError(f"{label} {value} is outside the vocabulary [0, {vocab_size}); pick an id below vocab_size")
-    if pad_token_id is not None and pad_token_id == image_token_id:
-        raise ValueError(f"pad_token_id and image_token_id are both {image_token_id}; give them different ids")
-    fixed = [image_token_id] + ([pad_token_id] if pad_token_id is not None else [])
-    for token, value in special_tokens.items():
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
-            raise ValueError(f"special token {token!r} has id {value!r}, not an int in [0, {vocab_size})")
-        if value in fixed:
-            raise ValueError(f"special token {token!r} reuses id {value}; give every special token its own id")
-        fixed.append(value)
-
-    vocab: dict[str, int] = {image_token: image_token_id, **special_tokens}
-    if pad_token_id is not None:
-        vocab["<pad>"] = pad_token_id
-    taken = set(vocab.values())
-    free = (i for i in range(vocab_size) if i not in taken)
-    for tok in ("<unk>", "<s>", "</s>"):
-        vocab[tok] = next(free)
-    if pad_token_id is None:
-        vocab["<pad>"] = next(free)
-    for byte, char in sorted(_bytes_to_unicode().items()):
-        vocab[char] = next(free)
-    for i in free:
-        vocab[f"<extra_{i}>"] = i
-
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", "<pad>", image_token, *special_tokens)]
-    )
-    bos_id = vocab["<s>"]
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        extra_special_tokens={"image_token": image_token},
-    )
-    return tokenizer
-
-
-def _image_processor_for(vision_config: Any) -> Any:
-    """CLIP preprocessing (PIL backend: torchvision is not needed) for a square input size."""
-    from transformers import CLIPImageProcessorPil
-
-    size = int(vision_config.image_size)
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        do_resize=True,
-        do_center_crop=True,
-        do_rescale=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-        image_mean=list(_CLIP_MEAN),
-        image_std=list(_CLIP_STD),
-    )
 
 
 def _builtin_processor(config: Any) -> Any:
     """The family's processor with the built-in tokenizer, sized from the model config."""
-    return FAMILY_PROCESSORS[config.model_type](config)
-
-
-def _builtin_llava_processor(config: Any) -> Any:
-    """LlavaProcessor with the built-in tokenizer, sized from a LlavaConfig."""
-    from transformers import LlavaProcessor
-
-    text = config.text_config
-    tokenizer = builtin_tokenizer(
-        vocab_size=int(text.vocab_size),
-        image_token_id=int(config.image_token_index),
-        pad_token_id=_pad_id(config),
-    )
-    tokenizer.model_max_length = int(getattr(text, "max_position_embeddings", 4096))
-    return LlavaProcessor(
-        image_processor=_image_processor_for(config.vision_config),
-        tokenizer=tokenizer,
-        patch_size=int(config.vision_config.patch_size),
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # CLIP's CLS token
-    )
-
-
-# model_type -> builder of the offline processor (built-in tokenizer) for random / built-in models.
-# A family is supported by the registry and loader once it has an entry here.
-FAMILY_PROCESSORS: dict[str, Any] = {"llava": _builtin_llava_processor}
-
-
-def _builtin_llava_next_processor(config: Any) -> Any:
-    """LlavaNextProcessor with the built-in tokenizer and the PIL anyres image processor (no torchvision).
-
-    Sized from a LlavaNextConfig: crops of ``vision_config.image_size``, the config's grid
-    pinpoints, CLIP normalisation.  Returns ``image_sizes`` and 5D ``pixel_values`` (image, crop,
-    C, H, W); pads on the left.
-    """
-    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
-
-    text = config.text_config
-    tokenizer = builtin_tokenizer(
-        vocab_size=int(text.vocab_size),
-        image_token_id=int(config.image_token_index),
-        pad_token_id=_pad_id(config),
-    )
-    tokenizer.model_max_length = int(getattr(text, "max_position_embeddings", 4096))
-    size = int(config.vision_config.image_size)
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
-        do_resize=True,
-        do_center_crop=True,
-        do_rescale=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-        do_pad=True,
-        image_mean=list(_CLIP_MEAN),
-        image_std=list(_CLIP_STD),
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=int(config.vision_config.patch_size),
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # CLIP's CLS token
-    )
-
-
-FAMILY_PROCESSORS["llava_next"] = _builtin_llava_next_processor
-# model_type -> prompt template for models outside the registry (default: LLaVA-1.5's).
-FAMILY_PROMPT_TEMPLATES: dict[str, str] = {}
-# model_type -> loader(directory, config) of a saved processor, tried when AutoProcessor cannot load
-# it (Qwen2-VL's processor insists on a video processor, which needs torchvision).
-FAMILY_PROCESSOR_LOADERS: dict[str, Any] = {}
+    return family_of(config).processor(config)
 
 
 def _saved_processor(directory: Path, config: Any) -> Any:
@@ -616,48 +194,18 @@ def _saved_processor(directory: Path, config: Any) -> Any:
     try:
         return AutoProcessor.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # noqa: BLE001
-        loader = FAMILY_PROCESSOR_LOADERS.get(getattr(config, "model_type", None))
-        if loader is None:
-            raise
-        try:
-            return loader(directory, config)
+        try:  # e.g. Qwen2-VL's processor insists on a video processor, which needs torchvision
+            loaded = family_of(config).saved_processor(directory, config)
         except Exception:  # noqa: BLE001 - report AutoProcessor's reason, the usual one
             raise exc from None
-
-
-def _image_token_id(config: Any) -> int:
-    index = getattr(config, "image_token_index", None)  # LLaVA names it so; Qwen2-VL says image_token_id
-    return int(index if index is not None else config.image_token_id)
-
-
-def _pad_id(config: Any) -> int | None:
-    for value in (getattr(config, "pad_token_id", None), getattr(config.text_config, "pad_token_id", None)):
-        if isinstance(value, int) and value != _image_token_id(config):
-            return value
-    return None
+        if loaded is None:
+            raise
+        return loaded
 
 
 def _fix_processor(processor: Any, config: Any) -> Any:
-    """Make a loaded processor expand ``<image>`` and left-pad, whatever its saved config said.
-
-    Older llava-hf snapshots save no ``patch_size``; without it the processor cannot count image
-    tokens.  Fill the geometry in from the model config.
-    """
-    llava_geometry = hasattr(config, "vision_feature_select_strategy")  # Qwen2-VL processors count on their own
-    if llava_geometry and getattr(processor, "patch_size", None) is None:
-        processor.patch_size = int(config.vision_config.patch_size)
-        processor.num_additional_image_tokens = 1
-    if llava_geometry and getattr(processor, "vision_feature_select_strategy", None) is None:
-        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is not None:
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None and _pad_id(config) is not None:
-            try:
-                tokenizer.pad_token = tokenizer.convert_ids_to_tokens(_pad_id(config))
-            except Exception:  # noqa: BLE001 - best effort, padding then needs pad_token from the user
-                pass
-    return processor
+    """Make a loaded processor expand the image placeholder and left-pad, whatever its saved config said."""
+    return family_of(config).fix_processor(processor, config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -684,12 +232,12 @@ def _set_generation_ids(model: Any, config: Any, tokenizer: Any | None, *, overr
     gen = getattr(model, "generation_config", None)
     if gen is None:
         return
-    ids = {"pad_token_id": _pad_id(config)}
+    ids = {"pad_token_id": pad_token_id(config)}
     if tokenizer is not None:
         ids = {
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _pad_id(config),
+            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else pad_token_id(config),
         }
     for key, value in ids.items():
         if value is not None and (override or getattr(gen, key, None) is None):
@@ -732,53 +280,45 @@ def _random_model(config: Any, *, device: str, dtype: torch.dtype, attn_implemen
     return model
 
 
-def _llava_config(config_dict: dict) -> Any:
-    """The transformers config object of an embedded config dict (any supported family)."""
-    from transformers import AutoConfig
-
-    config = copy.deepcopy(config_dict)
-    model_type = config.pop("model_type")
-    if model_type not in FAMILY_PROCESSORS:
-        raise ModelNotFoundError(f"model type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILY_PROCESSORS))}")
-    return AutoConfig.for_model(model_type, **config)
-
-
-def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa") -> LoadedModel:
-    """Build the built-in ``tiny-llava`` (random, seeded) on CPU in fp32.
+def build_tiny(name: str = TINY_ALIAS, seed: int = 0, attn_implementation: str = "sdpa") -> LoadedModel:
+    """Build a built-in tiny model (random, seeded) on CPU in fp32: ``load_model(name, ...)``.
 
     Args:
+        name: a built-in alias (``tiny-llava``, ``tiny-llava-next``, ``tiny-qwen2-vl``, ``tiny-qwen2.5-vl``, …).
         seed: Seed for ``torch.manual_seed`` before construction; the same seed gives bit-identical
             weights in every process.  The caller's RNG state is left untouched.
         attn_implementation: ``"sdpa"`` or ``"eager"``.
 
-    Returns:
-        A :class:`LoadedModel` (576 visual tokens per 96-px image, byte-level tokenizer).
+    Example:
+        >>> build_tiny("tiny-llava-next").model.config.model_type
+        'llava_next'
+    """
+    return load_model(name, seed=seed, attn_implementation=attn_implementation)
+
+
+def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa") -> LoadedModel:
+    """The built-in ``tiny-llava`` (576 visual tokens per 96-px image, byte-level tokenizer); see :func:`build_tiny`.
 
     Example:
-        >>> lm = build_tiny_llava(seed=0)
-        >>> lm.model.config.text_config.num_hidden_layers
+        >>> build_tiny_llava(seed=0).model.config.text_config.num_hidden_layers
         8
     """
-    return load_model(TINY_ALIAS, seed=seed, attn_implementation=attn_implementation)
+    return build_tiny("tiny-llava", seed, attn_implementation)
 
 
 def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa") -> LoadedModel:
-    """Build the built-in ``tiny-llava-next`` (random, seeded) on CPU in fp32.
+    """The built-in ``tiny-llava-next`` (a 64x64 image gives 320 visual tokens + 16 newlines); see :func:`build_tiny`."""
+    return build_tiny("tiny-llava-next", seed, attn_implementation)
 
-    Args:
-        seed: Seed for the weights; the caller's RNG state is left untouched.
-        attn_implementation: ``"sdpa"`` or ``"eager"``.
 
-    Returns:
-        A :class:`LoadedModel` (``LlavaNextForConditionalGeneration``; a 64x64 image gives 320
-        visual tokens + 16 newlines, other aspect ratios fewer; byte-level tokenizer).
+def build_tiny_qwen2_vl(seed: int = 0, attn_implementation: str = "sdpa") -> LoadedModel:
+    """The built-in ``tiny-qwen2-vl``; see :func:`build_tiny`."""
+    return build_tiny("tiny-qwen2-vl", seed, attn_implementation)
 
-    Example:
-        >>> lm = build_tiny_llava_next(seed=0)
-        >>> lm.model.config.model_type
-        'llava_next'
-    """
-    return load_model(TINY_LLAVA_NEXT_ALIAS, seed=seed, attn_implementation=attn_implementation)
+
+def build_tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa") -> LoadedModel:
+    """The built-in ``tiny-qwen2.5-vl`` (same tokenizer as tiny-qwen2-vl); see :func:`build_tiny`."""
+    return build_tiny("tiny-qwen2.5-vl", seed, attn_implementation)
 
 
 def _known_aliases() -> str:
@@ -861,8 +401,8 @@ def _download_snapshot(repo_id: str, *, weights: bool = True) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def _read_llava_config(directory: Path, what: str) -> Any:
-    """AutoConfig from a directory, checked to be a LLaVA config."""
+def _read_config(directory: Path, what: str) -> Any:
+    """AutoConfig from a directory, checked to be a supported family's config."""
     from transformers import AutoConfig
 
     try:
@@ -872,10 +412,10 @@ def _read_llava_config(directory: Path, what: str) -> Any:
             f"{what}: cannot read config.json in {directory} ({type(exc).__name__}: {_first_line(exc)}); "
             "point --model at a LLaVA checkpoint saved with save_pretrained"
         ) from exc
-    if getattr(config, "model_type", None) not in FAMILY_PROCESSORS:
+    if getattr(config, "model_type", None) not in FAMILIES:
         raise ModelNotFoundError(
             f"{what}: {directory} holds a {getattr(config, 'model_type', '?')!r} model, which is not supported "
-            f"(supported model types: {', '.join(sorted(FAMILY_PROCESSORS))}); use one of {_known_aliases()}"
+            f"(supported model types: {', '.join(sorted(FAMILIES))}); use one of {_known_aliases()}"
         )
     return config
 
@@ -897,7 +437,7 @@ def _load_directory(
     device_map: Any = None,
 ) -> tuple[Any, Any]:
     """(model, processor) from a checkpoint directory (local or a cache snapshot)."""
-    config = _read_llava_config(directory, what)
+    config = _read_config(directory, what)
     try:
         processor = _saved_processor(directory, config)
     except Exception as exc:  # noqa: BLE001
@@ -995,7 +535,7 @@ def load_model(
 
     # (1) built-in tiny model
     if spec is not None and spec.hub_id is None:
-        config = _llava_config(spec.config)
+        config = config_from_dict(spec.config)
         model = _random_model(config, **kwargs)
         processor = _builtin_processor(config)
         _set_generation_ids(model, model.config, processor.tokenizer)
@@ -1080,7 +620,7 @@ def _random_from_spec(
     spec: ModelSpec, name: str, *, device: str, dtype: torch.dtype, attn_implementation: str, seed: int
 ) -> LoadedModel:
     """Random weights for a real alias; its cached processor when there is one, else the built-in one."""
-    config = _llava_config(spec.config)
+    config = config_from_dict(spec.config)
     model = _random_model(config, device=device, dtype=dtype, attn_implementation=attn_implementation, seed=seed)
     processor = None
     proc_note = ""
@@ -1125,5 +665,3 @@ def build_random(
         spec, spec.alias, device=device, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, seed=seed
     )
 
-
-from recipe_compiler import qwen2_vl as _qwen2_vl  # noqa: E402,F401  (registers the Qwen2-VL / Qwen2.5-VL aliases and processors)

@@ -4,29 +4,28 @@
   (800×450 px).
 * :func:`plot_kept_tokens`: for one image, the visual tokens dropped by each chosen layer darkened
   (black at alpha :data:`DROPPED_ALPHA`); kept tokens show the image unchanged. One panel
-  (300×340 px) per layer and *view*:
+  (300×340 px) per layer and *view*; the family says where its tokens sit
+  (``recipe_compiler.families``: ``CompilerFamily.picture_views``), e.g.:
 
-  - LLaVA-1.5 (``llava``): one view, the model's input image (the processor's square crop) under
-    its ``side × side`` grid;
-  - LLaVA-NeXT (``llava_next``): two views, each drawn over the original image: the base view (the
-    whole image squashed to one crop, ``side × side`` tokens) and the high-resolution view (the
-    anyres grid *after* ``unpad_image``, ``rows × cols`` tokens spread evenly over the original
-    image; the row-end newline tokens are never pruned and not drawn);
-  - Qwen2-VL / Qwen2.5-VL (``qwen2_vl``, ``qwen2_5_vl``): one view, the processor-resized image
-    (``grid_w·patch × grid_h·patch`` px, what the vision encoder saw) under its
-    ``grid_h/merge × grid_w/merge`` grid of merged tokens.
+  - LLaVA-1.5: one view, the model's input image (the processor's square crop) under its
+    ``side × side`` grid;
+  - LLaVA-NeXT: two views, each drawn over the original image: the base view (the whole image
+    squashed to one crop, ``side × side`` tokens) and the high-resolution view (the anyres grid
+    *after* ``unpad_image``, ``rows × cols`` tokens spread evenly over the original image; the
+    row-end newline tokens are never pruned and not drawn);
+  - Qwen2-VL / Qwen2.5-VL: one view, the processor-resized image (``grid_w·patch × grid_h·patch``
+    px, what the vision encoder saw) under its ``grid_h/merge × grid_w/merge`` grid of merged tokens.
 
   Pictures larger than :data:`MAX_DRAWN_PX` on their longer side are shrunk for drawing; the
   token rectangles scale with them.
 
 Both write PNGs of a fixed pixel size (no tight bounding box), so they can be checked by tests.
-The token → rectangle arithmetic (:func:`grid_rectangles`, :func:`darken`, :func:`llava_next_grids`,
-:func:`qwen2_vl_grid`) is pure; :func:`kept_tokens` runs the model.
+The token → rectangle arithmetic (:func:`grid_rectangles`, :func:`darken`) is pure;
+:func:`kept_tokens` runs the model.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,7 +41,6 @@ _DPI = 100
 DROPPED_ALPHA = 0.75  # darkening of a dropped token's patch
 MAX_DRAWN_PX = 1024  # longer side of a picture as drawn; a panel is 300 px wide, more is wasted
 _TITLE_PX, _BOTTOM_PX = 54, 7  # per panel row: room for the title above, margin below
-PICTURE_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
 
 def require_matplotlib():
@@ -144,54 +142,6 @@ def darken(rgb: np.ndarray, kept: np.ndarray, alpha: float = DROPPED_ALPHA) -> n
     return (rgb * (1.0 - alpha * dropped)[..., None]).astype(np.float32)
 
 
-def llava_next_grids(config: Any, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The base-view grid and the unpadded high-resolution grid of one LLaVA-NeXT image.
-
-    Args:
-        config: a ``LlavaNextConfig`` (``image_grid_pinpoints``, ``vision_config.image_size`` /
-            ``patch_size``).
-        height, width: the original image size (the processor's ``image_sizes``).
-
-    Returns:
-        ``((side, side), (rows, cols))``: the base crop's tokens, then the high-res tokens after
-        ``unpad_image`` (each high-res row is followed in the prompt by one newline token, which
-        is not part of the grid). ``rows / cols`` follows the image's aspect ratio to within one
-        token.
-
-    Example:
-        >>> from transformers import LlavaNextConfig
-        >>> from recipe_compiler.models import REGISTRY
-        >>> config = LlavaNextConfig(**{k: v for k, v in REGISTRY["tiny-llava-next"].config.items() if k != "model_type"})
-        >>> llava_next_grids(config, 300, 451)
-        ((8, 8), (10, 16))
-    """
-    from runtime.adapters_llava_next import image_layout
-
-    vision = config.vision_config
-    pinpoints = tuple(tuple(int(x) for x in p) for p in config.image_grid_pinpoints)
-    side = int(vision.image_size) // int(vision.patch_size)
-    _, rows, cols = image_layout(pinpoints, int(vision.image_size), int(vision.patch_size), "default", int(height), int(width))
-    return (side, side), (rows, cols)
-
-
-def qwen2_vl_grid(grid_thw: Sequence[int], merge: int) -> tuple[int, int]:
-    """The merged-token grid of one Qwen2-VL image: ``(grid_h / merge, grid_w / merge)``.
-
-    Args:
-        grid_thw: the image's row of the processor's ``image_grid_thw`` (patches in time, height, width).
-        merge: ``vision_config.spatial_merge_size``.
-
-    Example:
-        >>> qwen2_vl_grid((1, 10, 22), 2)
-        (5, 11)
-    """
-    t, h, w = (int(x) for x in grid_thw)
-    if t != 1 or h % merge or w % merge:
-        raise CompileError(f"image_grid_thw {(t, h, w)} is not one still image in {merge}x{merge} merge blocks; "
-                           "the kept-token picture needs an image, not a video")
-    return h // merge, w // merge
-
-
 # ----------------------------------------------------------------------------------- one prefill
 @dataclass(frozen=True)
 class TokenView:
@@ -238,8 +188,8 @@ def token_views(model: Any, processor: Any, inputs: dict, picture: Any) -> list[
     """Where each prunable visual token of a one-image prompt sits on the picture.
 
     Args:
-        model: the VLM (its config and family adapter say which placeholders are prunable).
-        processor: its processor (image mean / std for LLaVA-1.5's input crop).
+        model: the VLM (its family says which placeholders are prunable and how they lie).
+        processor: its processor (image mean / std for an input-crop picture).
         inputs: the processor's output for ``[picture]`` and one prompt.
         picture: the original PIL image.
 
@@ -254,40 +204,28 @@ def token_views(model: Any, processor: Any, inputs: dict, picture: Any) -> list[
         >>> [(name, positions.shape) for name, _, positions in token_views(loaded.model, loaded.processor, inputs, pic)]  # doctest: +SKIP
         [('base view', (8, 8)), ('high-res view', (8, 18))]
     """
-    from runtime.adapters import adapter_for
+    from runtime.families import family_for
 
-    config = model.config
-    family = getattr(config, "model_type", None)
-    if family not in PICTURE_FAMILIES:
-        raise CompileError(f"the kept-token picture supports {', '.join(PICTURE_FAMILIES)} models, not {family!r}; "
+    from .families import FAMILIES
+
+    family = FAMILIES.get(getattr(model.config, "model_type", None))
+    if family is None:
+        raise CompileError(f"the kept-token picture supports {', '.join(FAMILIES)} models, not {getattr(model.config, 'model_type', None)!r}; "
                            "leave out --show")
     ids = inputs["input_ids"][:1]
     base_kwargs = {"image_sizes": inputs.get("image_sizes")}
-    prunable = adapter_for(model).prunable_visual_tokens(model, ids, base_kwargs)[0]
+    prunable = family_for(model).prunable_visual_tokens(model, ids, base_kwargs)[0]
     positions = prunable.nonzero().flatten().cpu().numpy().astype(np.int64)
-    n = int(positions.size)
-    if family == "llava":
-        side = math.isqrt(n)
-        if side * side != n:
-            raise CompileError(f"the kept-token picture needs a square grid of visual tokens (LLaVA-1.5); this image has {n}")
-        return [("", _input_image(inputs, processor), positions.reshape(side, side))]
-    if family == "llava_next":
-        height, width = (int(x) for x in inputs["image_sizes"][0].tolist())
-        (side, _), (rows, cols) = llava_next_grids(config, height, width)
-        if n != side * side + rows * cols:
-            raise CompileError(f"this LLaVA-NeXT image has {n} prunable tokens, but its layout ({side}x{side} base + "
-                               f"{rows}x{cols} high-res) gives {side * side + rows * cols}; the picture needs the "
-                               "'default' feature strategy and one image per prompt")
-        drawn = _fit(picture)
-        return [("base view", drawn, positions[: side * side].reshape(side, side)),
-                ("high-res view", drawn, positions[side * side:].reshape(rows, cols))]
-    vision = config.vision_config
-    rows, cols = qwen2_vl_grid(inputs["image_grid_thw"][0].tolist(), int(vision.spatial_merge_size))
-    if n != rows * cols:
-        raise CompileError(f"this Qwen-VL prompt has {n} image tokens but its image_grid_thw gives {rows}x{cols}; "
-                           "the picture needs exactly one image per prompt")
-    step = int(vision.spatial_merge_size) * int(vision.patch_size)  # pixels per merged token
-    return [("", _fit(picture, (cols * step, rows * step)), positions.reshape(rows, cols))]
+    out = []
+    for view in family.picture_views(model, inputs, positions):
+        if view.canvas == "input":
+            image = _input_image(inputs, processor)
+        elif view.canvas == "original":
+            image = _fit(picture)
+        else:
+            image = _fit(picture, tuple(view.canvas))
+        out.append((view.name, image, view.positions))
+    return out
 
 
 def kept_tokens(loaded: Any, recipe: Any, image: Any, layers: Sequence[int], prompt: str = "Describe the image.",
@@ -295,7 +233,7 @@ def kept_tokens(loaded: Any, recipe: Any, image: Any, layers: Sequence[int], pro
     """Run one prefill of ``image`` with ``recipe`` and return what :func:`plot_kept_tokens` draws.
 
     Args:
-        loaded: a :class:`~recipe_compiler.models.LoadedModel` of a family in :data:`PICTURE_FAMILIES`.
+        loaded: a :class:`~recipe_compiler.models.LoadedModel` of a registered family.
         recipe: the recipe to apply.
         image: a path or a PIL image.
         layers: decoder layers to report.

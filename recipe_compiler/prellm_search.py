@@ -6,8 +6,8 @@ selects them); the in-LLM divergence table is restricted to the survivors (the p
 mass counts as lost at every layer) and the FLOPs table counts only the survivors from layer 0 on.
 Fixed-ratio stages try a small grid of ratios, each with the requested table search for the rest;
 ``cls-inflection`` (a per-image count at the knee) tries every stage-2 layer ``K`` and keep ratio
-on a grid with the ``text-mean`` scorer. ``auto`` evaluates every stage the model supports and ``none`` and keeps the
-least divergence within the budget (unsupported stages are listed as skipped, with the reason).
+on a grid with its stage-2 scorer (any stage with ``own_schedule``). ``auto`` evaluates every stage the model supports
+and ``none`` and keeps the least divergence within the budget (unsupported stages are listed as skipped, with the reason).
 Each view (LLaVA-NeXT: base and high-res; one per image elsewhere) is selected on its own.
 """
 from __future__ import annotations
@@ -20,17 +20,25 @@ from typing import Callable
 import numpy as np
 import torch
 
-from runtime.prellm_stage import GPRUNE_DEFAULTS, view_keep
+from runtime.methods.stages import NO_STAGE, STAGES
+from runtime.prellm_stage import view_keep
 
 from .divergence import divergence_table, schedule_objective
 from .errors import StatisticsError
 from .flops import LMShape, cost_table
 from .statistics import Statistics
 
-PRE_LLM_CHOICES = ("none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection", "auto")
+AUTO = "auto"
+"""``--pre-llm auto``: evaluate every stage the model supports, and none."""
+
+
+def pre_llm_choices() -> tuple[str, ...]:
+    """``--pre-llm`` values: no stage, every registered stage, ``auto``."""
+    return (NO_STAGE, *STAGES, AUTO)
+
+
 RATIO_GRID = (0.75, 0.5, 0.375, 0.25, 0.125)
 STAGE2_RATIO_GRID = (1.0, 0.75, 0.5, 0.25, 0.125, 0.0)
-_SCORE_OF = {"g-prune": "gprune", "fopru-rank": "fopru", "fopru-row": "fopru", "cls-inflection": "clssim"}
 
 
 @dataclass
@@ -50,9 +58,9 @@ class Candidate:
 
     @property
     def pre_llm(self) -> dict:
-        if self.method == "none":
-            return {"method": "none"}
-        if self.method == "cls-inflection":
+        if self.method == NO_STAGE:
+            return {"method": NO_STAGE}
+        if not STAGES[self.method].fixed_ratio:
             return {"method": self.method, "params": dict(self.params)}
         return {"method": self.method, "keep_ratio": self.keep_ratio, "params": dict(self.params)}
 
@@ -63,7 +71,7 @@ def survivors(stats: Statistics, method: str, keep_ratio: float | None, detector
     Each view (``stats.prellm["view"]``; statistics without it: one square view per sample) is
     selected on its own with the runtime's :func:`runtime.prellm_stage.view_keep`.
     """
-    name = _SCORE_OF[method]
+    name = STAGES[method].statistic
     if name not in stats.prellm:
         raise StatisticsError(
             f"these statistics hold no {method} scores (an older statistics file, or a model that does not "
@@ -99,21 +107,18 @@ def stage_params(stats: Statistics, method: str, detector: str = "kneedle") -> d
         detector: ``cls-inflection``'s knee detector.
 
     Returns:
-        G-Prune: threshold/temperature/steps; FoPru: ``feature_layer``; cls-inflection:
-        ``inflection_detector`` (the caller adds stage 2); else ``{}``.
+        The stage's score parameters as recorded (G-Prune: threshold/temperature/steps; FoPru:
+        ``feature_layer``) and its selection parameters (cls-inflection: ``inflection_detector``;
+        the caller adds stage 2); ``{}`` for no stage.
 
     Example:
         >>> stage_params(stats, "fopru-rank")   # doctest: +SKIP
         {'feature_layer': 1}
     """
+    if method == NO_STAGE:
+        return {}
     recorded = json.loads(stats.prellm_params) if stats.prellm_params else {}
-    if method == "g-prune":
-        return {k: recorded.get(k, v) for k, v in GPRUNE_DEFAULTS.items()}
-    if method in ("fopru-rank", "fopru-row") and "feature_layer" in recorded:
-        return {"feature_layer": int(recorded["feature_layer"])}
-    if method == "cls-inflection":
-        return {"inflection_detector": detector}
-    return {}
+    return STAGES[method].recipe_params(recorded, {"inflection_detector": detector})
 
 
 def skipped(method: str, reason: str) -> Candidate:
@@ -150,39 +155,40 @@ def evaluate(
     def fraction(costs: np.ndarray, keep: np.ndarray) -> float:
         return float(np.sum(costs[np.arange(L), keep])) / unpruned
 
-    if method == "cls-inflection":
+    stage = None if method == NO_STAGE else STAGES[method]
+    if stage is not None and stage.own_schedule:  # a stage-2 cut at (layer, ratio) on a grid, by the stage's scorer
         alive = survivors(stats, method, None, detector)
         n_post = alive.sum(axis=1)
-        table = divergence_table(stats, "text-mean", v_ref=v_ref, survivors=alive)
+        table = divergence_table(stats, stage.stage2_scorer, v_ref=v_ref, survivors=alive)
         costs = cost_table(shape, stats.n_other, n_post, v_ref)
         for layer in range(1, L):
             for ratio in STAGE2_RATIO_GRID:
-                keep = np.array([v_ref] * layer + [int(math.floor(ratio * v_ref + 0.5))] * (L - layer), dtype=np.int64)
+                keep = stage.stage2_counts(v_ref, L, layer, ratio).astype(np.int64)
                 flops = fraction(costs, keep)
                 out.append(Candidate(
-                    method, None, keep, flops, schedule_objective(table, keep), "text-mean",
+                    method, None, keep, flops, schedule_objective(table, keep), stage.stage2_scorer,
                     {"stage2_layer": layer, "stage2_ratio": ratio, **stage_params(stats, method, detector)},
                     float(n_post.mean()), flops <= budget * (1 + 1e-9),
                 ))
         return out
 
     ratios = (keep_ratio,) if keep_ratio is not None else RATIO_GRID
-    if method == "none":
+    if stage is None:
         ratios = (1.0,)
     for ratio in ratios:
-        alive = None if method == "none" else survivors(stats, method, ratio)
+        alive = None if stage is None else survivors(stats, method, ratio)
         n_post = stats.n_visual if alive is None else alive.sum(axis=1)
         costs = cost_table(shape, stats.n_other, n_post, v_ref)
         smallest = costs[0, v_ref] + float(np.sum(costs[1:, 0]))
         params = stage_params(stats, method)
         if smallest > budget_flops * (1 + 1e-9):
-            out.append(Candidate(method, None if method == "none" else ratio, None, smallest / unpruned, math.inf,
+            out.append(Candidate(method, None if stage is None else ratio, None, smallest / unpruned, math.inf,
                                  scorer, params, float(np.mean(n_post)), False))
             continue
         table = divergence_table(stats, scorer, v_ref=v_ref, survivors=alive)
         keep = np.asarray(search(table, costs, budget_flops), dtype=np.int64)
         flops = fraction(costs, keep)
-        out.append(Candidate(method, None if method == "none" else ratio, keep, flops, schedule_objective(table, keep),
+        out.append(Candidate(method, None if stage is None else ratio, keep, flops, schedule_objective(table, keep),
                              scorer, params, float(np.mean(n_post)), flops <= budget * (1 + 1e-9)))
     return out
 
@@ -200,9 +206,10 @@ def format_candidates(candidates: list[Candidate], chosen: Candidate | None) -> 
         if c.skipped:
             lines.append(f"-{c.method:<14} skipped: {c.skipped}")
             continue
-        ratio = "knee" if c.keep_ratio is None and c.method == "cls-inflection" else f"{c.keep_ratio if c.keep_ratio is not None else 1.0:.3f}"
+        stage = None if c.method == NO_STAGE else STAGES[c.method]
+        ratio = "knee" if c.keep_ratio is None and stage is not None and not stage.fixed_ratio else f"{c.keep_ratio if c.keep_ratio is not None else 1.0:.3f}"
         extra = ""
-        if c.method == "cls-inflection":
+        if stage is not None and stage.own_schedule:
             extra = f"K={c.params['stage2_layer']} ratio={c.params['stage2_ratio']:g}"
         mark = "*" if c is chosen else (" " if c.feasible else "x")
         div = f"{c.divergence:11.4f}" if math.isfinite(c.divergence) else "        inf"

@@ -1,13 +1,16 @@
 """Calibration statistics: the per-sample, per-layer, per-visual-token attention the search reads.
 
-A pure container (numpy only). The calibration pass that fills it lives in
-``recipe_compiler.collect``; the searches read it and never touch torch.
+A pure container (numpy arrays; the pre-LLM stage registry names the pre-LLM score arrays). The
+calibration pass that fills it lives in ``recipe_compiler.collect``; the searches read it and never
+touch torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from runtime.methods.stages import STAGES
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ class Statistics:
 
 _ARRAYS = ("cross", "self_attn", "last", "n_visual", "n_text", "n_tokens")
 _STATS_SCHEMA = "recipe_compiler.statistics/1"
-PRELLM_SCORES = ("gprune", "fopru", "clssim", "view", "grid_row")  # view / grid_row: each token's view and grid row
+# Each pre-LLM stage's recorded scores (its ``statistic``), then each token's view and grid row.
+PRELLM_SCORES = (*dict.fromkeys(stage.statistic for stage in STAGES.values()), "view", "grid_row")
 
 
 def save_statistics(stats: Statistics, path) -> None:

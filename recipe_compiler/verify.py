@@ -21,7 +21,8 @@ from runtime.recipe import Recipe
 from .calibration import CalibrationSet
 from .collect import model_inputs
 from .distributed import SINGLE, Sharding, batches_of
-from .flops import LMShape, VisionShape, encoder_flops, layer_flops, visual_token_fraction
+from .families import family_of, vision_shape
+from .flops import LMShape, layer_flops, visual_token_fraction
 from .statistics import Statistics
 
 
@@ -37,8 +38,8 @@ class Verification:
         samples: how many samples were run.
         unpruned_flops: mean unpruned language-model prefill FLOPs per sample.
         vision_flops: mean vision-encoder + projector FLOPs per sample (the same pruned or not;
-            a pre-LLM stage drops tokens after the projector), None for a family whose encoder
-            :class:`~recipe_compiler.flops.VisionShape` does not know.
+            a pre-LLM stage drops tokens after the projector), None for a family whose encoder's
+            FLOPs are not known.
         visual_token_fraction: the visual tokens' own FLOPs, pruned / unpruned
             (:func:`~recipe_compiler.flops.visual_token_fraction`).
         divergence: with ``statistics`` given, the realised divergence: the search's divergence
@@ -113,7 +114,7 @@ def verify_recipe(
                          f"{len(calibration.samples)}; pass the statistics collected on this set")
     mine = []
     try:
-        vision = VisionShape.from_config(model.config)
+        vision = vision_shape(model.config)
     except (ValueError, AttributeError, TypeError):  # a family without a known encoder: no vision figure
         vision = None
     for index, (_, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
@@ -141,7 +142,7 @@ def verify_recipe(
             (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0).cpu().numpy(),
             (full_logits.argmax(-1) == pruned_logits.argmax(-1)).cpu().numpy(),
             n_visual.astype(np.int64),
-            _vision_flops_per_row(model, inputs, vision, handle.image_token_id),
+            None if vision is None else family_of(model.config).vision_flops_per_row(model, inputs, vision, handle.image_token_id),
             None if statistics is None else _kept_visual(handle, model, inputs, request, shape.num_layers),
         )))
         if progress is not None:
@@ -174,10 +175,10 @@ def _kept_visual(handle: Any, model: torch.nn.Module, inputs: dict, request: Any
 
     The runtime records, at each pruning layer, the prompt positions of the visual tokens it kept
     (``request.selection``); a set holds until the next pruning layer. The row's visual positions
-    are the prunable tokens the runtime itself located (the same adapter call, the same mask).
+    are the prunable tokens the runtime itself located (the same family call, the same mask).
     """
     ids = inputs["input_ids"]
-    visual = handle.adapter.prunable_visual_tokens(model, ids, inputs)
+    visual = handle.family.prunable_visual_tokens(model, ids, inputs)
     if inputs.get("attention_mask") is not None:
         visual = visual & inputs["attention_mask"].bool()
     selection = {} if request is None else request.selection
@@ -202,43 +203,3 @@ def _stack_kept(statistics: Statistics, rows: list[np.ndarray]) -> np.ndarray:
         out[s, :, : kept.shape[1]] = kept
     return out
 
-
-def _vision_flops_per_row(model: torch.nn.Module, inputs: dict, vision: VisionShape | None, image_token_id: int) -> np.ndarray | None:
-    """float [B]: vision encoder + projector FLOPs of each prompt's images, from the model inputs.
-
-    LLaVA-1.5 runs one crop per image (``projected_per_crop`` placeholders each); LLaVA-NeXT runs
-    base + grid crops per image (from ``image_sizes``, as transformers splits them); Qwen-VL runs
-    each image's ``image_grid_thw`` patches. Images are matched to rows in order: LLaVA-NeXT
-    images by runs of image tokens, Qwen images by their merged-token counts.
-    """
-    if vision is None:
-        return None
-    is_image = (inputs["input_ids"] == image_token_id).cpu()
-    counts = is_image.sum(dim=1).tolist()
-    if vision.kind == "clip" and "image_sizes" not in inputs:
-        return np.array([encoder_flops(vision, crops=n // vision.projected_per_crop) for n in counts])
-    if vision.kind == "clip":
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        config = model.config
-        crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, int(config.vision_config.image_size))
-                 for size in inputs["image_sizes"].cpu().tolist()]
-        starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]  # first token of each run
-        out, next_image = [], 0
-        for runs in starts.sum(dim=1).tolist():
-            out.append(encoder_flops(vision, crops=sum(crops[next_image:next_image + runs])))
-            next_image += runs
-        return np.array(out)
-    grids = inputs.get("image_grid_thw")
-    grids = [] if grids is None else grids.cpu().tolist()
-    unit = vision.merge * vision.merge
-    out, next_image = [], 0
-    for n in counts:
-        mine = []
-        while n > 0 and next_image < len(grids):
-            t, h, w = grids[next_image]
-            mine.append(grids[next_image])
-            n -= t * h * w // unit
-            next_image += 1
-        out.append(encoder_flops(vision, grids=mine) if mine else 0.0)
-    return np.array(out)

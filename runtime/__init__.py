@@ -8,7 +8,8 @@ Example:
     >>> model.generate(**inputs)                                  # doctest: +SKIP
     >>> handle.remove()                                           # doctest: +SKIP
 """
-from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, RecipeError, RecipeMismatchError
+from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, RecipeError, RecipeMismatchError, UnsupportedModelError
 from .recipe import Recipe, load
 
-__all__ = ["PruningUnsupportedError", "Recipe", "RecipeAlreadyAppliedError", "RecipeError", "RecipeMismatchError", "load"]
+__all__ = ["PruningUnsupportedError", "Recipe", "RecipeAlreadyAppliedError", "RecipeError", "RecipeMismatchError",
+           "UnsupportedModelError", "load"]

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from .methods.heads import HEAD_REDUCTIONS
+
 WRAPPED = {"sdpa": "recipe_runtime_sdpa", "eager": "recipe_runtime_eager"}
 UNWRAPPED = {v: k for k, v in WRAPPED.items()}
 
@@ -88,7 +90,8 @@ def attention_row_sums(
         scaling: the softmax scale.
         row_weights: (B, G, Lq) weights of each query row in each of G groups; rows with zero
             weight in every group and sample are never computed.
-        head_reduce: "max" (FitPrune) or "mean" over heads of the post-softmax probabilities.
+        head_reduce: a :data:`runtime.methods.heads.HEAD_REDUCTIONS` name ("max": FitPrune,
+            "mean"), how the heads' post-softmax probabilities are combined.
         chunk: query rows per chunk (memory is B·H·chunk·Lk floats); default 64 on CPU, where
             the score block then stays in cache (measured fastest), 1024 elsewhere. Rows are taken
             as one contiguous span per chunk; chunks without a weighted row are skipped.
@@ -111,6 +114,7 @@ def attention_row_sums(
     needed = torch.nonzero(weights.abs().sum(dim=(0, 1)) > 0).flatten()
     if needed.numel() == 0:
         return out
+    reduce = HEAD_REDUCTIONS[head_reduce]
     first, last = int(needed[0]), int(needed[-1])
     chunk = chunk or (64 if query.device.type == "cpu" else 1024)
     # GQA without repeating keys: the heads sharing a key head become extra query rows.
@@ -136,6 +140,5 @@ def attention_row_sums(
         else:
             scores += attention_mask[:, :, start:end, :keys].float().clamp(min=lowest)
         probs = scores.softmax(dim=-1)
-        reduced = probs.amax(dim=1) if head_reduce == "max" else probs.mean(dim=1)
-        out[:, :, :keys] += torch.bmm(row_weight, reduced)
+        out[:, :, :keys] += torch.bmm(row_weight, reduce(probs))
     return out

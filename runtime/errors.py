@@ -9,6 +9,12 @@ class RecipeMismatchError(RecipeError):
     """A valid recipe was compiled for a different model than the one it is applied to."""
 
 
+class UnsupportedModelError(RecipeMismatchError):
+    """The model cannot be pruned: its family is not supported, or this model of a family has a
+    layout the pruner does not handle (e.g. decoder layers of different kinds); the message names
+    the model type and what is supported."""
+
+
 class RecipeAlreadyAppliedError(RuntimeError):
     """A pruning recipe is applied to a model that already carries one (hooks would stack)."""
 

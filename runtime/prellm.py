@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from .methods.detectors import DETECTORS
+
 __all__ = [
     "gprune_scores",
     "gprune_keep",
@@ -29,10 +31,9 @@ __all__ = [
     "inflection_keep",
     "cls_inflection_keep",
     "DETECTORS",
+    "stage_count",
 ]
 
-DETECTORS = ("kneedle", "max-curvature")
-"""Inflection detectors of :func:`knee_index`."""
 
 _MASKED = -1e4  # "large negative" logit of a pruned edge: exp underflows to exactly 0 after /τ
 _EPS = 1e-12
@@ -49,6 +50,16 @@ def _check_count(k: int, available: int, name: str = "k") -> int:
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= available:
         raise ValueError(f"{name}={k!r} is out of range; it must be an integer in [0, {available}]")
     return k
+
+
+def stage_count(keep_ratio: float, n: int) -> int:
+    """Tokens a fixed-ratio stage keeps of a view's ``n``: ``round_half_up(keep_ratio · n)``.
+
+    Example:
+        >>> stage_count(0.5, 5), stage_count(0.25, 6)
+        (3, 2)
+    """
+    return min(int(n), max(0, int(math.floor(float(keep_ratio) * int(n) + 0.5))))
 
 
 def _topk_mask(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
@@ -349,23 +360,7 @@ def knee_index(values_sorted_desc: torch.Tensor, detector: str = "kneedle") -> i
     if n <= 2 or span <= 0.0:
         return n
     x = torch.arange(n, dtype=torch.float64) / (n - 1)
-    y = (y - y[-1]) / span
-    if detector == "max-curvature":
-        second = y[2:] - 2.0 * y[1:-1] + y[:-2]
-        if float(second.max()) <= 1e-12:  # straight or concave: no convex bend
-            return n
-        dx = 1.0 / (n - 1)
-        slope = (y[2:] - y[:-2]) / (2.0 * dx)
-        curvature = (second / dx**2) / (1.0 + slope**2) ** 1.5
-        best = float(curvature.max())
-        return int(torch.nonzero(curvature >= best - 1e-12 * abs(best))[0]) + 2  # interior index + 1, +1 for the count
-    # Chord from (0, 1) to (1, 0): x + y = 1; distance |1 − x − y| / √2 (the √2 does not matter).
-    distance = (1.0 - x - y).abs()
-    best = float(distance.max())
-    if best <= 1e-12:
-        return n
-    knee = int(torch.nonzero(distance >= best - 1e-12)[0])
-    return knee + 1
+    return DETECTORS[detector](x, (y - y[-1]) / span)
 
 
 def inflection_keep(similarity: torch.Tensor, detector: str = "kneedle") -> torch.Tensor:

@@ -21,9 +21,12 @@ from typing import Any, Iterator
 import torch
 
 from . import attention
-from .adapters import adapter_for
 from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, StageCannotRun
-from .scoring import keep_top, scorer_groups, scores_from_sums
+from .families import family_for
+from .methods.scorers import SCORERS
+from .methods.stages import NO_STAGE
+from .prellm_stage import PreLLMStage
+from .scoring import keep_top
 from .state import PerThread
 
 logger = logging.getLogger("runtime")
@@ -91,6 +94,14 @@ class Policy:
         """(B, L) bool: the visual tokens that enter ``layer`` (a subset of ``roles.visual``)."""
         raise NotImplementedError
 
+    def rewrite(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states entering ``layer`` after :meth:`select`, before the kept rows are gathered.
+
+        The default changes nothing; a pre-LLM stage that merges dropped tokens into kept ones
+        (``Selection.features``) writes the kept tokens' new input embeddings here at layer 0.
+        """
+        return hidden
+
 
 class RecipePolicy(Policy):
     """The production policy: per-layer keep counts from a recipe, top-k by the recipe's scorer.
@@ -105,13 +116,12 @@ class RecipePolicy(Policy):
 
     def __init__(self, recipe: Any) -> None:
         self.recipe = recipe
+        self.scorer = SCORERS[recipe.scorer]
         in_llm = tuple(recipe.pruning_layers)
         self.probe_layers = tuple(layer - 1 for layer in in_llm)
         self.stage = None
-        method = (getattr(recipe, "pre_llm", None) or {}).get("method", "none")
-        if method != "none":
-            from .prellm_stage import PreLLMStage
-
+        method = (getattr(recipe, "pre_llm", None) or {}).get("method", NO_STAGE)
+        if method != NO_STAGE:
             spec = recipe.pre_llm
             self.stage = PreLLMStage(method, spec.get("keep_ratio", 1.0), spec.get("params", {}))
             in_llm = (0, *in_llm)
@@ -138,10 +148,10 @@ class RecipePolicy(Policy):
             self.stage.on_inputs(embeds)
 
     def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
-        return scorer_groups(self.recipe.scorer, roles.text, roles.visual)
+        return self.scorer.groups(roles.text, roles.visual)
 
     def on_probe(self, layer: int, sums: torch.Tensor, roles: Roles) -> None:
-        self._scores = scores_from_sums(self.recipe.scorer, sums, roles.text, roles.visual)
+        self._scores = self.scorer.scores(sums, roles.text, roles.visual)
 
     def select(self, layer: int, roles: Roles) -> torch.Tensor:
         if layer == 0 and self.stage is not None:
@@ -149,6 +159,14 @@ class RecipePolicy(Policy):
             self._set_counts(kept.sum(dim=1), roles.valid.device)  # the schedule is relative to survivors
             return kept
         return keep_top(self._scores, roles.visual, self._keep[:, layer])
+
+    def rewrite(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        writes = self.stage.writes() if layer == 0 and self.stage is not None else []
+        if writes:
+            hidden = hidden.clone()
+            for row, positions, features in writes:
+                hidden[row, positions.to(hidden.device)] = features.to(hidden.device, hidden.dtype)
+        return hidden
 
 
 @dataclass
@@ -181,7 +199,7 @@ class PruningHandle:
     ``copy.deepcopy(model)`` gives a clean, unpatched copy; apply the recipe to it if it should prune.
 
     Args:
-        model: a stock HF VLM of a supported family (see ``runtime.adapters``).
+        model: a stock HF VLM of a supported family (see :mod:`runtime.families`).
         policy: a :class:`Policy` or a recipe (wrapped in :class:`RecipePolicy`).
 
     Example:
@@ -200,10 +218,10 @@ class PruningHandle:
     def __init__(self, model: torch.nn.Module, policy: Any) -> None:
         self.policy = policy if isinstance(policy, Policy) else RecipePolicy(policy)
         self.model = model
-        self.adapter = adapter_for(model)
-        self.language_model = self.adapter.language_model(model)
-        self.layers = self.adapter.layers(model)
-        self.image_token_id = self.adapter.image_token_id(model)
+        self.family = family_for(model)
+        self.language_model = self.family.language_model(model)
+        self.layers = self.family.layers(model)
+        self.image_token_id = self.family.image_token_id(model)
         self._hooks: list = []
         self._policy_hooks: list = []
         self._probed: list = []
@@ -230,7 +248,7 @@ class PruningHandle:
         self._policy_hooks = list(self.policy.attach(self.model))
         attention.register()
         self._config._attn_implementation = attention.WRAPPED[self._saved_impl]
-        base = self.adapter.base_model(self.model)
+        base = self.family.base_model(self.model)
         if base is not self.model:
             self._hooks.append(self.model.register_forward_pre_hook(self._on_top, with_kwargs=True))
         self._hooks.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
@@ -293,7 +311,7 @@ class PruningHandle:
             for name, wrapper in wrappers:
                 if module.__dict__.get(name) is wrapper:
                     del module.__dict__[name]
-        self.adapter.language_model(clone).config._attn_implementation = self._saved_impl
+        self.family.language_model(clone).config._attn_implementation = self._saved_impl
         return clone
 
     def __enter__(self) -> "PruningHandle":
@@ -330,7 +348,7 @@ class PruningHandle:
 
     def _on_base(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._base_kwargs = kwargs  # image_sizes, grids…: what an adapter needs to find visual tokens
+        self._base_kwargs = kwargs  # image_sizes, grids…: what a family needs to find visual tokens
 
     def _on_language_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         embeds = kwargs.get("inputs_embeds")
@@ -360,7 +378,7 @@ class PruningHandle:
             )
         if mask is not None and mask.dim() != 2:
             return self._say_once("a pre-built 4D attention mask is not supported")
-        visual = self.adapter.prunable_visual_tokens(self.model, ids, base_kwargs)
+        visual = self.family.prunable_visual_tokens(self.model, ids, base_kwargs)
         if not bool(visual.any()):
             return self._say_once("the prompt has no image tokens")
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
@@ -461,6 +479,7 @@ class PruningHandle:
             kept_visual &= roles.visual
         else:
             kept_visual = self.policy.select(layer, roles) & roles.visual
+            hidden = self.policy.rewrite(layer, hidden)
         request.kept_visual[layer] = (roles.orig_index, kept_visual)
         keep = (roles.valid & ~roles.visual) | kept_visual
 

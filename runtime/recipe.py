@@ -20,13 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RecipeError, RecipeMismatchError
+from .errors import RecipeError, RecipeMismatchError, UnsupportedModelError
+from .validation import is_int as _is_int, is_number as _is_number, short as _short
 
 SCHEMA = "1"
-SCORERS = ("fitprune", "text-mean", "last-token")
-HEAD_REDUCTIONS = ("max", "mean")
-PRE_LLM_METHODS = ("none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection")
-FIXED_RATIO_PRE_LLM = ("g-prune", "fopru-rank", "fopru-row")
 FINGERPRINT_FIELDS = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "visual_tokens", "config_hash")
 
 _MAX_HEADER_BYTES = 1 << 20  # a schema-1 header is a few KiB; anything near this is not ours
@@ -43,10 +40,13 @@ class Recipe:
     Attributes:
         keep_count: int [L]. Visual tokens alive entering each decoder layer, for an image with
             ``fingerprint["visual_tokens"]`` tokens. ``keep_count[0]`` is that full count.
-        scorer: which visual tokens go at a pruning layer: "fitprune", "text-mean", "last-token".
-        fingerprint: the model facts the recipe was compiled for (see ``runtime.adapters``).
-        head_reduce: how attention heads are combined when scoring ("max" as FitPrune, or "mean").
-        pre_llm: the pre-LLM stage (tokens dropped on entry to layer 0), a JSON-able dict:
+        scorer: which visual tokens go at a pruning layer, a :data:`runtime.methods.scorers.SCORERS`
+            name ("fitprune", "text-mean", "last-token").
+        fingerprint: the model facts the recipe was compiled for (see :mod:`runtime.families`).
+        head_reduce: how attention heads are combined when scoring, a
+            :data:`runtime.methods.heads.HEAD_REDUCTIONS` name ("max" as FitPrune, or "mean").
+        pre_llm: the pre-LLM stage (tokens dropped on entry to layer 0; a
+            :data:`runtime.methods.stages.STAGES` name, whose module validates its fields), a JSON-able dict:
             ``{"method": "none"}``; ``{"method": "g-prune", "keep_ratio": r, "params":
             {"threshold": s, "temperature": τ, "steps": t}}``; ``{"method": "fopru-rank" |
             "fopru-row", "keep_ratio": r, "params": {"feature_layer": i}}`` (optional; the vision
@@ -117,27 +117,37 @@ class Recipe:
         return [int(l) for l in np.nonzero(np.diff(self.keep_count) < 0)[0] + 1]
 
     def check_model(self, model: Any) -> None:
-        """Raise :class:`RecipeMismatchError` naming the first field where ``model`` differs."""
-        from .adapters import adapter_for
+        """Raise :class:`RecipeMismatchError` naming the first field where ``model`` differs.
+
+        Raises:
+            UnsupportedModelError: (a :class:`RecipeMismatchError`) the runtime cannot prune this
+                model at all: its family is not supported (the message lists the supported model
+                types), or its decoder layers are of kinds the pruner does not handle.
+            RecipeMismatchError: the recipe was compiled for another model, or its pre-LLM stage
+                does not fit this one.
+        """
+        from .families import family_for
+        from .methods.stages import NO_STAGE, STAGES
 
         try:
-            actual = adapter_for(model).fingerprint(model)
-        except TypeError as exc:
-            raise RecipeMismatchError(f"recipe was compiled for {_short(self.fingerprint['model_type'])}: {exc}") from None
+            family = family_for(model)
+            family.check(model)
+            actual = family.fingerprint(model)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"recipe was compiled for {_short(self.fingerprint['model_type'])}: {exc}") from None
         for key in FINGERPRINT_FIELDS:
             if actual[key] != self.fingerprint[key]:
                 raise RecipeMismatchError(
                     f"recipe does not fit this model: {key} is {_short(self.fingerprint[key])} in the recipe "
                     f"but {actual[key]!r} in the model; compile a recipe for this model"
                 )
-        method = (self.pre_llm or {}).get("method", "none")
-        if method != "none":
+        method = (self.pre_llm or {}).get("method", NO_STAGE)
+        if method != NO_STAGE:
             from . import prellm_stage
 
             try:
                 prellm_stage.check_supported(model, method)
-                if "feature_layer" in self.pre_llm.get("params", {}):
-                    prellm_stage.resolve_feature_layer(model, self.pre_llm["params"]["feature_layer"], "the recipe's pre_llm feature_layer")
+                STAGES[method].check_model(model, self.pre_llm.get("params", {}))
             except ValueError as exc:
                 raise RecipeMismatchError(f"recipe's pre-LLM stage does not fit this model: {exc}") from None
 
@@ -424,6 +434,10 @@ def from_bytes_stream(stream: Any, size: int, source: str) -> Recipe:
 
 
 def _validate(recipe: Recipe) -> None:
+    # The method registries import torch; `import runtime` stays light (numpy only) until a recipe is read.
+    from .methods.heads import HEAD_REDUCTIONS
+    from .methods.scorers import SCORERS
+
     fp = recipe.fingerprint
     if not isinstance(fp, dict) or any(k not in fp for k in FINGERPRINT_FIELDS):
         missing = [k for k in FINGERPRINT_FIELDS if not isinstance(fp, dict) or k not in fp]
@@ -455,20 +469,6 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("provenance must be a dict")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite JSON number that fits a float (an over-long integer would overflow at run time)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -480,61 +480,30 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr`` cut to ``limit`` characters, so a corrupt value cannot flood an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _validate_pre_llm(recipe: Recipe) -> None:
+    from .methods.stages import NO_STAGE, STAGES
+
     spec = recipe.pre_llm
-    if not isinstance(spec, dict) or spec.get("method") not in PRE_LLM_METHODS:
+    known = (NO_STAGE, *STAGES)
+    if not isinstance(spec, dict) or spec.get("method") not in known:
         method = spec.get("method") if isinstance(spec, dict) else spec
-        raise RecipeError(f"pre-LLM stage {_short(method)} is not supported by this runtime (knows {', '.join(PRE_LLM_METHODS)})")
+        raise RecipeError(f"pre-LLM stage {_short(method)} is not supported by this runtime (knows {', '.join(known)})")
     method = spec["method"]
-    allowed = {"method"} if method == "none" else {"method", "params"} if method == "cls-inflection" else {"method", "keep_ratio", "params"}
+    stage = None if method == NO_STAGE else STAGES[method]
+    allowed = {"method"} if stage is None else {"method", "params"} | ({"keep_ratio"} if stage.fixed_ratio else set())
     extra = sorted(set(spec) - allowed)
     if extra:
         raise RecipeError(f"pre-LLM stage {method!r} has unexpected field(s) {_short(extra)} in pre_llm")
-    if method == "none":
+    if stage is None:
         return
     params = spec.get("params", {})
     if not isinstance(params, dict):
         raise RecipeError(f"pre-LLM stage {_short(method)}: pre_llm.params must be an object, got {_short(params)}")
-    if method in FIXED_RATIO_PRE_LLM:
+    if stage.fixed_ratio:
         ratio = spec.get("keep_ratio")
         if not _is_number(ratio) or not 0 < ratio <= 1:
             raise RecipeError(f"pre-LLM stage {_short(method)}: pre_llm.keep_ratio must be a number in (0, 1], got {_short(ratio)}")
-    if method == "g-prune":
-        ranges = {"threshold": (-1.0, 1.0), "temperature": (1e-12, float("inf")), "steps": (0, 10**6)}
-        for key, value in params.items():
-            if key not in ranges:
-                raise RecipeError(f"pre-LLM stage 'g-prune': unknown parameter {_short(key)} in pre_llm.params (threshold, temperature, steps)")
-            low, high = ranges[key]
-            if not _is_number(value) or not low <= value <= high or (key == "steps" and not isinstance(value, int)):
-                raise RecipeError(f"pre-LLM stage 'g-prune': pre_llm.params.{key}={_short(value)} is out of range")
-    elif method in ("fopru-rank", "fopru-row"):
-        if set(params) - {"feature_layer"}:
-            raise RecipeError(f"pre-LLM stage {method!r}: unexpected pre_llm.params {_short(sorted(set(params) - {'feature_layer'}))} (only feature_layer)")
-        layer = params.get("feature_layer", -1)
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer == 0:
-            raise RecipeError(f"pre-LLM stage {method!r}: pre_llm.params.feature_layer must be a non-zero integer (vision_feature_layer convention), got {_short(layer)}")
-    else:  # cls-inflection: stage 2 is the in-LLM schedule
-        if set(params) - {"inflection_detector"} != {"stage2_layer", "stage2_ratio"}:
-            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params must hold stage2_layer and stage2_ratio, got {_short(sorted(params))}")
-        if params.get("inflection_detector", "kneedle") not in ("kneedle", "max-curvature"):
-            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params.inflection_detector must be kneedle or max-curvature, got {_short(params['inflection_detector'])}")
-        layer, ratio = params["stage2_layer"], params["stage2_ratio"]
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < recipe.num_layers:
-            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params.stage2_layer must be an integer in [1, {recipe.num_layers - 1}], got {_short(layer)}")
-        if not _is_number(ratio) or not 0 <= ratio <= 1:
-            raise RecipeError(f"pre-LLM stage 'cls-inflection': pre_llm.params.stage2_ratio must be a number in [0, 1], got {_short(ratio)}")
-        v = recipe.reference_visual_tokens
-        expected = np.array([v] * layer + [int(np.floor(ratio * v + 0.5))] * (recipe.num_layers - layer), dtype=np.int32)
-        if not np.array_equal(recipe.keep_count, expected):
-            raise RecipeError("pre-LLM stage 'cls-inflection': keep_count must be the stage-2 schedule (v before stage2_layer, round(stage2_ratio·v) after)")
-        if recipe.scorer != "text-mean":
-            raise RecipeError(f"pre-LLM stage 'cls-inflection': stage 2 uses the text-mean scorer, but the recipe's scorer is {_short(recipe.scorer)}")
+    stage.validate(params, recipe)
 
 
 def _dumps(value: Any) -> str:

@@ -1,13 +1,12 @@
-"""Run-time scorers: which visual tokens go at a pruning layer (METHODS.md §3).
+"""Run-time selection at a pruning layer (METHODS.md §3): the top visual tokens by a scorer's scores.
 
-A scorer names the query rows it needs (groups) and turns their head-reduced attention sums into
-one score per key. Higher scores survive; ties are broken by position (earlier tokens go first).
+The scorers themselves are :mod:`runtime.methods.scorers`; :func:`keep_top` keeps the best-scored
+tokens (ties by position: earlier tokens go first), and :func:`fitprune_scores` is FitPrune's
+reference formula on one layer's full attention (the conformance entry point).
 """
 from __future__ import annotations
 
 import torch
-
-SCORERS = ("fitprune", "text-mean", "last-token")
 
 
 def fitprune_scores(attn_weights: torch.Tensor, visual_start: int, n_visual: int) -> torch.Tensor:
@@ -36,35 +35,6 @@ def fitprune_scores(attn_weights: torch.Tensor, visual_start: int, n_visual: int
     visual = columns[:, visual_start:end, :].sum(dim=1) / n_visual
     scores = text * visual
     return scores[0] if scores.shape[0] == 1 else scores
-
-
-def scorer_groups(scorer: str, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """Query-row weights (B, G, L) a scorer needs, for the current sequence's role masks.
-
-    Args:
-        scorer: one of :data:`SCORERS`.
-        text: (B, L) bool, text tokens after the image (real ones).
-        visual: (B, L) bool, visual tokens still alive.
-    """
-    if scorer == "fitprune":
-        return torch.stack([text, visual], dim=1).float()
-    if scorer == "text-mean":
-        return text[:, None, :].float()
-    if scorer == "last-token":
-        last = torch.zeros_like(text, dtype=torch.float32)
-        last[:, -1] = 1.0  # the last prompt token is always the last row (padding is on the left)
-        return last[:, None, :]
-    raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
-
-
-def scores_from_sums(scorer: str, sums: torch.Tensor, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """Per-key scores (B, L) from the row sums of :func:`scorer_groups` (only visual keys matter)."""
-    if scorer == "fitprune":
-        n_visual = visual.sum(dim=1, keepdim=True).clamp(min=1).float()
-        return sums[:, 0] * (sums[:, 1] / n_visual)
-    if scorer == "text-mean":
-        return sums[:, 0] / text.sum(dim=1, keepdim=True).clamp(min=1).float()
-    return sums[:, 0]
 
 
 def keep_top(scores: torch.Tensor, visual: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,10 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from . import prellm
 from .errors import RecipeError, RecipeMismatchError
-from .prellm_stage import GPRUNE_DEFAULTS, resolve_feature_layer, stage_count, view_keep
+from .families import FAMILIES
+from .methods.stages import STAGES
+from .prellm import stage_count
+from .prellm_stage import view_keep
 from .vllm import CONFIG_KEY, recipe_from_config
 
 logger = logging.getLogger("vllm.recipe_compiler")  # under "vllm": printed by vLLM's own handler
@@ -145,7 +148,8 @@ class _RecipeStageMixin:
         self._recipe_method = spec["method"]
         self._recipe_ratio = float(spec["keep_ratio"])
         params = spec.get("params", {})
-        self._recipe_gprune = {**GPRUNE_DEFAULTS, **{k: v for k, v in params.items() if k in GPRUNE_DEFAULTS}}
+        gprune = STAGES["g-prune"].defaults
+        self._recipe_gprune = {**gprune, **{k: v for k, v in params.items() if k in gprune}}
         self._recipe_signal: list[torch.Tensor] = []
         self._recipe_selected: OrderedDict = OrderedDict()
         rope = getattr(config.text_config, "rope_parameters", None) or {}
@@ -166,7 +170,8 @@ class _RecipeStageMixin:
 
     # ---------------------------------------------------------------- FoPru signal
     def _recipe_hook_fopru(self, config: Any, feature_layer: int | None) -> None:
-        hidden = resolve_feature_layer(_shim(config), feature_layer, "the recipe's pre_llm feature_layer")
+        shim = _shim(config)
+        hidden = FAMILIES[config.model_type].resolve_feature_layer(shim, feature_layer, "the recipe's pre_llm feature_layer")
         layers = self.vision_tower.vision_model.encoder.layers
         if hidden > len(layers):
             raise RecipeError(

@@ -63,19 +63,13 @@ def _load(case: FamilyCase, attn_implementation: str) -> Any:
     return load_model(case.name, seed=0, attn_implementation=attn_implementation)
 
 
-def _tiny_qwen2_5_vl(**kwargs: Any) -> Any:
-    from recipe_compiler.qwen2_vl import build_tiny_qwen2_5_vl
-
-    return build_tiny_qwen2_5_vl(**kwargs)
-
-
 _QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 FAMILIES: list[FamilyCase] = [
     FamilyCase("tiny-llava", "<image>", ((96, 96), (120, 72))),
     FamilyCase("tiny-llava-next", "<image>", ((64, 64), (90, 60)), view_sizes=_next_views),
     FamilyCase("tiny-qwen2-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
-    FamilyCase("tiny-qwen2.5-vl", _QWEN_IMAGE, ((64, 64), (88, 56)), build=_tiny_qwen2_5_vl),
+    FamilyCase("tiny-qwen2.5-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
 ]
 
 

@@ -13,7 +13,7 @@ from recipe_compiler.errors import BudgetError, StatisticsError
 from recipe_compiler.flops import LMShape
 from recipe_compiler.verify import verify_recipe
 from runtime import Recipe
-from runtime.adapters import model_fingerprint
+from runtime.families import model_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from families import FamilyCase, family_params
 from runtime import Recipe
-from runtime.adapters import model_fingerprint
+from runtime.families import model_fingerprint
 
 THREADS = 4
 ROUNDS = 6

@@ -33,7 +33,8 @@ def test_dropped_tokens_match_the_reference(case):
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c["name"])
 def test_runtime_keep_top_drops_the_same_tokens(case):
     """The production selection (keep_top on row sums) agrees with the reference on full attention."""
-    from runtime.scoring import keep_top, scores_from_sums
+    from runtime.methods.scorers import SCORERS
+    from runtime.scoring import keep_top
 
     weights = torch.from_numpy(np.load(VECTORS / "token_scores.npz")[f"{case['name']}__attn_weights"]).float()
     n, v = weights.shape[-1], case["left_vtoken_num"]
@@ -42,6 +43,6 @@ def test_runtime_keep_top_drops_the_same_tokens(case):
     text = (position >= VISUAL_START + v)[None]
     head_max = weights.amax(dim=1)  # (1, n, n)
     sums = torch.stack([(head_max * text[..., None]).sum(1), (head_max * visual[..., None]).sum(1)], dim=1)
-    kept = keep_top(scores_from_sums("fitprune", sums, text, visual), visual, torch.tensor([v - case["delete"]]))
+    kept = keep_top(SCORERS["fitprune"].scores(sums, text, visual), visual, torch.tensor([v - case["delete"]]))
     dropped = sorted((position[visual[0] & ~kept[0]] - VISUAL_START).tolist())
     assert dropped == sorted(case["expected_pruned_visual_idx_in_sort_order"])

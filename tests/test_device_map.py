@@ -39,7 +39,7 @@ _run = run_cli
 
 def _spy_from_pretrained(monkeypatch, checkpoint):
     """Record the keyword arguments the loader gives from_pretrained, and still load."""
-    cls = models._model_class(models._read_llava_config(checkpoint, "spy"))
+    cls = models._model_class(models._read_config(checkpoint, "spy"))
     original = cls.from_pretrained.__func__
     seen = []
 

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from recipe_compiler.divergence import SCORERS, divergence_table, ranking_scores, schedule_objective
+from runtime.methods.scorers import SCORERS
+from recipe_compiler.divergence import divergence_table, ranking_scores, schedule_objective
 from recipe_compiler.statistics import Statistics
 
 FLOOR = -math.log(1e-6)  # one term's cap when everything is dropped

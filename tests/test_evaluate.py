@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_cli
 from recipe_compiler.evaluate import evaluate_recipes, main as eval_main
-from runtime.adapters import model_fingerprint
+from runtime.families import model_fingerprint
 from runtime.errors import RecipeError, RecipeMismatchError
 from runtime.presets import LLAVA_15_7B_FINGERPRINT, fitprune_published, keep_counts_from_pruned, resolve
 from runtime.recipe import Recipe
@@ -111,9 +111,10 @@ def test_a_llava_preset_refuses_the_tiny_model_by_name(tiny, heldout):
 
 # ----------------------------------------------------------------------------------- presets
 def test_preset_fingerprint_is_llava_15_7b_built_on_the_meta_device():
-    from recipe_compiler.models import REGISTRY, _llava_config, _random_model
+    from recipe_compiler.families import config_from_dict
+    from recipe_compiler.models import REGISTRY, _random_model
 
-    model = _random_model(_llava_config(REGISTRY["llava-1.5-7b"].config), device="meta", dtype=torch.float16,
+    model = _random_model(config_from_dict(REGISTRY["llava-1.5-7b"].config), device="meta", dtype=torch.float16,
                           attn_implementation="sdpa", seed=0)
     assert model_fingerprint(model) == LLAVA_15_7B_FINGERPRINT
 

@@ -21,7 +21,7 @@ import pytest
 
 import runtime.recipe as recipe_module
 from runtime import Recipe, RecipeError, RecipeMismatchError, load
-from runtime.adapters import model_fingerprint
+from runtime.families import model_fingerprint
 
 SEED = 20261122
 MAX_DATA_BYTES = 2 * 4 * recipe_module._MAX_LAYERS  # keep_count + keep_ratio of the longest legal recipe

@@ -16,7 +16,7 @@ import torch
 
 from recipe_compiler.calibration import load_image
 from runtime import Recipe, RecipeMismatchError
-from runtime.adapters import adapter_for, model_fingerprint
+from runtime.families import family_for, model_fingerprint
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
 V_REF = 320  # 64x64 reference image: 64 base + 16x16 grid (its 16 newlines are not counted)
@@ -92,7 +92,7 @@ def test_tiny_llava_next_has_distinct_per_image_counts_and_the_reference_unit(nx
     with torch.device("meta"):
         moved = type(nxt.model)(other)
     assert model_fingerprint(moved)["config_hash"] != model_fingerprint(nxt.model)["config_hash"]
-    adapter = adapter_for(nxt.model)
+    adapter = family_for(nxt.model)
     prunable = adapter.prunable_visual_tokens(nxt.model, batch["input_ids"], dict(batch))
     with torch.no_grad():  # what generate() hands the base model at prefill instead of image_sizes
         encoded = nxt.model.model.get_image_features(batch["pixel_values"], batch["image_sizes"], return_dict=True)
@@ -193,7 +193,7 @@ def test_several_images_in_one_prompt_are_pooled_in_order(nxt, calibration):
 
 
 def test_missing_layout_falls_back_to_every_image_token_and_says_so_once(nxt, batch, caplog):
-    adapter = adapter_for(nxt.model)
+    adapter = family_for(nxt.model)
     with caplog.at_level(logging.INFO, logger="runtime"):
         first = adapter.prunable_visual_tokens(nxt.model, batch["input_ids"], {})
         adapter.prunable_visual_tokens(nxt.model, batch["input_ids"], {})

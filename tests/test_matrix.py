@@ -30,8 +30,10 @@ from PIL import Image
 
 from families import FamilyCase, family_params
 from runtime import Recipe, RecipeMismatchError
-from runtime.adapters import adapter_for, model_fingerprint
-from runtime.prellm_stage import STAGE_METHODS, stage_count, unsupported_reason
+from runtime.families import family_for, model_fingerprint
+from runtime.methods.stages import STAGES
+from runtime.prellm import stage_count
+from runtime.prellm_stage import unsupported_reason
 
 TOLERANCE = 1e-4
 SCHEDULE = (1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.125)  # prunes on entry to layer 1, 3, 5 and 7
@@ -41,7 +43,7 @@ KINDS = (
     "schedule-fitprune",
     "schedule-text-mean",
     "schedule-last-token",
-    *(f"stage-{method}" for method in STAGE_METHODS),
+    *(f"stage-{method}" for method in STAGES.names()),
     "stage+schedule",
 )
 
@@ -99,7 +101,7 @@ def recipe_kinds(case: FamilyCase) -> dict:
         "schedule-last-token": Recipe(keep_count=schedule, scorer="last-token", fingerprint=fp, head_reduce="mean"),
         "stage+schedule": Recipe(keep_count=schedule, scorer="fitprune", fingerprint=fp, pre_llm={"method": "g-prune", **stage}),
     }
-    for method in STAGE_METHODS:
+    for method in STAGES.names():
         if method == "cls-inflection":
             k = 2
             counts = np.array([v] * k + [int(math.floor(STAGE_RATIO * v + 0.5))] * (layers - k))
@@ -195,7 +197,7 @@ def _image_runs(row: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
 def _expected_visual(case: FamilyCase, model, recipe: Recipe, inputs: dict, request, beams: int) -> list[list[int]]:
     """Per input row, the visual tokens the recipe implies entering each layer."""
     ids = inputs["input_ids"]
-    adapter = adapter_for(model)
+    adapter = family_for(model)
     prunable = adapter.prunable_visual_tokens(model, ids, {k: inputs[k] for k in ("image_sizes",) if k in inputs})
     placeholders = ids == adapter.image_token_id(model)
     method = recipe.pre_llm.get("method", "none")

@@ -19,16 +19,16 @@ if str(ROOT) not in sys.path:  # the package is not installed in the venv; run f
 from transformers import LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
 from recipe_compiler.errors import ModelNotFoundError  # noqa: E402
+from recipe_compiler.families.llava import LLAVA_15_PROMPT_TEMPLATE  # noqa: E402
 from recipe_compiler.models import (  # noqa: E402
-    LLAVA_15_PROMPT_TEMPLATE,
     REGISTRY,
     LoadedModel,
     build_tiny_llava,
-    builtin_tokenizer,
     load_model,
     parse_dtype,
     resolve_spec,
 )
+from recipe_compiler.tokenizer import builtin_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -64,13 +64,13 @@ def _state_digest(model) -> str:
 def test_every_embedded_config_builds_a_llava_config(alias):
     from transformers import AutoConfig
 
-    from recipe_compiler.models import FAMILY_PROCESSORS
+    from recipe_compiler.families import FAMILIES
 
     spec = REGISTRY[alias]
     assert spec.alias == alias
     fields = {k: v for k, v in spec.config.items() if k != "model_type"}
     config = AutoConfig.for_model(spec.config["model_type"], **fields)  # the family's own config class
-    assert config.model_type == spec.config["model_type"] in FAMILY_PROCESSORS
+    assert config.model_type == spec.config["model_type"] in FAMILIES
     assert "{prompt}" in spec.prompt_template
     assert "<image>" in spec.prompt_template or "<|image_pad|>" in spec.prompt_template  # Qwen2-VL's placeholder
     assert spec.description

@@ -10,9 +10,10 @@ import torch
 
 from conftest import run_cli
 from recipe_compiler.errors import CompileError
-from recipe_compiler.plots import (DROPPED_ALPHA, PANEL_PX, darken, grid_rectangles, kept_tokens, llava_next_grids,
-                                   plot_kept_tokens, qwen2_vl_grid, token_views)
-from runtime.adapters import model_fingerprint
+from recipe_compiler.families.qwen2_vl import image_grid as qwen2_vl_grid
+from recipe_compiler.plots import DROPPED_ALPHA, PANEL_PX, darken, grid_rectangles, kept_tokens, plot_kept_tokens, token_views
+from runtime.families.llava_next import view_grids as llava_next_grids
+from runtime.families import model_fingerprint
 from runtime.recipe import Recipe
 
 PRUNE_AT = 2  # the test recipes drop tokens on entry to this layer only
@@ -27,14 +28,14 @@ def nxt():
 
 @pytest.fixture(scope="module")
 def qwen():
-    from recipe_compiler.qwen2_vl import build_tiny_qwen2_vl
+    from recipe_compiler.models import build_tiny_qwen2_vl
 
     return build_tiny_qwen2_vl(seed=0)
 
 
 @pytest.fixture(scope="module")
 def qwen25():
-    from recipe_compiler.qwen2_vl import build_tiny_qwen2_5_vl
+    from recipe_compiler.models import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(seed=0)
 

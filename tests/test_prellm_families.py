@@ -13,8 +13,8 @@ import torch
 
 from recipe_compiler.calibration import load_image
 from runtime import Recipe, RecipeMismatchError, load, prellm
-from runtime.adapters import model_fingerprint
-from runtime.prellm_stage import stage_count
+from runtime.families import model_fingerprint
+from runtime.prellm import stage_count
 
 GREEDY = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
 SHORT_PROMPT = "Which animal? Answer briefly, please."
@@ -179,7 +179,7 @@ def test_next_compile_auto_plans_exactly_what_the_runtime_does(nxt, calibration)
 
 @pytest.fixture(scope="module")
 def qwen():
-    from recipe_compiler.qwen2_vl import build_tiny_qwen2_vl
+    from recipe_compiler.models import build_tiny_qwen2_vl
 
     return build_tiny_qwen2_vl(seed=0, attn_implementation="eager")
 

@@ -10,7 +10,7 @@ from recipe_compiler.compile import CompileConfig, compile_recipe
 from recipe_compiler.flops import LMShape, schedule_flops_fraction
 from recipe_compiler.search.fitprune import stage_flops_fraction
 from runtime import load
-from runtime.prellm_stage import stage_count
+from runtime.prellm import stage_count
 
 BUDGET = 0.3
 
@@ -110,7 +110,7 @@ def test_stage_flops_fraction_by_hand(n_post, keep, expected):
 def test_inspect_shows_the_whole_stage(tiny, tmp_path, capsys, pre_llm, counts, expected):
     from recipe_compiler.cli import inspect_main
     from runtime import Recipe
-    from runtime.adapters import model_fingerprint
+    from runtime.families import model_fingerprint
 
     scorer = "text-mean" if pre_llm["method"] == "cls-inflection" else "fitprune"
     path = tmp_path / "r.safetensors"

@@ -9,8 +9,8 @@ import torch
 
 from conftest import make_inputs
 from runtime import Recipe, RecipeError, load, prellm
-from runtime.adapters import model_fingerprint
-from runtime.prellm_stage import stage_count
+from runtime.families import model_fingerprint
+from runtime.prellm import stage_count
 
 GREEDY = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
 IN_LLM = [576, 576, 400, 400, 200, 200, 100, 100]

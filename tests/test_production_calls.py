@@ -16,7 +16,7 @@ import torch
 
 from conftest import make_inputs, run_cli
 from runtime import PruningUnsupportedError, Recipe, load
-from runtime.adapters import model_fingerprint
+from runtime.families import model_fingerprint
 
 GREEDY = dict(max_new_tokens=4, do_sample=False)
 

@@ -9,10 +9,11 @@ import torch
 
 from conftest import make_inputs
 from recipe_compiler.cli import compile_main
-from recipe_compiler.models import REGISTRY, _llava_config, load_model
-from recipe_compiler.qwen2_vl import QWEN2_VL_PROMPT_TEMPLATE, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
+from recipe_compiler.families import config_from_dict
+from recipe_compiler.families.qwen2_vl import QWEN2_VL_PROMPT_TEMPLATE
+from recipe_compiler.models import REGISTRY, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, load_model
 from runtime import Recipe, RecipeMismatchError, load
-from runtime.adapters import model_fingerprint
+from runtime.families import model_fingerprint
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 GREEDY = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -63,7 +64,7 @@ def test_real_alias_configs_build_the_real_architecture_with_qwen_token_ids(alia
     hub_id, model_type, hidden, layers, heads, kv_heads, vocab, n_params = REAL[alias]
     spec = REGISTRY[alias]
     assert spec.hub_id == hub_id and spec.prompt_template == QWEN2_VL_PROMPT_TEMPLATE
-    config = _llava_config(spec.config)  # AutoConfig.for_model of the embedded config.json
+    config = config_from_dict(spec.config)  # AutoConfig.for_model of the embedded config.json
     text, vision = config.text_config, config.vision_config
     assert config.model_type == model_type
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
@@ -292,3 +293,11 @@ def test_fingerprint_ignores_attention_kernel_and_separates_the_two_families():
     qwen2, qwen25 = model_fingerprint(_tiny("qwen2_vl").model), model_fingerprint(_tiny("qwen2_5_vl").model)
     assert qwen2 == model_fingerprint(_tiny("qwen2_vl", "eager").model)
     assert qwen2["model_type"] != qwen25["model_type"] and qwen2["config_hash"] != qwen25["config_hash"]
+
+
+def test_tiny_qwen2_5_vl_is_a_registry_alias_and_its_builder_is_the_same_model():
+    spec = REGISTRY["tiny-qwen2.5-vl"]
+    assert spec.hub_id is None and spec.config["model_type"] == "qwen2_5_vl"
+    by_name = load_model("tiny-qwen2.5-vl").model.state_dict()
+    built = _tiny("qwen2_5_vl").model.state_dict()
+    assert by_name.keys() == built.keys() and all(torch.equal(by_name[k], built[k]) for k in by_name)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_inputs
 from runtime import Recipe, RecipeMismatchError
-from runtime.adapters import model_fingerprint
+from runtime.families import model_fingerprint
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
 # Drop visual tokens at three layers (576 → 300 → 120 → 40), so later pruning acts on pruned rows.

@@ -15,7 +15,7 @@ import torch
 from conftest import make_inputs
 from recipe_compiler.calibration import load_image
 from runtime import Recipe
-from runtime.adapters import model_fingerprint
+from runtime.families import model_fingerprint
 from runtime import RecipeAlreadyAppliedError
 
 STEPS = 4
@@ -95,7 +95,7 @@ IMAGE_SLOT = {"llava": "<image>\n", "llava_next": "<image>\n", "qwen2_vl": "<|vi
 @functools.lru_cache(maxsize=None)
 def _built(family):
     from recipe_compiler.models import build_tiny_llava_next
-    from recipe_compiler.qwen2_vl import build_tiny_qwen2_vl
+    from recipe_compiler.models import build_tiny_qwen2_vl
 
     return {"llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl}[family](seed=0)
 

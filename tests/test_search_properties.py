@@ -18,10 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recipe_compiler.divergence import SCORERS, divergence_table, schedule_objective
+from runtime.methods.scorers import SCORERS
+from recipe_compiler.divergence import divergence_table, schedule_objective
 from recipe_compiler.errors import BudgetError
 from recipe_compiler.flops import LMShape, cost_table, min_feasible_budget, schedule_flops_fraction
-from recipe_compiler.search import SEARCHES
+from recipe_compiler.search import TABLE_SEARCHES as SEARCHES
 from recipe_compiler.statistics import Statistics
 from runtime import Recipe
 from runtime.recipe import from_bytes
@@ -66,7 +67,7 @@ def problems(draw):
     shape = LMShape(num_layers=L, hidden=heads * head_dim, intermediate=draw(st.integers(1, 256), label="intermediate"),
                     num_heads=heads, num_kv_heads=kv, head_dim=head_dim)
     v_ref = V + draw(st.sampled_from([0, 0, 0, 1, 5]), label="v_ref beyond widest image")
-    scorer = draw(st.sampled_from(SCORERS), label="scorer")
+    scorer = draw(st.sampled_from(SCORERS.names()), label="scorer")
     fraction = draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0)), label="budget fraction")
     return stats, scorer, shape, v_ref, fraction
 

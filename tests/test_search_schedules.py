@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from recipe_compiler.divergence import divergence_table, schedule_objective
 from recipe_compiler.errors import BudgetError
 from recipe_compiler.flops import LMShape, cost_table
-from recipe_compiler.search import SEARCHES
+from recipe_compiler.search import TABLE_SEARCHES as SEARCHES
 from recipe_compiler.search.gsearch import gsearch_greedy, gsearch_schedule
 from recipe_compiler.search.optimal import optimal_schedule
 from recipe_compiler.search.psigmoid import (

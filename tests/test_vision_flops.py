@@ -14,19 +14,20 @@ import pytest
 import torch
 
 from recipe_compiler.flops import VisionShape, encoder_flops, format_flops, reference_encoder_flops
-from recipe_compiler.models import REGISTRY, _llava_config
+from recipe_compiler.families import config_from_dict, vision_shape
+from recipe_compiler.models import REGISTRY
 
 
 def _shape(alias: str) -> VisionShape:
-    return VisionShape.from_config(_llava_config(REGISTRY[alias].config))
+    return vision_shape(config_from_dict(REGISTRY[alias].config))
 
 
 # --------------------------------------------------------------------------------- by hand
 # w = width, m = MLP width, n = tokens of one attention sequence; per layer (multiply-adds):
 # 4·n·w² projections + 2·n²·w attention + (2 or 3)·n·w·m MLP; ×2 FLOPs per multiply-add.
-CLIP_TINY = VisionShape("clip", 2, 4, 8, False, 12, ((4, 6), (6, 6)), tokens_per_crop=5, projected_per_crop=4)
-QWEN_TINY = VisionShape("qwen2_vl", 1, 4, 8, False, 24, ((16, 16), (16, 5)), merge=2)
-QWEN25_TINY = VisionShape("qwen2_5_vl", 2, 4, 6, True, 24, ((16, 16), (16, 5)), merge=2, window=2, full_attention_layers=(1,))
+CLIP_TINY = VisionShape("crops", 2, 4, 8, False, 12, ((4, 6), (6, 6)), tokens_per_crop=5, projected_per_crop=4)
+QWEN_TINY = VisionShape("grids", 1, 4, 8, False, 24, ((16, 16), (16, 5)), merge=2)
+QWEN25_TINY = VisionShape("grids", 2, 4, 6, True, 24, ((16, 16), (16, 5)), merge=2, window=2, full_attention_layers=(1,))
 
 
 def _layer(n_tokens, sequences, w, m, gated=False):
@@ -63,7 +64,7 @@ def test_bad_inputs_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="kind"):
         VisionShape("siglip", 1, 1, 1, False, 1, ())
     with pytest.raises(ValueError, match="not 'mllama'"):
-        VisionShape.from_config(type("C", (), {"model_type": "mllama", "vision_config": object()})())
+        vision_shape(type("C", (), {"model_type": "mllama", "vision_config": object()})())
 
 
 # -------------------------------------------------------------------- a published figure
@@ -104,7 +105,7 @@ def _measured_and_ours(loaded, kwargs):
 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         loaded.model.model.get_image_features(**kwargs)
-    shape = VisionShape.from_config(loaded.model.config)
+    shape = vision_shape(loaded.model.config)
     if "image_grid_thw" in kwargs:
         return counter.get_total_flops(), encoder_flops(shape, grids=kwargs["image_grid_thw"].tolist())
     if "image_sizes" in kwargs:
@@ -120,7 +121,6 @@ def _measured_and_ours(loaded, kwargs):
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
 def test_formula_equals_torch_flop_counter_on_the_tiny_models(family):
     from recipe_compiler.models import build_random, load_model
-    from recipe_compiler.qwen2_vl import TINY_QWEN2_5_VL_SPEC
 
     torch.manual_seed(0)
     if family == "llava":
@@ -131,7 +131,7 @@ def test_formula_equals_torch_flop_counter_on_the_tiny_models(family):
         kwargs = {"pixel_values": torch.randn(2, 5, 3, 32, 32), "image_sizes": torch.tensor([[32, 96], [64, 64]])}
     else:  # tiny Qwen2.5-VL windows are 4×4 merged tokens: 12×20 patches = 6×10 merged leave partial windows
         loaded = (load_model("tiny-qwen2-vl", attn_implementation="eager") if family == "qwen2_vl"
-                  else build_random(TINY_QWEN2_5_VL_SPEC, attn_implementation="eager"))
+                  else build_random(REGISTRY["tiny-qwen2.5-vl"], attn_implementation="eager"))
         grids = torch.tensor([[1, 12, 20], [1, 8, 8]])
         kwargs = {"pixel_values": torch.randn(int(grids.prod(dim=1).sum()), 96), "image_grid_thw": grids}
     measured, ours = _measured_and_ours(loaded, kwargs)
@@ -159,7 +159,7 @@ def test_recipe_eval_reports_encoder_and_fractions(tiny):
     from recipe_compiler.calibration import load_calibration
     from recipe_compiler.evaluate import evaluate_recipes, format_table
     from runtime import Recipe
-    from runtime.adapters import model_fingerprint
+    from runtime.families import model_fingerprint
 
     samples = load_calibration(split="heldout", samples=2)
     fp = model_fingerprint(tiny.model)
@@ -182,7 +182,7 @@ def test_recipe_eval_reports_encoder_and_fractions(tiny):
 def test_inspect_shows_the_encoder_for_a_registry_fingerprint_and_skips_it_otherwise(tiny, tmp_path, capsys):
     from recipe_compiler.cli import inspect_main
     from runtime import Recipe
-    from runtime.adapters import model_fingerprint
+    from runtime.families import model_fingerprint
 
     fp = model_fingerprint(tiny.model)
     known, unknown = tmp_path / "known.safetensors", tmp_path / "unknown.safetensors"
@@ -207,13 +207,13 @@ def test_verification_matches_each_batched_image_to_its_prompt(alias):
     from recipe_compiler.models import load_model
     from recipe_compiler.verify import verify_recipe
     from runtime import Recipe
-    from runtime.adapters import adapter_for, model_fingerprint
+    from runtime.families import family_for, model_fingerprint
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     loaded = load_model(alias)
     model, config = loaded.model, loaded.model.config
     samples = load_calibration(samples=3)
-    shape = VisionShape.from_config(config)
+    shape = vision_shape(config)
     alone = []
     for sample in samples.samples:
         inputs = model_inputs(model, loaded.processor, [sample], loaded.format_prompt)
@@ -223,7 +223,7 @@ def test_verification_matches_each_batched_image_to_its_prompt(alias):
             size = inputs["image_sizes"][0].tolist()
             alone.append(encoder_flops(shape, crops=image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)))
     v = verify_recipe(model, loaded.processor, samples, Recipe.keep_all(model_fingerprint(model)),
-                      LMShape.from_config(adapter_for(model).text_config(model)), format_prompt=loaded.format_prompt, batch_size=2)
+                      LMShape.from_config(family_for(model).text_config(model)), format_prompt=loaded.format_prompt, batch_size=2)
     assert v.vision_flops == pytest.approx(float(np.mean(alone)), rel=1e-12)
     assert v.end_to_end_fraction == 1.0 and v.visual_token_fraction == 1.0
 
@@ -236,7 +236,7 @@ def test_formula_equals_torch_flop_counter_at_real_size_on_the_meta_device(alias
 
     from recipe_compiler.models import _random_model
 
-    config = _llava_config(REGISTRY[alias].config)
+    config = config_from_dict(REGISTRY[alias].config)
     model = _random_model(config, device="meta", dtype=torch.float16, attn_implementation="eager", seed=0)
     if image_size is None:
         kwargs, crops = {"pixel_values": torch.empty(1, 3, 336, 336, device="meta", dtype=torch.float16)}, 1
@@ -246,4 +246,4 @@ def test_formula_equals_torch_flop_counter_at_real_size_on_the_meta_device(alias
                   "image_sizes": torch.tensor([list(image_size)])}
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.model.get_image_features(**kwargs)
-    assert encoder_flops(VisionShape.from_config(config), crops=crops) == pytest.approx(counter.get_total_flops(), rel=1e-12)
+    assert encoder_flops(vision_shape(config), crops=crops) == pytest.approx(counter.get_total_flops(), rel=1e-12)

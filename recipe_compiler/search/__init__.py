@@ -1,18 +1,22 @@
-"""Offline schedule searches (METHODS.md §2) sharing one contract.
+"""Schedule searches (METHODS.md §2), one module each, registered by name (:data:`SEARCHES`).
 
-Each is ``search(table, cost, budget_flops) -> int64 [L]`` keep counts (reference tokens) with
-``k_0 = V``, non-increasing and ``Σ_l cost[l, k_l] <= budget_flops``, or raises
-:class:`recipe_compiler.errors.BudgetError`. ``fitprune`` runs the model in the loop and is wired
-elsewhere; it is not in :data:`SEARCHES`.
+:data:`TABLE_SEARCHES` holds the table searches' functions, which share one contract (see
+:mod:`.base`); ``fitprune`` runs the model in the loop and is not among them.
 
 Example:
-    >>> sorted(SEARCHES)
+    >>> SEARCHES.names()
+    ('optimal', 'gsearch', 'psigmoid', 'fitprune')
+    >>> sorted(TABLE_SEARCHES)
     ['gsearch', 'optimal', 'psigmoid']
 """
-from recipe_compiler.search.gsearch import gsearch_schedule
-from recipe_compiler.search.optimal import optimal_schedule
-from recipe_compiler.search.psigmoid import psigmoid_schedule
+from recipe_compiler.search.base import SEARCHES, Search, register_search
 
-SEARCHES = {"optimal": optimal_schedule, "gsearch": gsearch_schedule, "psigmoid": psigmoid_schedule}
+from recipe_compiler.search import optimal  # noqa: F401
+from recipe_compiler.search import gsearch  # noqa: F401
+from recipe_compiler.search import psigmoid  # noqa: F401
+from recipe_compiler.search import fitprune  # noqa: F401
 
-__all__ = ["SEARCHES", "gsearch_schedule", "optimal_schedule", "psigmoid_schedule"]
+TABLE_SEARCHES = {name: search.schedule for name, search in SEARCHES.items() if not search.in_the_loop}
+"""name → ``schedule(table, cost, budget_flops)`` of every table search."""
+
+__all__ = ["SEARCHES", "TABLE_SEARCHES", "Search", "register_search"]

@@ -29,12 +29,16 @@ import torch
 
 from runtime.pruner import Policy, PruningHandle, Roles
 
+from runtime.prellm_stage import PreLLMStage
+
 from ..calibration import CalibrationSet
 from ..collect import model_inputs
 from ..distributed import SINGLE, Sharding, batches_of
+from ..errors import BudgetError
 from ..flops import LMShape, cost_table, layer_flops, schedule_flops_fraction
 from ..methods.fitprune import bisect_alpha, layer_prune_set, recipe_from_counts, stopping_layer
 from ..statistics import Statistics
+from .base import register_search
 
 
 class FitPruneRulePolicy(Policy):
@@ -149,8 +153,6 @@ def fitprune_search(
     def evaluate(alpha: float) -> bool:
         stage = None
         if stage_spec is not None:
-            from runtime.prellm_stage import PreLLMStage
-
             stage = PreLLMStage(stage_spec["method"], stage_spec.get("keep_ratio", 1.0), stage_spec.get("params", {}))
         policy = FitPruneRulePolicy(stats, alpha, num_layers, stage=stage)
         mine = []
@@ -198,6 +200,31 @@ def fitprune_search(
         trace=[(float(a), bool(f)) for a, f in trace],
         pruned_per_layer=per_layer_pruned,
     )
+
+
+BISECTION_TOL = 0.01
+EVALUATIONS = 7  # alpha bisections at BISECTION_TOL: ceil(log2(1 / 0.01))
+
+
+@register_search("fitprune", in_the_loop=True, title="FitPrune", passes=EVALUATIONS)
+def run_fitprune(model: torch.nn.Module, processor: Any, calibration: CalibrationSet, stats: Statistics, shape: LMShape,
+                 budget: float, v_ref: int, *, progress: Callable[[int], None] | None = None, pre_llm: dict | None = None,
+                 **common: Any) -> tuple[np.ndarray, dict, dict]:
+    """``--search fitprune``: :func:`fitprune_search`, as the compiler records it.
+
+    Returns:
+        ``(keep counts, search_params, details)`` for the recipe's provenance and the result.
+
+    Raises:
+        BudgetError: no alpha meets the budget.
+    """
+    found = fitprune_search(model, processor, calibration, stats, shape, budget, v_ref, tol=BISECTION_TOL,
+                            progress=progress, pre_llm=pre_llm, **common)
+    if found is None:
+        raise BudgetError(f"the FitPrune search found no alpha meeting budget {budget:g}; try a larger budget or --search optimal")
+    search_params = {"alpha": found.alpha, "stop_layer": found.stop_layer, "bisection_tol": BISECTION_TOL}
+    details = {"alpha_trace": found.trace, "fitprune_pruned_per_layer": found.pruned_per_layer.astype(int).tolist()}
+    return found.keep_count, search_params, details
 
 
 def stage_flops_fraction(shape: LMShape, n_other: Any, n_visual: Any, n_post: Any, keep_counts: Any, v_ref: int) -> float:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from recipe_compiler.errors import BudgetError
+from recipe_compiler.search.base import register_search
 from recipe_compiler.search.optimal import _check_inputs
 
 __all__ = ["gsearch_schedule", "gsearch_greedy"]
@@ -63,6 +64,7 @@ def gsearch_greedy(table: Any, epsilon: float) -> np.ndarray:
     return k
 
 
+@register_search("gsearch", provenance="greedy-epsilon-bisection")
 def gsearch_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
     """G-Search: the greedy schedule at the smallest divergence tolerance that fits the budget.
 

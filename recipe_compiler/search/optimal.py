@@ -31,6 +31,7 @@ import numpy as np
 from scipy.optimize import brentq
 
 from recipe_compiler.errors import BudgetError
+from recipe_compiler.search.base import register_search
 
 __all__ = ["optimal_schedule"]
 
@@ -276,6 +277,7 @@ def _check_inputs(table: Any, cost: Any, budget_flops: Any) -> tuple[np.ndarray,
     return t, c, b
 
 
+@register_search("optimal", provenance="lagrangian-dp")
 def optimal_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
     """The least-divergence non-increasing schedule whose FLOPs fit the budget.
 

@@ -32,6 +32,7 @@ import numpy as np
 from scipy.optimize import differential_evolution
 
 from recipe_compiler.errors import BudgetError
+from recipe_compiler.search.base import register_search
 from recipe_compiler.search.optimal import _check_inputs
 
 __all__ = [
@@ -226,6 +227,7 @@ def psigmoid_fit(table: Any, cost: Any, budget_flops: float) -> PSigmoidFit:
     )
 
 
+@register_search("psigmoid", provenance="sigmoid-fit")
 def psigmoid_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
     """P-Sigmoid schedule: :func:`psigmoid_fit`'s keep counts.
 

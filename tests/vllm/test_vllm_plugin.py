@@ -21,7 +21,7 @@ from tiny import FAMILIES, STAGES, prompt_text
 
 import runtime.vllm
 from runtime import RecipeError, RecipeMismatchError, load
-from runtime.prellm_stage import stage_count
+from runtime.prellm import stage_count
 
 CASES = [(family, stage) for family in FAMILIES for stage in STAGES]
 LOGPROB_TOLERANCE = 1e-2  # vLLM's kernels vs HF's in fp32: measured ≤ 3e-3; the tokens must be identical
@@ -60,12 +60,14 @@ def kept_tokens(family: str, recipe_path: str, image_path: str) -> int:
     side = vision["image_size"] // vision["patch_size"]
     if family == "llava":
         return stage_count(ratio, side * side)
-    from runtime.adapters_llava_next import image_layout
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     width, height = Image.open(image_path).size
-    pinpoints = tuple(tuple(p) for p in FAMILIES[family]["image_grid_pinpoints"])
-    base, rows, cols = image_layout(pinpoints, vision["image_size"], vision["patch_size"], "default", height, width)
-    return stage_count(ratio, base) + stage_count(ratio, rows * cols) + rows
+    pinpoints = [list(p) for p in FAMILIES[family]["image_grid_pinpoints"]]
+    grid_h, grid_w = get_anyres_image_grid_shape([height, width], pinpoints, vision["image_size"])
+    rows, cols = unpad_image(torch.empty(0, grid_h * side, grid_w * side), [height, width]).shape[1:]
+    return stage_count(ratio, side * side) + stage_count(ratio, int(rows) * int(cols)) + int(rows)
 
 
 def text_tokens(model_dir: str, prompt: str) -> int:

@@ -85,7 +85,7 @@ def build(out: Path) -> dict:
     import torch
     from recipe_compiler.models import FAMILY_PROCESSORS, _random_model
     from runtime import Recipe
-    from runtime.adapters import model_fingerprint
+    from runtime.families import model_fingerprint
 
     manifest = {}
     for family in FAMILIES:
@@ -144,7 +144,7 @@ def bench_model(name: str, out: Path, stage: str, ratio: float) -> dict:
 
     from recipe_compiler.models import FAMILY_PROCESSORS, REGISTRY, _llava_config, _random_model
     from runtime import Recipe
-    from runtime.adapters import model_fingerprint
+    from runtime.families import model_fingerprint
 
     out.mkdir(parents=True, exist_ok=True)
     if name in ("tiny", "mid"):

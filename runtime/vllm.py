@@ -32,29 +32,21 @@ import os
 from typing import Any
 
 from .errors import RecipeError
-from .recipe import FIXED_RATIO_PRE_LLM, Recipe, load
+from .families import FAMILIES
+from .methods.stages import STAGES
+from .recipe import Recipe, load
 
 CONFIG_KEY = "recipe_compiler_recipe"
 """The ``hf_config`` attribute that carries the recipe into every vLLM process."""
 
-ARCHITECTURES = {
-    "llava": "RecipePrunedLlavaForConditionalGeneration",
-    "llava_next": "RecipePrunedLlavaNextForConditionalGeneration",
-}
-"""model_type -> the architecture name this plugin registers for it."""
-
-_QWEN = (
-    "{name} is not served by the vLLM plugin yet: its kept tokens need their original M-RoPE (t, h, w) positions, "
-    "and vLLM 0.32's in-tree hook for pruned positions (SupportsMultiModalPruning.recompute_mrope_positions) is never "
-    "called by its CPU model runner, and on GPU only with video_pruning_rate > 0, so the plugin would have to set them "
-    "itself (as it does for LLaVA), which it does not do for Qwen yet; serve it with the HF runtime "
-    "(runtime.load(recipe).apply(model))"
-)
-_WHY_NOT = {"qwen2_vl": _QWEN.format(name="Qwen2-VL"), "qwen2_5_vl": _QWEN.format(name="Qwen2.5-VL")}
-
 IN_LLM_CHOICES = ("serve-stage", "refuse")
 
-__all__ = ["ARCHITECTURES", "CONFIG_KEY", "IN_LLM_CHOICES", "overrides", "overrides_json", "recipe_from_config", "register"]
+
+def architectures() -> dict[str, str]:
+    """``model_type`` → the architecture this plugin registers for it (the families that declare one)."""
+    return {name: family.vllm_architecture for name, family in FAMILIES.items() if family.vllm_architecture}
+
+__all__ = ["CONFIG_KEY", "architectures", "IN_LLM_CHOICES", "overrides", "overrides_json", "recipe_from_config", "register"]
 
 
 def overrides(recipe: str | os.PathLike | Recipe, *, in_llm_schedule: str = "serve-stage") -> dict:
@@ -92,14 +84,16 @@ def overrides(recipe: str | os.PathLike | Recipe, *, in_llm_schedule: str = "ser
             "the recipe has no pre-LLM stage, and vLLM can serve only a recipe's pre-LLM stage (its in-LLM "
             "schedule does not fit paged KV); serve the model without hf_overrides, or compile with --pre-llm"
         )
-    if method not in FIXED_RATIO_PRE_LLM:
+    fixed = [name for name, stage in STAGES.items() if stage.fixed_ratio]
+    if method not in fixed:
         raise RecipeError(
             f"pre-LLM stage {method!r} keeps a per-image count that depends on the image's content, so vLLM "
-            f"cannot size the prompt before the encoder runs; compile with --pre-llm {'/'.join(FIXED_RATIO_PRE_LLM)}"
+            f"cannot size the prompt before the encoder runs; compile with --pre-llm {'/'.join(fixed)}"
         )
-    if family not in ARCHITECTURES:
-        why = _WHY_NOT.get(family, f"model type {family!r} has no vLLM plugin class")
-        raise RecipeError(f"{why}; the vLLM plugin serves {', '.join(ARCHITECTURES)}")
+    served = architectures()
+    if family not in served:
+        why = FAMILIES[family].vllm_refusal if family in FAMILIES else f"model type {family!r} has no vLLM plugin class"
+        raise RecipeError(f"{why}; the vLLM plugin serves {', '.join(served)}")
     if r.pruning_layers and in_llm_schedule == "refuse":
         raise RecipeError(
             f"the recipe also prunes inside the language model (layers {r.pruning_layers}), which vLLM's paged KV "
@@ -113,12 +107,11 @@ def overrides(recipe: str | os.PathLike | Recipe, *, in_llm_schedule: str = "ser
         "pre_llm": r.pre_llm,
         "provenance": r.provenance,
     }
-    out: dict[str, Any] = {"architectures": [ARCHITECTURES[family]], CONFIG_KEY: payload}
-    if family in ("llava", "llava_next"):
-        # One position row drives every rotary frequency: plain RoPE, but vLLM then takes per-request
-        # positions from the model, so a kept token keeps its original index.
-        head_dim = r.fingerprint["hidden_size"] // r.fingerprint["num_heads"]
-        out["text_config"] = {"rope_parameters": {"mrope_section": [head_dim // 2, 0, 0]}}
+    out: dict[str, Any] = {"architectures": [served[family]], CONFIG_KEY: payload}
+    # One position row drives every rotary frequency: plain RoPE, but vLLM then takes per-request
+    # positions from the model, so a kept token keeps its original index.
+    head_dim = r.fingerprint["hidden_size"] // r.fingerprint["num_heads"]
+    out["text_config"] = {"rope_parameters": {"mrope_section": [head_dim // 2, 0, 0]}}
     return json.loads(json.dumps(out))  # plain JSON types only (it crosses processes and the CLI)
 
 
@@ -155,6 +148,6 @@ def register() -> None:
     """
     from vllm import ModelRegistry
 
-    for family, arch in ARCHITECTURES.items():
+    for arch in architectures().values():
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"runtime.vllm_models:{arch}")

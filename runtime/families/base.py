@@ -134,6 +134,10 @@ class Family:
 
     pre_llm = False
     """Whether the family can run pre-LLM stages at all (it has views and a vision encoder hook)."""
+    vllm_architecture: str | None = None
+    """The model class :mod:`runtime.vllm_models` defines to serve this family's pre-LLM stage in vLLM."""
+    vllm_refusal = "the vLLM plugin has no model class for this family"
+    """Why the family is not served in vLLM (when :attr:`vllm_architecture` is None)."""
     signals: dict[str, str | None] = {}
     """Vision signals pre-LLM stages may read: name → ``None`` (the family provides it) or why not.
 

@@ -30,6 +30,7 @@ class LlavaFamily(Family):
 
     pre_llm = True
     signals = {"attention": None, "features": None}
+    vllm_architecture = "RecipePrunedLlavaForConditionalGeneration"
 
     def reference_visual_tokens(self, config: Any) -> int:
         return self.crop_tokens(config)

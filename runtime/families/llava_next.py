@@ -166,6 +166,7 @@ class LlavaNextFamily(LlavaFamily):
     """LLaVA-NeXT / LLaVA-1.6 (anyres): base crop + unpadded high-res grid with row-end newlines."""
 
     top_fields = LlavaFamily.top_fields + ("image_grid_pinpoints",)
+    vllm_architecture = "RecipePrunedLlavaNextForConditionalGeneration"
 
     def reference_visual_tokens(self, config: Any) -> int:
         """Prunable visual tokens of the reference image (:func:`reference_size`): the recipe's unit.

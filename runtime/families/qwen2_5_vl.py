@@ -16,6 +16,7 @@ from .qwen2_vl import Qwen2VLFamily
 class Qwen2_5VLFamily(Qwen2VLFamily):
     """Qwen2.5-VL: Qwen2-VL's layout with a window-attention encoder."""
 
+    vllm_refusal = Qwen2VLFamily.vllm_refusal.replace("Qwen2-VL", "Qwen2.5-VL", 1)
     signals = {
         "attention": "its encoder attends within reordered windows, so patch attention is not supported",
         "features": "its vision encoder has no CLS token",

@@ -61,6 +61,13 @@ class Qwen2VLFamily(Family):
 
     pre_llm = True
     signals = {"attention": None, "features": "its vision encoder has no CLS token"}
+    vllm_refusal = (
+        "Qwen2-VL is not served by the vLLM plugin yet: its kept tokens need their original M-RoPE (t, h, w) positions, "
+        "and vLLM 0.32's in-tree hook for pruned positions (SupportsMultiModalPruning.recompute_mrope_positions) is never "
+        "called by its CPU model runner, and on GPU only with video_pruning_rate > 0, so the plugin would have to set them "
+        "itself (as it does for LLaVA), which it does not do for Qwen yet; serve it with the HF runtime "
+        "(runtime.load(recipe).apply(model))"
+    )
 
     def reference_visual_tokens(self, config: Any) -> int:
         """Visual tokens of a 32 × 32-patch image: (32 / spatial_merge_size)², 256 for released checkpoints."""

@@ -83,7 +83,8 @@ def _images(family: str) -> list:
 def build(out: Path) -> dict:
     """Save each tiny family (checkpoint, tokenizer, processor), its images and one recipe per stage."""
     import torch
-    from recipe_compiler.models import FAMILY_PROCESSORS, _random_model
+    from recipe_compiler.families import family_of
+    from recipe_compiler.models import _random_model
     from runtime import Recipe
     from runtime.families import model_fingerprint
 
@@ -94,7 +95,7 @@ def build(out: Path) -> dict:
         config = _config(family)
         model = _random_model(config, device="cpu", dtype=torch.float32, attn_implementation="sdpa", seed=0)
         _save_llava_hf(model, directory)
-        processor = FAMILY_PROCESSORS[family](config)
+        processor = family_of(config).processor(config)
         processor.chat_template = CHAT_TEMPLATE
         processor.save_pretrained(directory)
         processor.tokenizer.save_pretrained(directory)
@@ -142,7 +143,8 @@ def bench_model(name: str, out: Path, stage: str, ratio: float) -> dict:
     """
     import torch
 
-    from recipe_compiler.models import FAMILY_PROCESSORS, REGISTRY, _llava_config, _random_model
+    from recipe_compiler.families import config_from_dict, family_of
+    from recipe_compiler.models import REGISTRY, _random_model
     from runtime import Recipe
     from runtime.families import model_fingerprint
 
@@ -154,11 +156,11 @@ def bench_model(name: str, out: Path, stage: str, ratio: float) -> dict:
         _save_llava_hf(model, out)
         weights = True
     else:
-        config = _llava_config(REGISTRY[name].config)
+        config = config_from_dict(REGISTRY[name].config)
         model = _random_model(config, device="meta", dtype=torch.float32, attn_implementation="sdpa", seed=0)
         config.save_pretrained(out)
         weights = False
-    processor = FAMILY_PROCESSORS[config.model_type](config)
+    processor = family_of(config).processor(config)
     processor.chat_template = CHAT_TEMPLATE
     processor.save_pretrained(out)
     processor.tokenizer.save_pretrained(out)

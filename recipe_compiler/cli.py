@@ -1,25 +1,48 @@
-"""Command-line entry points: ``recipe-compile`` and ``recipe-inspect``.
+"""Command-line entry points: ``recipe-compile``, ``recipe-inspect`` and ``recipe-eval``.
 
 The CLI only parses options, calls the Python API and prints. Every user error is one line on
 stderr and a non-zero exit; inputs are validated before any model time is spent, and the recipe
-is written atomically, so a failed run leaves no file behind.
+is written atomically, so a failed run leaves no file behind. Ctrl-C anywhere, the start-up's
+heavy imports included, is one line and exit code 130: this module imports only the standard
+library at the top, and each entry point imports the rest inside its interrupt guard.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
-
-from runtime.errors import RecipeError
-
-from .errors import CompileError
+from typing import Callable, Sequence
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+
+def _interruptible(prog: str, message: str) -> Callable:
+    """Turn a ``KeyboardInterrupt`` raised anywhere inside an entry point into one line and exit code 130."""
+    def wrap(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def guarded(argv: Sequence[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                print(f"{prog}: {message}", file=sys.stderr)
+                return EXIT_INTERRUPTED
+        return guarded
+    return wrap
+
+
+def _user_errors() -> tuple:
+    """The exception types the CLIs report as one line (imported late: they pull in numpy)."""
+    from runtime.errors import RecipeError
+
+    from .errors import CompileError
+
+    return CompileError, RecipeError, ValueError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,6 +110,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@_interruptible("recipe-compile", "interrupted; no recipe was written")
 def compile_main(argv: Sequence[str] | None = None) -> int:
     """``recipe-compile``: see ``recipe-compile --help``. Returns the exit code."""
     parser = _compile_parser()
@@ -99,20 +123,19 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
         with from_env(args.device) as (sharding, device):  # under torchrun: join the process group
             args.device = device
             return _compile(args, sharding)
-    except (CompileError, RecipeError, ValueError, RankFailed) as exc:
+    except _user_errors() + (RankFailed,) as exc:
         if rank == 0:  # every rank fails alike (inputs are checked on all, then agreed); say it once
             print(f"recipe-compile: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("recipe-compile: interrupted; no recipe was written", file=sys.stderr)
-        return 130
 
 
 def _compile(args: argparse.Namespace, sharding=None) -> int:
     from .calibration import load_calibration
+    from .collect import check_prompts
     from .compile import CompileConfig, compile_recipe
     from .distributed import SINGLE
-    from .models import load_model, parse_dtype
+    from .errors import CompileError
+    from .models import parse_dtype, prepare_model
     from .statistics import load_statistics, save_statistics
 
     sharding = sharding or SINGLE
@@ -123,6 +146,12 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
             _check_writable(output, "recipe")
             if args.save_stats:
                 _check_writable(Path(args.save_stats), "statistics")
+                if _same_file(output, Path(args.save_stats)):
+                    raise CompileError(f"-o and --save-stats name the same file ({args.output}, {args.save_stats}); "
+                                       "the recipe would replace the statistics: give them different paths")
+        if args.stats and _same_file(output, Path(args.stats)):
+            raise CompileError(f"-o names the statistics file given to --stats ({args.stats}); the recipe would replace it: "
+                               "write the recipe elsewhere")
         config = CompileConfig(budget=args.budget, search=args.search, scorer=args.scorer, head_reduce=args.head_reduce, batch_size=args.batch_size,
                                pre_llm=args.pre_llm, pre_llm_ratio=args.pre_llm_ratio,
                                gprune={k: v for k, v in (("threshold", args.gprune_threshold), ("temperature", args.gprune_temperature),
@@ -136,11 +165,12 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
         statistics = load_statistics(args.stats) if args.stats else None
 
         started = time.perf_counter()
+        # The processor and config first: prompts it refuses or that overflow the positions are
+        # refused before any weight is read or built.
+        plan = prepare_model(args.model, random_weights=args.random_weights)
+        check_prompts(plan.processor, calibration, format_prompt=plan.format_prompt, max_positions=plan.max_positions)
         placement = {} if args.device_map is None else {"device_map": args.device_map}
-        loaded = load_model(
-            args.model, random_weights=args.random_weights, device=args.device, dtype=dtype,
-            attn_implementation=args.attn_implementation, seed=args.seed, **placement,
-        )
+        loaded = plan.load(device=args.device, dtype=dtype, attn_implementation=args.attn_implementation, seed=args.seed, **placement)
         timings["load"] = time.perf_counter() - started
     except Exception as exc:  # noqa: BLE001 - re-raised by agree() on this rank
         sharding.agree(exc)
@@ -202,12 +232,17 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def _check_device(name: str) -> None:
+    """Refuse, in one line, a device the CLI cannot run the model on (before any model time)."""
     import torch
+
+    from .errors import CompileError
 
     try:
         device = torch.device(name)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, TypeError):
         raise CompileError(f"device {name!r} is not a torch device; use cpu, cuda, cuda:1, mps, …") from None
+    if device.type == "meta":
+        raise CompileError(f"device {name!r} holds shapes, not numbers: it cannot run calibration or evaluation; use --device cpu or cuda")
     available = {
         "cuda": torch.cuda.is_available,
         "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
@@ -216,12 +251,48 @@ def _check_device(name: str) -> None:
         raise CompileError(f"device {name!r} is not available on this machine; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise CompileError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda", "mps"):  # xpu, hpu, xla, …: usable only if a tensor can live there
+        try:
+            torch.empty(1, device=device)
+        except Exception as exc:  # noqa: BLE001 - any backend failure means "not usable here"
+            raise CompileError(f"device {name!r} is not usable on this machine ({_one_line(exc)[:120]}); use --device cpu") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file, by any spelling (relative or absolute, through symlinks, hard links)."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Refuse, before any work, an output path that is a directory or an existing non-regular file.
+
+    Writing replaces the target (atomically), so a device node or FIFO would be destroyed
+    (``-o /dev/null`` as root) or block; such a target is refused with one line.
+
+    Raises:
+        CompileError: the path is a directory or a device, FIFO or socket.
+    """
+    from runtime.recipe import special_file_kind
+
+    from .errors import CompileError
+
+    if path.is_dir():
+        raise CompileError(f"{what} output {path} is a directory; give a file name such as {path / 'recipe.safetensors'}")
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise CompileError(f"{what} output {path} is {kind}, not a regular file; writing would replace it: give a file path")
 
 
 def _check_writable(path: Path, what: str) -> None:
+    from .errors import CompileError
+
     directory = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise CompileError(f"{what} output {path} is a directory; give a file name such as {path / 'recipe.safetensors'}")
+    check_output_file(path, what)
     if not directory.is_dir():
         raise CompileError(f"cannot write {what} to {path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK):
@@ -253,12 +324,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------- inspect
+@_interruptible("recipe-inspect", "interrupted")
 def inspect_main(argv: Sequence[str] | None = None) -> int:
     """``recipe-inspect RECIPE``: print a recipe's schedule and provenance. Returns the exit code."""
     parser = _Parser(prog="recipe-inspect", description="Print a recipe's per-layer schedule and provenance.")
     parser.add_argument("recipe", help="recipe file (.safetensors), or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    from runtime.errors import RecipeError
     from runtime.presets import resolve
 
     try:
@@ -348,6 +421,15 @@ def format_recipe(recipe) -> str:
         lines.append(f"{layer:>5}  {count:>4}  {ratio:6.3f}  {dropped}")
         previous = count
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- eval
+@_interruptible("recipe-eval", "interrupted")
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """``recipe-eval``: :func:`recipe_compiler.evaluate.main` behind the interrupt guard. Returns the exit code."""
+    from .evaluate import main
+
+    return main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

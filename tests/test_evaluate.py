@@ -1,6 +1,7 @@
 """recipe-eval (fidelity, FLOPs, timing, KV bytes), FitPrune presets, and the pictures."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from runtime.errors import RecipeError, RecipeMismatchError
 from runtime.presets import LLAVA_15_7B_FINGERPRINT, fitprune_published, keep_counts_from_pruned, resolve
 from runtime.recipe import Recipe
 
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed (the optional plots extra: pip install -e '.[plots]')")
 # FitPrune's published schedules as shipped with the conformance vectors; the runtime packages the same file.
 PUBLISHED = Path(__file__).resolve().parent / "data" / "conformance" / "fitprune" / "published_recipes.json"
 
@@ -93,11 +96,32 @@ def test_cli_compares_several_recipes_in_one_table_and_as_json(tiny, recipe25, t
     (["--recipe", "KEEP", "--show", "x.png"], "--show IMAGE and --out DIR go together"),
     (["--recipe", "KEEP", "--data", "/nonexistent-dir"], "nonexistent-dir"),
     (["--recipe", "KEEP", "--layers", "a,b"], "layers must be"),
+    (["--recipe", "KEEP", "--device", "meta"], "cannot run calibration or evaluation"),
+    (["--recipe", "KEEP", "--data", "INVISIBLE"], '"prompt" is only invisible characters (U+0000 U+200B)'),
+    pytest.param(["--recipe", "KEEP", "--show", "RED", "--out", "FIFO"], "exists and is not a directory", marks=needs_matplotlib),
+    pytest.param(["--recipe", "KEEP", "--show", "RED", "--out", "PICS_WITH_FIFO"],
+                 "tokens-keep.png is a FIFO (named pipe), not a regular file", marks=needs_matplotlib),
 ])
-def test_bad_input_is_one_line_and_nonzero_before_loading_the_model(extra, fragment, tiny, tmp_path, capsys):
+def test_bad_input_is_one_line_and_nonzero_before_loading_the_model(extra, fragment, tiny, tmp_path, capsys, monkeypatch):
+    import os
+
+    import recipe_compiler.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's weights were built before the bad input was refused")
+
+    monkeypatch.setattr(models, "_random_model", refuse)
     keep = tmp_path / "keep.safetensors"
     Recipe.keep_all(model_fingerprint(tiny.model)).save(keep)
-    argv = [str(keep) if a == "KEEP" else a for a in extra]
+    manifest = tmp_path / "invisible.jsonl"
+    _red(tmp_path)
+    manifest.write_text(json.dumps({"image": "red.png", "prompt": "\u0000\u200b"}) + "\n")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    os.mkfifo(pics / "tokens-keep.png")  # matplotlib would block on it
+    os.mkfifo(tmp_path / "fifo")
+    paths = {"KEEP": keep, "INVISIBLE": manifest, "RED": tmp_path / "red.png", "FIFO": tmp_path / "fifo", "PICS_WITH_FIFO": pics}
+    argv = [str(paths[a]) if a in paths else a for a in extra]
     code, out, err = _run(capsys, ["--model", "tiny-llava"] + argv)
     assert code != 0 and out == ""
     assert len(err.strip().splitlines()) == 1 and fragment in err

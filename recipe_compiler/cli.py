@@ -36,15 +36,6 @@ def _interruptible(prog: str, message: str) -> Callable:
     return wrap
 
 
-def _user_errors() -> tuple:
-    """The exception types the CLIs report as one line (imported late: they pull in numpy)."""
-    from runtime.errors import RecipeError
-
-    from .errors import CompileError
-
-    return CompileError, RecipeError, ValueError
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not argparse's usage block
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -115,7 +106,10 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
     """``recipe-compile``: see ``recipe-compile --help``. Returns the exit code."""
     parser = _compile_parser()
     args = parser.parse_args(argv)
+    from runtime.errors import RecipeError
+
     from .distributed import RankFailed, env_world, from_env
+    from .errors import CompileError
 
     rank, world, _ = env_world()
     try:
@@ -123,7 +117,7 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
         with from_env(args.device) as (sharding, device):  # under torchrun: join the process group
             args.device = device
             return _compile(args, sharding)
-    except _user_errors() + (RankFailed,) as exc:
+    except (CompileError, RecipeError, ValueError, RankFailed) as exc:
         if rank == 0:  # every rank fails alike (inputs are checked on all, then agreed); say it once
             print(f"recipe-compile: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE

@@ -6,7 +6,9 @@ when ``HF_HUB_OFFLINE`` is not set, and every failure there is caught.  The regi
 alias's full ``config.json``, so ``random_weights=True`` builds the real architecture without
 reading any weights.  ``tiny-llava`` is a small, seeded, random but real
 ``LlavaForConditionalGeneration`` with an offline byte-level tokenizer; it runs anywhere in
-well under a second.
+well under a second.  :func:`prepare_model` resolves a name to its config and processor without
+touching weights (a :class:`ModelPlan`), so inputs can be checked first; ``plan.load(...)`` then
+builds or reads the weights, which is all :func:`load_model` does.
 
 Example:
     >>> from recipe_compiler.models import load_model

@@ -317,9 +317,14 @@ def tiny_checkpoint(tiny, tmp_path_factory):
 
 
 @pytest.fixture
-def no_weights(monkeypatch):
-    """Make building random weights and from_pretrained (both go through these) raise WeightsLoaded."""
+def no_weights(monkeypatch, tmp_path):
+    """Make building random weights and from_pretrained (both go through these) raise WeightsLoaded.
+
+    Offline with an empty HF cache, so an alias gets the built-in processor on every machine."""
     import recipe_compiler.models as models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
 
     def refuse(*args, **kwargs):
         raise WeightsLoaded("model weights were built or read before the prompts were checked")
@@ -329,7 +334,7 @@ def no_weights(monkeypatch):
 
 
 PROMPT_FAULTS = {  # fault -> (prompt, words of the one-line error)
-    "too long": ("Is it red? " * 400, ["the prompt is too long", "max_position_embeddings", "shorten the prompt"]),
+    "too long": ("Is it red? " * 1000, ["the prompt is too long", "max_position_embeddings", "shorten the prompt"]),
     "image placeholder": ("What is in <image>?", ["processor rejects it", "must not contain the image placeholder"]),
 }
 

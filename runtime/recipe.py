@@ -189,7 +189,9 @@ class Recipe:
             The path written.
 
         Raises:
-            RecipeError: the destination cannot be written (the message names it and the OS reason).
+            RecipeError: the destination cannot be written (the message names it and the OS
+                reason), or it exists and is not a regular file (``/dev/null``, a FIFO: replacing
+                it would destroy it).
         """
         try:
             return write_atomic(path, self.to_bytes())

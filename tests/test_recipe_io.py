@@ -324,3 +324,17 @@ def test_saving_statistics_over_a_fifo_raises_statistics_error(tmp_path):
     with pytest.raises(StatisticsError, match="not a regular file"):
         save_statistics(stats, target)
     assert stat.S_ISFIFO(os.stat(target).st_mode)
+
+
+def test_reading_statistics_from_a_fifo_raises_statistics_error_without_blocking(tmp_path):
+    target = tmp_path / "stats.safetensors"
+    os.mkfifo(target)  # opening it for reading waits for a writer forever, deaf to signals
+    code = ("import sys; from recipe_compiler.errors import StatisticsError; from recipe_compiler.statistics import load_statistics\n"
+            "try:\n    load_statistics(sys.argv[1])\nexcept StatisticsError as exc:\n    print(exc)")
+    try:  # in a child, so a regression hangs the child (killed at the timeout), not the suite
+        out = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=60,
+                             cwd=os.path.dirname(os.path.dirname(__file__)))
+    except subprocess.TimeoutExpired:
+        pytest.fail("load_statistics blocked on a FIFO")
+    assert out.returncode == 0, out.stderr
+    assert f"statistics path {target} is a FIFO (named pipe), not a statistics file" in out.stdout

@@ -32,6 +32,11 @@ class _InterruptOnImport:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(30)  # the KeyboardInterrupt interrupts this sleep, inside the import
 
+# Ctrl-C reaches a process only if it listens: a job started in the background by a
+# non-interactive shell inherits SIGINT ignored (and may inherit it blocked), and Python then
+# never turns it into KeyboardInterrupt. Listen as a terminal's foreground process does.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.meta_path.insert(0, _InterruptOnImport())
 '''
 

@@ -11,8 +11,28 @@ Example:
     ...                         format_prompt=m.format_prompt)                                     # doctest: +SKIP
     >>> result.recipe.save("recipe.safetensors")                                                    # doctest: +SKIP
 """
-from .calibration import load_calibration
-from .compile import CompileConfig, CompileResult, compile_recipe
-from .models import load_model
+import importlib
 
-__all__ = ["CompileConfig", "CompileResult", "compile_recipe", "load_calibration", "load_model"]
+# The public names, imported on first use (PEP 562): the console scripts import this package
+# first, and keeping that import light lets them turn a Ctrl-C during the heavy imports into one line.
+_EXPORTS = {
+    "CompileConfig": ".compile",
+    "CompileResult": ".compile",
+    "compile_recipe": ".compile",
+    "load_calibration": ".calibration",
+    "load_model": ".models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -18,11 +18,12 @@ Everything is validated when the set is loaded, before any model time is spent: 
 image must be a readable, non-empty file that decodes completely (even if something set
 ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``), at least ``MIN_IMAGE_SIDE`` pixels a side, at most
 ``MAX_IMAGE_PIXELS`` pixels (checked from the header, before decoding) and at most
-``MAX_ASPECT_RATIO`` times longer than wide; prompts must not be empty. Grayscale, palette,
-16-bit, CMYK and transparent images are accepted and converted to RGB by :func:`load_image`.
-Checks that need the model (the prompt and image tokens fit its positions, the processor
-accepts the entry) run in :func:`recipe_compiler.collect.check_inputs` before the first
-forward. Every problem raises :class:`~recipe_compiler.errors.CalibrationDataError` with a
+``MAX_ASPECT_RATIO`` times longer than wide; prompts must hold a visible character (not empty,
+not only whitespace or invisible characters such as U+0000 or U+200B: :func:`prompt_problem`).
+Grayscale, palette, 16-bit, CMYK and transparent images are accepted and converted to RGB by
+:func:`load_image`. Checks that need the model's processor and config (the prompt and image
+tokens fit its positions, the processor accepts the entry) run in
+:func:`recipe_compiler.collect.check_prompts`, which the CLIs call before any weight is loaded. Every problem raises :class:`~recipe_compiler.errors.CalibrationDataError` with a
 one-line message naming the entry and the fix.
 
 This module needs only the standard library and Pillow (no torch).
@@ -32,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ __all__ = [
     "default_calibration_path",
     "load_calibration",
     "load_image",
+    "prompt_problem",
     "KINDS",
     "SPLITS",
     "IMAGE_SUFFIXES",
@@ -91,7 +94,7 @@ class CalibrationSample:
     Attributes:
         id: Identifier, unique within its set.
         image_path: Absolute path of the image file.
-        prompt: The user prompt (never empty or only whitespace).
+        prompt: The user prompt (at least one visible character; see :func:`prompt_problem`).
         kind: One of ``"short"``, ``"choice"``, ``"describe"``, ``"ocr"``, ``"other"``.
         split: ``"calib"`` (used to compile) or ``"heldout"`` (kept for evaluation).
         where: Where the entry came from, for messages (e.g. ``"calibration entry 3
@@ -470,13 +473,8 @@ def _read_manifest(manifest: Path) -> list[_Entry]:
                 f"{base} or absolute"
             )
         prompt = obj.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            problem = (
-                "missing" if prompt is None
-                else "empty" if prompt == ""
-                else "only whitespace" if isinstance(prompt, str)
-                else f"not a string ({_json_type(prompt)})"
-            )
+        problem = prompt_problem(prompt)
+        if problem is not None:
             raise CalibrationDataError(
                 f"{where}: \"prompt\" is {problem}; write the question or instruction for this "
                 "image"
@@ -507,6 +505,51 @@ def _read_manifest(manifest: Path) -> list[_Entry]:
         )
         entries.append(_Entry(sample=sample, where=where, image_text=image_text))
     return entries
+
+
+# Characters that show nothing on their own: controls (Cc), format characters such as U+200B
+# (Cf), surrogates, unassigned code points, separators (Z*) and combining marks without a base (M*).
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Cn", "Zs", "Zl", "Zp", "Mn", "Mc", "Me"})
+# Letters and symbols that render as blank space (Hangul fillers, the blank Braille pattern).
+_BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def prompt_problem(prompt: object) -> str | None:
+    """Why ``prompt`` cannot be a calibration or evaluation prompt, or ``None`` when it can.
+
+    A prompt must be a string with at least one visible character: not empty, not only
+    whitespace, and not only invisible characters (controls such as U+0000, format characters
+    such as U+200B, separators, combining marks without a base, blank fillers).
+
+    Args:
+        prompt: the manifest's ``"prompt"`` value (any JSON value, or ``None`` when missing).
+
+    Returns:
+        ``None``, or the problem as words that follow ``"prompt" is``: ``"missing"``,
+        ``"empty"``, ``"only whitespace"``, ``"only invisible characters (U+0000 U+200B)"``,
+        ``"not a string (a number)"``.
+
+    Example:
+
+    ```python
+    from recipe_compiler.calibration import prompt_problem
+
+    assert prompt_problem("What is shown?") is None
+    assert prompt_problem("\u0000\u200b") == "only invisible characters (U+0000 U+200B)"
+    ```
+    """
+    if prompt is None:
+        return "missing"
+    if not isinstance(prompt, str):
+        return f"not a string ({_json_type(prompt)})"
+    if prompt == "":
+        return "empty"
+    if prompt.isspace():
+        return "only whitespace"
+    if all(ch in _BLANK_CHARACTERS or unicodedata.category(ch) in _INVISIBLE_CATEGORIES for ch in prompt):
+        shown = " ".join(f"U+{ord(ch):04X}" for ch in prompt[:8]) + (" ..." if len(prompt) > 8 else "")
+        return f"only invisible characters ({shown})"
+    return None
 
 
 def _json_type(value: object) -> str:

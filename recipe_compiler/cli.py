@@ -1,8 +1,10 @@
-"""Command-line entry points: ``recipe-compile`` and ``recipe-inspect``.
+"""Command-line entry points: ``recipe-compile``, ``recipe-inspect`` and ``recipe-eval``.
 
 The CLI only parses options, calls the Python API and prints. Every user error is one line on
 stderr and a non-zero exit; inputs are validated before any model time is spent, and the recipe
-is written atomically, so a failed run leaves no file behind.
+is written atomically, so a failed run leaves no file behind. Ctrl-C anywhere, the start-up's
+heavy imports included, is one line and exit code 130: this module imports only the standard
+library at the top, and each entry point imports the rest inside its interrupt guard.
 """
 from __future__ import annotations
 
@@ -14,11 +16,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from runtime.errors import RecipeError
-
-from .cli_common import ATTN_IMPLEMENTATIONS, EXIT_FAILURE, Parser, check_device, one_line, positive_int
-from .errors import CompileError
-
+from .cli_common import (
+    EXIT_FAILURE, Parser, check_device, check_output_file, interruptible, one_line, positive_int, same_file,
+)
 
 def _budget(text: str) -> float:
     try:
@@ -37,6 +37,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     from runtime.methods.heads import HEAD_REDUCTIONS
     from runtime.methods.scorers import SCORERS
 
+    from .cli_common import attn_implementations
     from .prellm_search import pre_llm_choices
     from .search import SEARCHES
 
@@ -55,7 +56,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device for calibration (default: cpu; under torchrun, cuda means cuda:LOCAL_RANK)")
     parser.add_argument("--device-map", type=_device_map, help="spread a checkpoint's layers over devices: auto, balanced, sequential or a JSON map (needs accelerate: pip install 'recipe-compiler[big]')")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
-    parser.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default="sdpa", help="attention kernel (default: sdpa)")
+    parser.add_argument("--attn-implementation", choices=attn_implementations(), default="sdpa", help="attention kernel (default: sdpa)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="calibration samples per forward (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     parser.add_argument("--random-weights", action="store_true", help="build the model's architecture with random weights (no download)")
@@ -73,11 +74,15 @@ def _compile_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@interruptible("recipe-compile", "interrupted; no recipe was written")
 def compile_main(argv: Sequence[str] | None = None) -> int:
     """``recipe-compile``: see ``recipe-compile --help``. Returns the exit code."""
     parser = _compile_parser()
     args = parser.parse_args(argv)
+    from runtime.errors import RecipeError
+
     from .distributed import RankFailed, env_world, from_env
+    from .errors import CompileError
 
     rank, world, _ = env_world()
     try:
@@ -89,16 +94,15 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:  # every rank fails alike (inputs are checked on all, then agreed); say it once
             print(f"recipe-compile: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("recipe-compile: interrupted; no recipe was written", file=sys.stderr)
-        return 130
 
 
 def _compile(args: argparse.Namespace, sharding=None) -> int:
     from .calibration import load_calibration
+    from .collect import check_prompts
     from .compile import CompileConfig, compile_recipe
     from .distributed import SINGLE
-    from .models import load_model, parse_dtype
+    from .errors import CompileError
+    from .models import parse_dtype, prepare_model
     from .statistics import load_statistics, save_statistics
 
     sharding = sharding or SINGLE
@@ -109,6 +113,12 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
             _check_writable(output, "recipe")
             if args.save_stats:
                 _check_writable(Path(args.save_stats), "statistics")
+                if same_file(output, Path(args.save_stats)):
+                    raise CompileError(f"-o and --save-stats name the same file ({args.output}, {args.save_stats}); "
+                                       "the recipe would replace the statistics: give them different paths")
+        if args.stats and same_file(output, Path(args.stats)):
+            raise CompileError(f"-o names the statistics file given to --stats ({args.stats}); the recipe would replace it: "
+                               "write the recipe elsewhere")
         config = CompileConfig(budget=args.budget, search=args.search, scorer=args.scorer, head_reduce=args.head_reduce, batch_size=args.batch_size,
                                pre_llm=args.pre_llm, pre_llm_ratio=args.pre_llm_ratio,
                                gprune={k: v for k, v in (("threshold", args.gprune_threshold), ("temperature", args.gprune_temperature),
@@ -122,11 +132,12 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
         statistics = load_statistics(args.stats) if args.stats else None
 
         started = time.perf_counter()
+        # The processor and config first: prompts it refuses or that overflow the positions are
+        # refused before any weight is read or built.
+        plan = prepare_model(args.model, random_weights=args.random_weights)
+        check_prompts(plan.processor, calibration, format_prompt=plan.format_prompt, max_positions=plan.max_positions)
         placement = {} if args.device_map is None else {"device_map": args.device_map}
-        loaded = load_model(
-            args.model, random_weights=args.random_weights, device=args.device, dtype=dtype,
-            attn_implementation=args.attn_implementation, seed=args.seed, **placement,
-        )
+        loaded = plan.load(device=args.device, dtype=dtype, attn_implementation=args.attn_implementation, seed=args.seed, **placement)
         timings["load"] = time.perf_counter() - started
     except Exception as exc:  # noqa: BLE001 - re-raised by agree() on this rank
         sharding.agree(exc)
@@ -188,9 +199,10 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def _check_writable(path: Path, what: str) -> None:
+    from .errors import CompileError
+
     directory = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise CompileError(f"{what} output {path} is a directory; give a file name such as {path / 'recipe.safetensors'}")
+    check_output_file(path, what)
     if not directory.is_dir():
         raise CompileError(f"cannot write {what} to {path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK):
@@ -216,13 +228,14 @@ def _progress_bars():
     return factory
 
 
-# ------------------------------------------------------------------------------------- inspect
+@interruptible("recipe-inspect", "interrupted")
 def inspect_main(argv: Sequence[str] | None = None) -> int:
     """``recipe-inspect RECIPE``: print a recipe's schedule and provenance. Returns the exit code."""
     parser = Parser(prog="recipe-inspect", description="Print a recipe's per-layer schedule and provenance.")
     parser.add_argument("recipe", help="recipe file (.safetensors), or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    from runtime.errors import RecipeError
     from runtime.presets import resolve
 
     try:
@@ -311,6 +324,15 @@ def format_recipe(recipe) -> str:
         lines.append(f"{layer:>5}  {count:>4}  {ratio:6.3f}  {dropped}")
         previous = count
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- eval
+@interruptible("recipe-eval", "interrupted")
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """``recipe-eval``: :func:`recipe_compiler.evaluate.main` behind the interrupt guard. Returns the exit code."""
+    from .evaluate import main
+
+    return main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -162,12 +162,9 @@ def check_inputs(
 ) -> None:
     """Check that every calibration sample makes a valid input for ``model``, without running it.
 
-    Each sample goes through the processor on its own, as the calibration forward will give it.
-    A sample fails when the processor rejects it (for example a prompt that contains the image
-    placeholder itself) or when its input, prompt and image tokens together, is longer than the
-    language model's ``max_position_embeddings``. Long prompts are refused rather than cut,
-    because cutting would silently calibrate on a different prompt. :func:`collect_statistics`
-    calls this before its first forward, so a bad entry costs no model time.
+    :func:`check_prompts` with the language model's ``max_position_embeddings``.
+    :func:`collect_statistics` and :func:`recipe_compiler.evaluate.evaluate_recipes` call this
+    before their first forward, so a bad entry costs no model time.
 
     Args:
         model: the HF VLM the samples are for.
@@ -182,12 +179,49 @@ def check_inputs(
         >>> check_inputs(m.model, m.processor, load_calibration(), format_prompt=m.format_prompt)  # doctest: +SKIP
     """
     limit = getattr(family_for(model).text_config(model), "max_position_embeddings", None)
+    check_prompts(processor, calibration, format_prompt=format_prompt, max_positions=limit)
+
+
+def check_prompts(
+    processor: Any, calibration: CalibrationSet, *, format_prompt: Callable[[str], str] = lambda p: p,
+    max_positions: int | None = None,
+) -> None:
+    """Check every sample against the processor and the model's positions; needs no weights.
+
+    Each sample goes through the processor on its own, as the forward will get it. A sample
+    fails when its prompt is empty or only invisible characters, when the processor rejects it
+    (for example a prompt that contains the image placeholder itself) or when its input, prompt
+    and image tokens together, is longer than ``max_positions``. Long prompts are refused rather
+    than cut, because cutting would silently calibrate on a different prompt. The CLIs run this
+    with :class:`recipe_compiler.models.ModelPlan`'s processor and positions before any weight
+    is read.
+
+    Args:
+        processor: the model's processor.
+        calibration: the validated samples.
+        format_prompt: the model's chat template for one image and a prompt.
+        max_positions: the language model's ``max_position_embeddings`` (``None``: no limit).
+
+    Raises:
+        CalibrationDataError: one line naming the first bad entry and the fix.
+
+    Example:
+        >>> plan = prepare_model("tiny-llava")                                                   # doctest: +SKIP
+        >>> check_prompts(plan.processor, load_calibration(), format_prompt=plan.format_prompt,
+        ...               max_positions=plan.max_positions)                                       # doctest: +SKIP
+    """
+    from .calibration import prompt_problem
+
+    limit = max_positions
     tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
     level = tokenizer_log.level
     tokenizer_log.setLevel(logging.ERROR)  # its "longer than the maximum" warning; ours names the entry
     try:
         for sample in calibration.samples:
             where = sample.describe()
+            problem = prompt_problem(sample.prompt)
+            if problem is not None:
+                raise CalibrationDataError(f"{where}: the prompt is {problem}; write the question or instruction for this image")
             try:
                 inputs = processor(images=[load_image(sample)], text=[format_prompt(sample.prompt)], return_tensors="pt")
             except (ValueError, TypeError, IndexError, RuntimeError) as err:

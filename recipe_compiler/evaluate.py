@@ -38,8 +38,10 @@ from runtime.errors import RecipeError
 from runtime.recipe import Recipe
 
 from .calibration import CalibrationSet
-from .cli_common import ATTN_IMPLEMENTATIONS, EXIT_FAILURE, Parser, check_device, one_line, positive_int
-from .collect import model_inputs
+from .cli_common import (
+    EXIT_FAILURE, Parser, attn_implementations, check_device, check_output_file, interruptible, one_line, positive_int,
+)
+from .collect import check_inputs, model_inputs
 from .distributed import batches_of
 from .errors import CompileError
 from .verify import verify_recipe
@@ -142,6 +144,7 @@ def evaluate_recipes(
 
     for recipe in recipes.values():
         recipe.check_model(model)  # RecipeMismatchError before any model time
+    check_inputs(model, processor, samples, format_prompt=format_prompt)  # CalibrationDataError before any forward
     shape = LMShape.from_config(family_for(model).text_config(model))
     batches = [model_inputs(model, processor, batch, format_prompt) for _, batch in batches_of(samples.samples, batch_size)]
     unpruned_greedy = [_greedy(model, inputs, new_tokens) for inputs in batches]
@@ -246,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=4, help="samples per forward (default: 4)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default="sdpa")
+    parser.add_argument("--attn-implementation", choices=attn_implementations(), default="sdpa")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     parser.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -265,6 +268,11 @@ def _recipe_name(spec: str, taken: set) -> str:
     return name
 
 
+def _picture_name(recipe_name: str) -> str:
+    return "tokens-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe_name) + ".png"
+
+
+@interruptible("recipe-eval", "interrupted")
 def main(argv: Sequence[str] | None = None) -> int:
     """``recipe-eval``: see ``recipe-eval --help``. Returns the exit code."""
     args = _parser().parse_args(argv)
@@ -273,16 +281,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CompileError, RecipeError, ValueError) as exc:
         print(f"recipe-eval: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("recipe-eval: interrupted", file=sys.stderr)
-        return 130
 
 
 def _main(args: argparse.Namespace) -> int:
     from runtime.presets import resolve
 
     from .calibration import load_calibration
-    from .models import load_model, parse_dtype
+    from .collect import check_prompts
+    from .models import parse_dtype, prepare_model
 
     # Everything a user can get wrong is checked before the model is loaded.
     taken: set = set()
@@ -302,9 +308,14 @@ def _main(args: argparse.Namespace) -> int:
         out_dir = Path(args.out)
         if out_dir.exists() and not out_dir.is_dir():
             raise CompileError(f"--out {out_dir} exists and is not a directory")
+        for name in ["schedule.png"] + [_picture_name(n) for n in recipes]:  # a FIFO or device there would block or be replaced
+            check_output_file(out_dir / name, "picture")
 
-    loaded = load_model(args.model, random_weights=args.random_weights, device=args.device, dtype=dtype,
-                        attn_implementation=args.attn_implementation, seed=args.seed)
+    # The processor and config first: prompts it refuses or that overflow the positions are
+    # refused before any weight is read or built.
+    plan = prepare_model(args.model, random_weights=args.random_weights)
+    check_prompts(plan.processor, samples, format_prompt=plan.format_prompt, max_positions=plan.max_positions)
+    loaded = plan.load(device=args.device, dtype=dtype, attn_implementation=args.attn_implementation, seed=args.seed)
     results = evaluate_recipes(
         loaded.model, loaded.processor, samples, recipes, format_prompt=loaded.format_prompt,
         new_tokens=args.new_tokens, batch_size=args.batch_size, repeats=args.repeats, device=args.device,
@@ -317,8 +328,7 @@ def _main(args: argparse.Namespace) -> int:
         layers = args.layers or [l for l in (2, 8, 16) if l < loaded.model.config.text_config.num_hidden_layers]
         written.append(plot_schedules(recipes, out_dir / "schedule.png"))
         for name, recipe in recipes.items():
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-            written.append(plot_kept_tokens(loaded, recipe, args.show, layers, out_dir / f"tokens-{safe}.png", title=name))
+            written.append(plot_kept_tokens(loaded, recipe, args.show, layers, out_dir / _picture_name(name), title=name))
     if args.json:
         print(json.dumps({"model": args.model, "results": [asdict(r) for r in results], "pictures": [str(p) for p in written]},
                          indent=2, sort_keys=True))

@@ -7,7 +7,9 @@ family's aliases (:mod:`recipe_compiler.families`), each with its full ``config.
 so ``random_weights=True`` builds the real architecture without reading any weights; a family
 also builds its offline processor.  The built-in tiny models (``tiny-llava``, …) are small, seeded,
 random but real architectures with an offline byte-level tokenizer; they run anywhere in well
-under a second.
+under a second.  :func:`prepare_model` resolves a name to its config and processor without
+touching weights (a :class:`ModelPlan`), so inputs can be checked first; ``plan.load(...)`` then
+builds or reads the weights, which is all :func:`load_model` does.
 
 Example:
     >>> from recipe_compiler.models import load_model
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "REGISTRY",
     "LoadedModel",
+    "ModelPlan",
     "ModelSpec",
     "build_random",
     "build_tiny",
@@ -45,6 +48,7 @@ __all__ = [
     "build_tiny_qwen2_vl",
     "load_model",
     "parse_dtype",
+    "prepare_model",
     "resolve_spec",
 ]
 
@@ -121,11 +125,7 @@ class LoadedModel:
             >>> build_tiny_llava().format_prompt("Hi?")
             'USER: <image>\\nHi? ASSISTANT:'
         """
-        if self.spec is not None and self.spec.prompt_template:
-            template = self.spec.prompt_template
-        else:  # a hub id or directory outside the registry: its family's template
-            template = family_of(self.model.config).prompt_template
-        return template.replace("{prompt}", prompt)
+        return _prompt_template(self.spec, self.model.config).replace("{prompt}", prompt)
 
     @property
     def image_token_id(self) -> int:
@@ -425,18 +425,8 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else ""
 
 
-def _load_directory(
-    directory: Path,
-    *,
-    what: str,
-    device: str,
-    dtype: torch.dtype,
-    attn_implementation: str,
-    seed: int,
-    random_weights: bool,
-    device_map: Any = None,
-) -> tuple[Any, Any]:
-    """(model, processor) from a checkpoint directory (local or a cache snapshot)."""
+def _directory_processor(directory: Path, what: str) -> tuple[Any, Any]:
+    """(config, processor) of a checkpoint directory (local or a cache snapshot); reads no weights."""
     config = _read_config(directory, what)
     try:
         processor = _saved_processor(directory, config)
@@ -445,15 +435,120 @@ def _load_directory(
             f"{what}: cannot load the processor (tokenizer + image processor) from {directory} "
             f"({type(exc).__name__}: {_first_line(exc)}); save it there with processor.save_pretrained(dir)"
         ) from exc
-    processor = _fix_processor(processor, config)
+    return config, _fix_processor(processor, config)
 
-    if random_weights or torch.device(device).type == "meta":
-        model = _random_model(
-            config, device=device, dtype=dtype, attn_implementation=attn_implementation, seed=seed
-        )
-    else:
+
+def _not_found_message(name: str, repo_id: str) -> str:
+    label = f"model '{name}' ({repo_id})" if name != repo_id else f"model '{repo_id}'"
+    hub = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub is unreachable"
+    return (
+        f"{label}: weights not found in the HF cache at {_repo_cache_folder(repo_id)} and {hub}; "
+        f"fetch them with `huggingface-cli download {repo_id}` or pass --random-weights to build the "
+        "architecture without weights"
+    )
+
+
+def _prompt_template(spec: ModelSpec | None, config: Any) -> str:
+    """The spec's template, else its family's (a hub id or directory outside the registry)."""
+    if spec is not None and spec.prompt_template:
+        return spec.prompt_template
+    return family_of(config).prompt_template
+
+
+@dataclass
+class ModelPlan:
+    """A model name resolved to its config and processor, before any weight is read or built.
+
+    :func:`prepare_model` makes one in a fraction of a second, so the inputs can be checked
+    against the processor and the config's positions (:func:`recipe_compiler.collect.check_prompts`)
+    before :meth:`load` spends model time. ``load_model(name, ...)`` is
+    ``prepare_model(name, ...).load(...)``.
+
+    Attributes:
+        name: What the user passed.
+        spec: The registry entry, or ``None`` for a hub id / directory outside the registry.
+        config: The transformers config (an alias's embedded one, else the checkpoint's ``config.json``).
+        processor: The processor the loaded model will use (ready, left padding).
+        kind: ``"built-in"`` (tiny models), ``"random"`` (an alias's architecture, random weights),
+            ``"local"`` (a checkpoint directory) or ``"hub"`` (a hub id's cache snapshot).
+        checkpoint: The directory whose weights :meth:`load` reads (``"local"`` / ``"hub"``).
+        random_weights: Build random weights instead of reading the checkpoint's.
+        origin: Where the config and processor came from, for :attr:`LoadedModel.source`.
+        fetch_weights: A hub id whose weights :meth:`load` still has to download (only the config
+            and processor were fetched), else ``None``.
+    """
+
+    name: str
+    spec: ModelSpec | None
+    config: Any
+    processor: Any
+    kind: str
+    checkpoint: Path | None = None
+    random_weights: bool = False
+    origin: str = ""
+    fetch_weights: str | None = None
+
+    def format_prompt(self, prompt: str) -> str:
+        """The user prompt in the model's template, as :meth:`LoadedModel.format_prompt` gives it."""
+        return _prompt_template(self.spec, self.config).replace("{prompt}", prompt)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The language model's ``max_position_embeddings`` (``None`` when the config has none)."""
+        text = getattr(self.config, "text_config", None) or self.config
+        value = getattr(text, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    def load(
+        self,
+        *,
+        device: str = "cpu",
+        dtype: "torch.dtype | str" = "float32",
+        attn_implementation: str = "sdpa",
+        seed: int = 0,
+        device_map: "str | dict | None" = None,
+    ) -> LoadedModel:
+        """Build or read the weights: the :class:`LoadedModel` (arguments as for :func:`load_model`).
+
+        Raises:
+            ModelNotFoundError: the checkpoint's weights are missing or unreadable, or cannot be fetched.
+            ValueError: bad ``dtype``, or a ``device_map`` for built weights or without accelerate.
+
+        Example:
+            >>> plan = prepare_model("tiny-llava")
+            >>> plan.load(seed=0).model.config.text_config.num_hidden_layers
+            8
+        """
+        torch_dtype = parse_dtype(dtype)
+        built = self.kind in ("built-in", "random") or self.random_weights
+        if device_map is not None:
+            _check_device_map(built)
+        kwargs = dict(device=device, dtype=torch_dtype, attn_implementation=attn_implementation, seed=seed)
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if self.kind in ("built-in", "random"):
+            model = _random_model(self.config, **kwargs)
+            _set_generation_ids(model, model.config, tokenizer)
+            alias = self.spec.alias
+            source = (f"built-in {alias} (random, seed {seed})" if self.kind == "built-in"
+                      else f"random weights ({alias} architecture, seed {seed}); {self.origin}")
+        else:
+            if self.random_weights or torch.device(device).type == "meta":
+                model = _random_model(self.config, **kwargs)
+            else:
+                model = self._read_weights(torch_dtype, attn_implementation, device, device_map)
+            _set_generation_ids(model, model.config, tokenizer, override=self.random_weights)
+            source = f"random weights (seed {seed}), config from {self.origin}" if self.random_weights else self.origin
+        return LoadedModel(_finalize(model, attn_implementation), self.processor, self.spec, self.name, source)
+
+    def _read_weights(self, dtype: torch.dtype, attn_implementation: str, device: str, device_map: Any) -> Any:
+        what = f"model '{self.name}'"
+        directory = self.checkpoint
+        if self.fetch_weights is not None:  # only the config and processor were downloaded so far
+            directory = _download_snapshot(self.fetch_weights, weights=True)
+            if directory is None:
+                raise ModelNotFoundError(_not_found_message(self.name.strip(), self.fetch_weights))
         try:
-            model = _model_class(config).from_pretrained(
+            model = _model_class(self.config).from_pretrained(
                 str(directory),
                 local_files_only=True,
                 dtype=dtype,
@@ -467,18 +562,95 @@ def _load_directory(
             ) from exc
         if device_map is None and torch.device(device) != torch.device("cpu"):
             model = model.to(device)
-    _set_generation_ids(model, model.config, getattr(processor, "tokenizer", None), override=random_weights)
-    return model, processor
+        return model
 
 
-def _not_found_message(name: str, repo_id: str) -> str:
-    label = f"model '{name}' ({repo_id})" if name != repo_id else f"model '{repo_id}'"
-    hub = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub is unreachable"
-    return (
-        f"{label}: weights not found in the HF cache at {_repo_cache_folder(repo_id)} and {hub}; "
-        f"fetch them with `huggingface-cli download {repo_id}` or pass --random-weights to build the "
-        "architecture without weights"
-    )
+def prepare_model(name: str, *, random_weights: bool = False) -> ModelPlan:
+    """Resolve a model name to its config and processor, reading no weights (see :class:`ModelPlan`).
+
+    Resolution is :func:`load_model`'s: (1) a registry alias (``tiny-llava`` is built in; with
+    ``random_weights`` an alias needs only its embedded config and, optionally, a cached
+    processor); (2) an existing local directory with ``config.json``; (3) a hub id, from the local
+    HF cache, else (only when ``HF_HUB_OFFLINE`` is not set) its config and processor files from
+    the hub; its weights are fetched by :meth:`ModelPlan.load`.
+
+    Args:
+        name: Alias, local directory or hub id.
+        random_weights: The plan builds random weights instead of reading them.
+
+    Returns:
+        A :class:`ModelPlan`.
+
+    Raises:
+        ModelNotFoundError: Unknown name, not cached (and unreachable), no config or processor,
+            or a non-supported checkpoint.
+
+    Example:
+        >>> plan = prepare_model("tiny-llava")
+        >>> plan.max_positions, plan.format_prompt("Hi?")
+        (1024, 'USER: <image>\\nHi? ASSISTANT:')
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelNotFoundError(f"empty model name; pass one of {_known_aliases()}, a hub id or a local directory")
+    name_clean = name.strip()
+    spec = resolve_spec(name_clean)
+
+    # (1) built-in tiny model
+    if spec is not None and spec.hub_id is None:
+        config = config_from_dict(spec.config)
+        return ModelPlan(name, spec, config, _builtin_processor(config), kind="built-in")
+
+    # (1b) alias with random weights: the embedded config, no weights read
+    if spec is not None and random_weights:
+        return _random_plan(spec, name)
+
+    # (2) local directory
+    if spec is None:
+        path = Path(name_clean).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelNotFoundError(
+                    f"model '{name}': directory {path} has no config.json; point --model at a checkpoint "
+                    f"saved with save_pretrained, a hub id, or one of {_known_aliases()}"
+                )
+            resolved = path.resolve()
+            config, processor = _directory_processor(resolved, f"model '{name}'")
+            return ModelPlan(name, None, config, processor, kind="local", checkpoint=resolved, random_weights=random_weights,
+                             origin=f"local directory {resolved}")
+        if path.exists():
+            raise ModelNotFoundError(
+                f"model '{name}': {path} is a file, not a checkpoint directory; pass a directory with config.json, "
+                f"a hub id, or one of {_known_aliases()}"
+            )
+        if not _is_hub_id(name_clean):
+            raise ModelNotFoundError(
+                f"unknown model '{name}': not a known alias ({_known_aliases()}), an existing directory, "
+                "or a hub id like org/name; pick an alias or pass a checkpoint directory"
+            )
+
+    # (3) hub id, from the HF cache (or the hub when reachable)
+    repo_id = spec.hub_id if spec is not None else name_clean
+    if spec is None:
+        spec = _spec_for_hub_id(repo_id)
+        if spec is not None and random_weights:  # a registered hub id: its embedded config suffices
+            return _random_plan(spec, name)
+    snapshot = _cached_snapshot(repo_id)
+    origin, fetch = f"HF cache {_repo_cache_folder(repo_id)}", None
+    if snapshot is None:
+        snapshot = _download_snapshot(repo_id, weights=False)  # config and processor; load() fetches the weights
+        origin = f"HF hub {repo_id} (downloaded to {_repo_cache_folder(repo_id)})"
+        fetch = None if random_weights else repo_id
+    if snapshot is None:
+        if random_weights:
+            raise ModelNotFoundError(
+                f"model '{name}': --random-weights needs a config, but {repo_id} is neither a registry alias "
+                f"({_known_aliases()}) nor cached at {_repo_cache_folder(repo_id)}; use an alias or fetch the config "
+                f"with `huggingface-cli download {repo_id} config.json`"
+            )
+        raise ModelNotFoundError(_not_found_message(name_clean, repo_id))
+    config, processor = _directory_processor(snapshot, f"model '{name}'")
+    return ModelPlan(name, spec, config, processor, kind="hub", checkpoint=snapshot, random_weights=random_weights,
+                     origin=origin, fetch_weights=fetch)
 
 
 def load_model(
@@ -491,7 +663,7 @@ def load_model(
     seed: int = 0,
     device_map: "str | dict | None" = None,
 ) -> LoadedModel:
-    """Load (or build) a LLaVA model and its processor.
+    """Load (or build) a LLaVA model and its processor: ``prepare_model(name).load(...)``.
 
     Resolution order: (1) a registry alias (case-insensitive; ``tiny-llava`` is always built in);
     (2) an existing local directory with ``config.json``; (3) a hub id ``org/name`` (an alias
@@ -524,81 +696,10 @@ def load_model(
         >>> load_model("llava-1.5-7b", random_weights=True, device="meta").model.device.type
         'meta'
     """
-    torch_dtype = parse_dtype(dtype)
-    if not isinstance(name, str) or not name.strip():
-        raise ModelNotFoundError(f"empty model name; pass one of {_known_aliases()}, a hub id or a local directory")
-    name_clean = name.strip()
-    spec = resolve_spec(name_clean)
-    kwargs = dict(device=device, dtype=torch_dtype, attn_implementation=attn_implementation, seed=seed)
-    if device_map is not None:
-        _check_device_map(random_weights or (spec is not None and spec.hub_id is None))
-
-    # (1) built-in tiny model
-    if spec is not None and spec.hub_id is None:
-        config = config_from_dict(spec.config)
-        model = _random_model(config, **kwargs)
-        processor = _builtin_processor(config)
-        _set_generation_ids(model, model.config, processor.tokenizer)
-        source = f"built-in {spec.alias} (random, seed {seed})"
-        return LoadedModel(_finalize(model, attn_implementation), processor, spec, name, source)
-
-    # (1b) alias with random weights: the embedded config, no weights read
-    if spec is not None and random_weights:
-        return _random_from_spec(spec, name, **kwargs)
-
-    # (2) local directory
-    if spec is None:
-        path = Path(name_clean).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelNotFoundError(
-                    f"model '{name}': directory {path} has no config.json; point --model at a checkpoint "
-                    f"saved with save_pretrained, a hub id, or one of {_known_aliases()}"
-                )
-            resolved = path.resolve()
-            model, processor = _load_directory(
-                resolved, what=f"model '{name}'", random_weights=random_weights, device_map=device_map, **kwargs
-            )
-            if random_weights:
-                source = f"random weights (seed {seed}), config from local directory {resolved}"
-            else:
-                source = f"local directory {resolved}"
-            return LoadedModel(_finalize(model, attn_implementation), processor, None, name, source)
-        if path.exists():
-            raise ModelNotFoundError(
-                f"model '{name}': {path} is a file, not a checkpoint directory; pass a directory with config.json, "
-                f"a hub id, or one of {_known_aliases()}"
-            )
-        if not _is_hub_id(name_clean):
-            raise ModelNotFoundError(
-                f"unknown model '{name}': not a known alias ({_known_aliases()}), an existing directory, "
-                "or a hub id like org/name; pick an alias or pass a checkpoint directory"
-            )
-
-    # (3) hub id, from the HF cache (or the hub when reachable)
-    repo_id = spec.hub_id if spec is not None else name_clean
-    if spec is None:
-        spec = _spec_for_hub_id(repo_id)
-        if spec is not None and random_weights:  # a registered hub id: its embedded config suffices
-            return _random_from_spec(spec, name, **kwargs)
-    snapshot = _cached_snapshot(repo_id)
-    origin = f"HF cache {_repo_cache_folder(repo_id)}"
-    if snapshot is None:
-        snapshot = _download_snapshot(repo_id, weights=not random_weights)
-        origin = f"HF hub {repo_id} (downloaded to {_repo_cache_folder(repo_id)})"
-    if snapshot is None:
-        if random_weights:
-            raise ModelNotFoundError(
-                f"model '{name}': --random-weights needs a config, but {repo_id} is neither a registry alias "
-                f"({_known_aliases()}) nor cached at {_repo_cache_folder(repo_id)}; use an alias or fetch the config "
-                f"with `huggingface-cli download {repo_id} config.json`"
-            )
-        raise ModelNotFoundError(_not_found_message(name_clean, repo_id))
-    model, processor = _load_directory(
-        snapshot, what=f"model '{name}'", random_weights=random_weights, device_map=device_map, **kwargs
+    torch_dtype = parse_dtype(dtype)  # a bad dtype is refused before anything is read
+    return prepare_model(name, random_weights=random_weights).load(
+        device=device, dtype=torch_dtype, attn_implementation=attn_implementation, seed=seed, device_map=device_map
     )
-    source = origin if not random_weights else f"random weights (seed {seed}), config from {origin}"
-    return LoadedModel(_finalize(model, attn_implementation), processor, spec, name, source)
 
 
 def _check_device_map(built: bool) -> None:
@@ -616,12 +717,9 @@ def _check_device_map(built: bool) -> None:
         ) from None
 
 
-def _random_from_spec(
-    spec: ModelSpec, name: str, *, device: str, dtype: torch.dtype, attn_implementation: str, seed: int
-) -> LoadedModel:
+def _random_plan(spec: ModelSpec, name: str) -> ModelPlan:
     """Random weights for a real alias; its cached processor when there is one, else the built-in one."""
     config = config_from_dict(spec.config)
-    model = _random_model(config, device=device, dtype=dtype, attn_implementation=attn_implementation, seed=seed)
     processor = None
     proc_note = ""
     hub_id = spec.hub_id or spec.alias
@@ -635,9 +733,7 @@ def _random_from_spec(
     if processor is None:
         processor = _builtin_processor(config)
         proc_note = f"built-in byte-level tokenizer (not the real {hub_id} tokenizer)"
-    _set_generation_ids(model, model.config, processor.tokenizer)
-    source = f"random weights ({spec.alias} architecture, seed {seed}); {proc_note}"
-    return LoadedModel(_finalize(model, attn_implementation), processor, spec, name, source)
+    return ModelPlan(name, spec, config, processor, kind="random", random_weights=True, origin=proc_note)
 
 
 def build_random(
@@ -661,7 +757,7 @@ def build_random(
         >>> m.model.config.text_config.num_hidden_layers
         8
     """
-    return _random_from_spec(
-        spec, spec.alias, device=device, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, seed=seed
+    return _random_plan(spec, spec.alias).load(
+        device=device, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, seed=seed
     )
 

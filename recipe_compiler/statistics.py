@@ -134,8 +134,13 @@ def load_statistics(path) -> Statistics:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from runtime.recipe import special_file_kind
+
     from .errors import StatisticsError
 
+    kind = special_file_kind(path)
+    if kind is not None:  # opening a FIFO for reading blocks until something writes to it
+        raise StatisticsError(f"statistics path {path} is {kind}, not a statistics file; pass the file --save-stats wrote")
     try:
         import json
 

@@ -1,13 +1,17 @@
 """Published recipes as presets: FitPrune's per-layer schedules for LLaVA-1.5-7B as schema-1 recipes.
 
 FitPrune released, for LLaVA-1.5-7B, the number of visual tokens it prunes **at the end of** each
-decoder layer for reduction ratios 10 %…90 % (``published_recipes.json`` in the FitPrune conformance
-vectors). Pruned at the end of layer ``l`` means gone on entry to ``l + 1``, so our per-layer keep
+decoder layer for reduction ratios 10 %…90 %. Source: the FitPrune reference code,
+https://github.com/ywh187/FitPrune (Ye, Wu, Lin, Zhou, *Fit and Prune: Fast and Training-free Visual
+Token Pruning for Multi-modal Large Language Models*, arXiv:2409.10197), shipped with this package
+as ``runtime/data/fitprune_published_recipes.json`` (its README names the source and the licence
+situation; the same file is ``published_recipes.json`` of the FitPrune conformance vectors). Pruned at the end of layer ``l`` means gone on entry to ``l + 1``, so our per-layer keep
 counts are ``keep[0] = 576`` and ``keep[l + 1] = keep[l] - pruned[l]`` (what the last layer prunes
 changes nothing in prefill). The recipe carries the ``llava-1.5-7b`` fingerprint, so it applies to
 ``llava-hf/llava-1.5-7b-hf`` and refuses any other model.
 
-numpy only; reads a JSON file the caller names, or the shared conformance vectors when present.
+numpy only; reads the JSON file the caller names (``fitprune:40@path.json``), else
+``$RECIPE_FITPRUNE_PUBLISHED``, else the packaged copy, so a pip-installed runtime needs nothing beside it.
 
 Example:
     >>> from runtime.presets import fitprune_published, resolve
@@ -41,15 +45,20 @@ LLAVA_15_7B_FINGERPRINT = {
 PRESET_MODELS = {"llava-1.5-7b": LLAVA_15_7B_FINGERPRINT}
 PREFIX = "fitprune:"
 ENV_PATH = "RECIPE_FITPRUNE_PUBLISHED"
+PACKAGED_PATH = Path(__file__).resolve().parent / "data" / "fitprune_published_recipes.json"
+"""FitPrune's published schedules, shipped as package data of ``runtime`` (see ``runtime/data/README.md``)."""
 
 
-def default_published_path() -> Path | None:
-    """``$RECIPE_FITPRUNE_PUBLISHED``, else ``../shared/conformance/fitprune/published_recipes.json``
-    next to this checkout, if it exists."""
+def default_published_path() -> Path:
+    """``$RECIPE_FITPRUNE_PUBLISHED`` when set, else the packaged :data:`PACKAGED_PATH`.
+
+    Example:
+        >>> default_published_path().name                      # doctest: +SKIP
+        'fitprune_published_recipes.json'
+    """
     if os.environ.get(ENV_PATH):
         return Path(os.environ[ENV_PATH])
-    candidate = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "fitprune" / "published_recipes.json"
-    return candidate if candidate.is_file() else None
+    return PACKAGED_PATH
 
 
 def keep_counts_from_pruned(pruned: Sequence[int], n_visual: int) -> np.ndarray:
@@ -85,7 +94,8 @@ def fitprune_published(ratio: str | int, path: str | os.PathLike | None = None, 
 
     Args:
         ratio: the released label, e.g. ``"40"`` or ``40`` (10, 20, …, 90, 55 and 0 exist).
-        path: the ``published_recipes.json`` file; default :func:`default_published_path`.
+        path: a ``published_recipes.json`` file; default :func:`default_published_path`
+            (``$RECIPE_FITPRUNE_PUBLISHED``, else the copy packaged with the runtime).
         model: only ``"llava-1.5-7b"`` has a preset fingerprint today.
 
     Raises:
@@ -94,10 +104,10 @@ def fitprune_published(ratio: str | int, path: str | os.PathLike | None = None, 
     if model not in PRESET_MODELS:
         raise RecipeError(f"no FitPrune preset for {model!r}; presets exist for {', '.join(PRESET_MODELS)}")
     source = Path(path) if path is not None else default_published_path()
-    if source is None:
+    if path is None and source == PACKAGED_PATH and not source.is_file():
         raise RecipeError(
-            f"FitPrune's published_recipes.json was not found; pass its path (or set ${ENV_PATH}), "
-            "e.g. ../shared/conformance/fitprune/published_recipes.json"
+            f"FitPrune's published recipes are missing from this installation ({source}); reinstall recipe-compiler, "
+            f"or pass a published_recipes.json (fitprune:RATIO@path.json or ${ENV_PATH})"
         )
     try:
         table = json.loads(Path(source).read_text())

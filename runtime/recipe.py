@@ -8,6 +8,7 @@ field, and raises :class:`RecipeError` naming what is wrong.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -198,7 +199,9 @@ class Recipe:
             The path written.
 
         Raises:
-            RecipeError: the destination cannot be written (the message names it and the OS reason).
+            RecipeError: the destination cannot be written (the message names it and the OS
+                reason), or it exists and is not a regular file (``/dev/null``, a FIFO: replacing
+                it would destroy it).
         """
         try:
             return write_atomic(path, self.to_bytes())
@@ -221,12 +224,17 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        OSError: the directory is missing or not writable (no partial file is left behind).
+        OSError: the directory is missing or not writable, or ``path`` exists and is not a
+            regular file (a device such as ``/dev/null``, a FIFO, a socket: replacing it would
+            destroy it); no partial file is left behind.
 
     Example:
         >>> write_atomic("recipe.safetensors", recipe.to_bytes())   # doctest: +SKIP
     """
     path = Path(path)
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise OSError(errno.EINVAL, f"{path} is {kind}, not a regular file (writing would replace it)")
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -243,6 +251,32 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
         if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return path
+
+
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists and is neither a regular file nor a directory, else ``None``.
+
+    Follows symbolic links (a link to ``/dev/null`` is a device too).
+
+    Returns:
+        ``"a character device"``, ``"a block device"``, ``"a FIFO (named pipe)"``, ``"a socket"``,
+        ``"a special file"``, or ``None`` (missing, a regular file or a directory).
+
+    Example:
+        >>> special_file_kind("/dev/null")
+        'a character device'
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, a dangling link, a NUL in the path: nothing special to protect
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def _umask() -> int:
@@ -357,7 +391,9 @@ def from_bytes_stream(stream: Any, size: int, source: str) -> Recipe:
         raise bad(f"header length {header_len} does not fit a {size}-byte recipe file (truncated or not safetensors)")
     raw = stream.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:  # json would keep the last silently: two readers could see two recipes
+        raise bad(f"header repeats the key {_short(exc.key)}; a JSON object names each key once") from None
     except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: also over-long integers
         raise bad("header is not valid JSON") from None
     if not isinstance(header, dict):
@@ -409,7 +445,9 @@ def from_bytes_stream(stream: Any, size: int, source: str) -> Recipe:
         if value is None:
             raise bad(f"metadata {_META_PREFIX + key} is missing")
         try:  # strict: the writer never emits NaN / Infinity, so a recipe that has them is corrupt
-            return json.loads(value, parse_constant=_no_constant, parse_float=_finite_float)
+            return json.loads(value, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise bad(f"metadata {_META_PREFIX + key} repeats the key {_short(exc.key)}; a JSON object names each key once") from None
         except (ValueError, RecursionError):  # ValueError: also over-long integers
             raise bad(f"metadata {_META_PREFIX + key} is not valid JSON (or holds NaN / Infinity)") from None
 
@@ -465,8 +503,23 @@ def _validate(recipe: Recipe) -> None:
     if recipe.head_reduce not in HEAD_REDUCTIONS:
         raise RecipeError(f"head_reduce {_short(recipe.head_reduce)} is unknown; expected one of {', '.join(HEAD_REDUCTIONS)}")
     _validate_pre_llm(recipe)
-    if not isinstance(recipe.provenance, dict):
-        raise RecipeError("provenance must be a dict")
+    _validate_provenance(recipe.provenance)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``object_pairs_hook`` that refuses a JSON object naming a key twice."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
 
 
 def _no_constant(name: str) -> Any:
@@ -504,6 +557,95 @@ def _validate_pre_llm(recipe: Recipe) -> None:
         if not _is_number(ratio) or not 0 < ratio <= 1:
             raise RecipeError(f"pre-LLM stage {_short(method)}: pre_llm.keep_ratio must be a number in (0, 1], got {_short(ratio)}")
     stage.validate(params, recipe)
+
+
+# Upper end of a FLOPs fraction: 1 (keep-all) plus the compiler's floating-point tolerance.
+_FLOPS_FRACTION_MAX = 1 + 1e-6
+
+
+def _number_in(low: float, high: float, *, low_open: bool = False, expected: str = "") -> Any:
+    def check(value: Any) -> bool:
+        return _is_number(value) and (low < value if low_open else low <= value) and value <= high
+    check.expected = expected or f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+    return check
+
+
+def _non_negative(value: Any) -> bool:
+    return _is_number(value) and value >= 0
+
+
+_non_negative.expected = "a finite number >= 0"
+
+
+def _string(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+_string.expected = "a non-empty string"
+
+
+def _object(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+_object.expected = "a JSON object"
+
+
+def _head_reduce(value: Any) -> bool:
+    from .methods.heads import HEAD_REDUCTIONS  # the registry imports recipe-level helpers: resolve lazily
+
+    return value in HEAD_REDUCTIONS
+
+
+_head_reduce.expected = "a head reduction name (max or mean)"
+
+
+def _calibration(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    samples, fingerprint = value.get("samples", 1), value.get("fingerprint", "x")
+    return _is_int(samples) and samples >= 1 and isinstance(fingerprint, str)
+
+
+_calibration.expected = 'an object {"fingerprint": string, "samples": positive integer}'
+
+
+def _versions(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+_versions.expected = "an object of package -> version strings"
+
+# What the compiler (and the presets) write into the provenance, and what each must be. Other
+# keys are allowed (any JSON value); the provenance never drives pruning, but a file that claims
+# nonsense (a budget of "lots", a FLOPs fraction of -3) is corrupt or forged.
+PROVENANCE_FIELDS = {
+    "budget": _number_in(0, 1, low_open=True),
+    "flops_fraction": _number_in(0, _FLOPS_FRACTION_MAX, expected="a number in [0, 1] (1 + 1e-6 allows for rounding)"),
+    "divergence": _non_negative,
+    "kl": _non_negative,
+    "top1_agreement": _number_in(0, 1),
+    "search": _string,
+    "search_params": _object,
+    "head_reduce": _head_reduce,
+    "calibration": _calibration,
+    "versions": _versions,
+    "source": _string,
+}
+
+
+def _validate_provenance(provenance: Any) -> None:
+    if not isinstance(provenance, dict):
+        raise RecipeError(f"provenance must be a JSON object, got {_short(provenance)}")
+    try:  # what the file holds (numpy scalars become numbers); NaN, infinities, objects are refused
+        as_json = json.loads(_dumps(provenance))
+    except TypeError as exc:
+        raise RecipeError(f"provenance is not JSON ({exc}); use strings, finite numbers, lists and objects") from None
+    except ValueError:
+        raise RecipeError("provenance holds NaN or an infinite number, which JSON cannot carry") from None
+    for key, check in PROVENANCE_FIELDS.items():
+        if key in as_json and not check(as_json[key]):
+            raise RecipeError(f"provenance {key} must be {check.expected}, got {_short(as_json[key])}")
 
 
 def _dumps(value: Any) -> str:

@@ -3,7 +3,8 @@
 Each fault is one row: a builder that writes a manifest whose second entry (line 2, id ``b``)
 has the fault, and the expected outcome: the entry works (converted or resized as needed), the
 loader refuses it (before the model is even loaded), or the model-aware check refuses it
-(after loading, before any forward). Faults the loader already covers with its own wording
+(through the API: before any forward; through the CLI: from the processor and config alone, before
+any weight is loaded). Faults the loader already covers with its own wording
 (missing file, corrupt bytes, truncated files without a global override, bad JSON, ...) are
 tested in ``test_calibration.py``; this table adds the remaining ones and runs every refusal
 through the CLI too.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -133,6 +135,17 @@ FAULTS = [
     ("image is a folder", lambda d, mp: (d / "dir.png").mkdir() or {"image": "dir.png"}, LOADER, ["not a file"]),
     ("empty prompt", lambda d, mp: {"prompt": ""}, LOADER, ['"prompt" is empty']),
     ("whitespace prompt", lambda d, mp: {"prompt": " \t "}, LOADER, ['"prompt" is only whitespace']),
+    ("invisible prompt: NUL and zero-width space", lambda d, mp: {"prompt": "\u0000\u200b"}, LOADER,
+     ['"prompt" is only invisible characters (U+0000 U+200B)']),
+    ("invisible prompt: control characters", lambda d, mp: {"prompt": "\x07\x1b\x7f"}, LOADER,
+     ['"prompt" is only invisible characters (U+0007 U+001B U+007F)']),
+    ("invisible prompt: format characters", lambda d, mp: {"prompt": "\ufeff\u2060\u200d"}, LOADER,
+     ['"prompt" is only invisible characters (U+FEFF U+2060 U+200D)']),
+    ("invisible prompt: combining marks only", lambda d, mp: {"prompt": "\u0301\u0308"}, LOADER,
+     ['"prompt" is only invisible characters (U+0301 U+0308)']),
+    ("invisible prompt: spaces and a filler", lambda d, mp: {"prompt": "\u3000\u3164 \u00a0"}, LOADER,
+     ['"prompt" is only invisible characters (U+3000 U+3164 U+0020 U+00A0)']),
+    ("visible prompt with invisible characters", lambda d, mp: {"prompt": "\u200bWhat is it?\u0000"}, WORKS, []),
     ("prompt longer than the model's positions", lambda d, mp: {"prompt": "Is it red? " * 60}, MODEL,
      ["prompt is too long", "more than the model's 1024 positions", "shorten the prompt"]),
     ("prompt holding the image placeholder", lambda d, mp: {"prompt": "What is in <image>?"}, MODEL,
@@ -224,18 +237,18 @@ def test_dangling_symlink_in_a_folder_is_named_not_skipped(tmp_path: Path):
 
 @pytest.fixture
 def spy(monkeypatch, tiny):
-    """Replace the CLI's model loader with the session's tiny-llava, counting loads and forwards."""
+    """Replace the CLI's weight loading with the session's tiny-llava, counting loads and forwards."""
     import recipe_compiler.models as models
 
     seen = {"loads": 0, "forwards": 0}
 
-    def load_model(name, **kwargs):
-        assert name == "tiny-llava"
+    def load(plan, **kwargs):
+        assert plan.name == "tiny-llava"
         seen["loads"] += 1
         return tiny
 
     handle = tiny.model.register_forward_pre_hook(lambda module, args: seen.__setitem__("forwards", seen["forwards"] + 1))
-    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(models.ModelPlan, "load", load)
     yield seen
     handle.remove()
 
@@ -262,7 +275,7 @@ def test_fault_through_the_cli(tmp_path: Path, monkeypatch, capsys, spy, builder
         assert word in captured.err
     assert not output.exists()
     assert spy["forwards"] == 0
-    assert spy["loads"] == (0 if outcome == LOADER else 1)  # the loader's faults stop before the model is loaded
+    assert spy["loads"] == 0  # every fault stops before any weight is loaded, the processor's and the positions' too
 
 
 def test_cli_compiles_a_set_of_every_tolerated_fault(tmp_path: Path, monkeypatch, capsys, spy):
@@ -286,3 +299,97 @@ def test_cli_compiles_a_set_of_every_tolerated_fault(tmp_path: Path, monkeypatch
 
     assert load(output).provenance["calibration"]["samples"] == len(lines)
     assert spy["loads"] == 1 and spy["forwards"] > 0
+
+
+# ------------------------------------------------ prompts refused from the processor, before the weights
+
+
+class WeightsLoaded(Exception):
+    """Raised by the patched model constructors: something built or read weights."""
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoint") / "tiny-llava"
+    tiny.model.save_pretrained(directory)
+    tiny.processor.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def no_weights(monkeypatch, tmp_path):
+    """Make building random weights and from_pretrained (both go through these) raise WeightsLoaded.
+
+    Offline with an empty HF cache, so an alias gets the built-in processor on every machine."""
+    import recipe_compiler.models as models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+    def refuse(*args, **kwargs):
+        raise WeightsLoaded("model weights were built or read before the prompts were checked")
+
+    monkeypatch.setattr(models, "_random_model", refuse)
+    monkeypatch.setattr(models, "_model_class", refuse)
+
+
+PROMPT_FAULTS = {  # fault -> (prompt, words of the one-line error)
+    "too long": ("Is it red? " * 1000, ["the prompt is too long", "max_position_embeddings", "shorten the prompt"]),
+    "image placeholder": ("What is in <image>?", ["processor rejects it", "must not contain the image placeholder"]),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(PROMPT_FAULTS))
+@pytest.mark.parametrize("model", ["tiny-llava", "local checkpoint", "llava-1.5-7b --random-weights"])
+@pytest.mark.parametrize("command", ["recipe-compile", "recipe-eval"])
+def test_prompts_the_processor_refuses_are_refused_before_any_weight_is_loaded(
+    tmp_path, capsys, tiny, tiny_checkpoint, no_weights, command, model, fault
+):
+    from recipe_compiler.evaluate import main as eval_main
+    from runtime.adapters import model_fingerprint
+    from runtime.recipe import Recipe
+
+    prompt, words = PROMPT_FAULTS[fault]
+    manifest = write_set(tmp_path / "set", lambda d, mp: {"prompt": prompt}, None)
+    name = {"local checkpoint": str(tiny_checkpoint)}.get(model, model.split()[0])
+    flags = ["--random-weights"] if "--random-weights" in model else []
+    output = tmp_path / "recipe.safetensors"
+    if command == "recipe-compile":
+        argv = ["--model", name, *flags, "--budget", "0.5", "--calibration", str(manifest), "-o", str(output), "--quiet"]
+        main = compile_main
+    else:
+        keep = tmp_path / "keep.safetensors"
+        Recipe.keep_all(model_fingerprint(tiny.model)).save(keep)
+        argv = ["--model", name, *flags, "--recipe", str(keep), "--data", str(manifest)]
+        main = eval_main
+    code = main(argv)  # WeightsLoaded propagates if a weight is touched first
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"{command}: error: "), captured.err
+    assert entry_name(manifest) in captured.err
+    for word in words:
+        assert word in captured.err, captured.err
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("prompt, words", [("\u200b\u0000", "the prompt is only invisible characters (U+200B U+0000)"),
+                                           ("Is it red? " * 100, "the prompt is too long")])
+@pytest.mark.parametrize("api", ["compile_recipe", "evaluate_recipes"])
+def test_a_hand_built_set_with_a_bad_prompt_is_refused_by_the_api_before_any_forward(tiny, forwards, api, prompt, words):
+    import dataclasses
+
+    from recipe_compiler.calibration import CalibrationSet
+    from recipe_compiler.evaluate import evaluate_recipes
+    from runtime.adapters import model_fingerprint
+    from runtime.recipe import Recipe
+
+    good = load_calibration(samples=1).samples[0]
+    samples = CalibrationSet((good, dataclasses.replace(good, id="odd", prompt=prompt, where="")), source="hand-built")
+    with pytest.raises(CalibrationDataError, match=re.escape(words)) as info:
+        if api == "compile_recipe":
+            compile_recipe(tiny.model, tiny.processor, samples, CompileConfig(budget=0.5), format_prompt=tiny.format_prompt)
+        else:
+            evaluate_recipes(tiny.model, tiny.processor, samples, {"keep": Recipe.keep_all(model_fingerprint(tiny.model))},
+                             format_prompt=tiny.format_prompt, repeats=1)
+    assert "calibration sample 'odd'" in str(info.value)
+    assert forwards == []

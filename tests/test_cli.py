@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,7 @@ BAD_COMPILES = {
     "bad device": (["--budget", "0.5", "--device", "gpu0"], "not a torch device"),
     "unavailable device": (["--budget", "0.5", "--device", "cuda" if not __import__("torch").cuda.is_available() else "cuda:99"], "device 'cuda"),
     "output dir missing": (["--budget", "0.5", "-o", "/no/such/dir/r.safetensors"], "does not exist"),
+    "meta device": (["--budget", "0.5", "--device", "meta"], "cannot run calibration"),
     "corrupt stats": (["--budget", "0.5", "--stats", "<garbage>"], "not a statistics file"),
 }
 
@@ -134,3 +136,80 @@ def test_inspect_rejects_a_foreign_safetensors_file(tmp_path, capsys):
 def test_console_scripts_are_installed_or_module_runs():
     # The README's quick start relies on the console scripts; an editable install provides them.
     assert shutil.which("recipe-compile") or Path(sys.executable).with_name("recipe-compile").exists()
+
+
+# ------------------------------------------------------------------ outputs that must not be replaced
+def _special(tmp_path: Path, kind: str) -> Path:
+    """A non-regular file that writing a recipe over would destroy (or block on)."""
+    if kind == "fifo":
+        path = tmp_path / "pipe.safetensors"
+        os.mkfifo(path)
+    elif kind == "device node":  # a private copy of /dev/null (root can make one), else /dev/null itself
+        path = tmp_path / "null.safetensors"
+        try:
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except (PermissionError, OSError):
+            path = Path("/dev/null")
+    elif kind == "/dev/null":
+        path = Path("/dev/null")
+    else:  # a symbolic link to /dev/null
+        path = tmp_path / "link.safetensors"
+        path.symlink_to("/dev/null")
+    return path
+
+
+@pytest.fixture
+def guard_dev_null(monkeypatch):
+    """Fail, never replace, if anything tries to rename a file onto /dev/null (the product must refuse first)."""
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if os.path.realpath(dst) == "/dev/null" or os.path.realpath(dst).startswith("/dev/"):
+            raise AssertionError(f"os.replace onto {dst}: the output check let a device through")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def _kind_of(path: Path) -> int:
+    return stat.S_IFMT(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("option", ["-o", "--save-stats"])
+@pytest.mark.parametrize("kind", ["fifo", "device node", "/dev/null", "symlink to /dev/null"])
+def test_an_output_that_is_not_a_regular_file_is_refused_in_one_line_and_left_alone(tmp_path, capsys, guard_dev_null, option, kind):
+    target = _special(tmp_path, kind)
+    before = _kind_of(target)
+    recipe = tmp_path / "r.safetensors"
+    outputs = ["-o", str(target)] if option == "-o" else ["-o", str(recipe), "--save-stats", str(target)]
+    code, stdout, err = _run(capsys, FAST + ["--budget", "0.5"] + outputs)
+    assert code == 1 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and "not a regular file" in err and str(target) in err, err
+    assert _kind_of(target) == before  # still the FIFO / device it was
+    assert not recipe.exists() and [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+@pytest.mark.parametrize("spelling", ["same text", "relative and absolute", "through a symlink", "hard link", "--stats input"])
+def test_recipe_and_statistics_outputs_naming_one_file_are_refused(tmp_path, capsys, monkeypatch, spelling):
+    monkeypatch.chdir(tmp_path)
+    stats = tmp_path / "stats.safetensors"
+    if spelling in ("hard link", "--stats input"):
+        assert _run(capsys, FAST + ["--budget", "0.5", "-o", str(tmp_path / "first.safetensors"), "--save-stats", str(stats)])[0] == 0
+    kept = stats.read_bytes() if stats.exists() else None
+    if spelling == "same text":
+        recipe, stats_arg = str(stats), str(stats)
+    elif spelling == "relative and absolute":
+        recipe, stats_arg = "stats.safetensors", str(stats)
+    elif spelling == "through a symlink":
+        (tmp_path / "alias.safetensors").symlink_to(stats)
+        recipe, stats_arg = str(tmp_path / "alias.safetensors"), str(stats)
+    elif spelling == "hard link":
+        os.link(stats, tmp_path / "hard.safetensors")
+        recipe, stats_arg = str(tmp_path / "hard.safetensors"), str(stats)
+    else:
+        recipe, stats_arg = str(stats), None
+    argv = FAST + ["--budget", "0.5", "-o", recipe] + (["--save-stats", stats_arg] if stats_arg else ["--stats", str(stats)])
+    code, stdout, err = _run(capsys, argv)
+    assert code == 1 and stdout == "" and len(err.strip().splitlines()) == 1, err
+    assert ("name the same file" in err) if stats_arg else ("names the statistics file given to --stats" in err), err
+    assert (stats.read_bytes() if stats.exists() else None) == kept  # nothing written, nothing lost

@@ -1,11 +1,14 @@
 """FitPrune conformance: our deletion rule and cost model reproduce the reference's vectors exactly.
 
-Vectors: ../shared/conformance/fitprune (README there). The token_scores vectors are checked with
-the runtime scorer, not here.
+Vectors: tests/data/conformance/fitprune (README there), shipped with the repository. The
+token_scores vectors are checked with the runtime scorer, not here. A missing vector file is an
+error at collection, never a skip.
 """
 from __future__ import annotations
 
+import importlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,36 +23,44 @@ from recipe_compiler.methods.fitprune import (
     visual_cost,
 )
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "fitprune"
-needs_vectors = pytest.mark.skipif(
-    not (VECTORS / "visual_flops.json").is_file(),
-    reason=f"FitPrune conformance vectors not found at {VECTORS} (shared/ sits next to the repository)",
-)
+VECTORS = Path(__file__).resolve().parent / "data" / "conformance" / "fitprune"
+SHIPPED = ("README.md", "layer_prune_set.json", "layer_prune_set.npz", "published_recipes.json",
+           "token_scores.json", "token_scores.npz", "visual_flops.json")
 
 
 def _load_json(name: str) -> dict:
-    return json.loads((VECTORS / name).read_text())
+    return json.loads((VECTORS / name).read_text())  # FileNotFoundError (loud) if the vectors are not shipped
 
 
 def _prune_cases() -> list:
-    if not (VECTORS / "layer_prune_set.json").is_file():
-        return []
     return _load_json("layer_prune_set.json")["cases"]
 
 
 def _published(model: str) -> list:
-    if not (VECTORS / "published_recipes.json").is_file():
-        return []
     return sorted(_load_json("published_recipes.json")[model].items(), key=lambda kv: int(kv[0]))
 
 
 def _rest_cases() -> list:
-    if not (VECTORS / "visual_flops.json").is_file():
-        return []
     return _load_json("visual_flops.json")["rest_flops"]
 
 
-@needs_vectors
+def test_every_conformance_vector_file_is_shipped_in_the_repository():
+    missing = [name for name in SHIPPED if not (VECTORS / name).is_file()]
+    assert not missing, f"missing from {VECTORS}: {missing}"
+    assert len(_prune_cases()) > 0 and len(_published("llava-1.5-7b")) == 11 and len(_rest_cases()) > 0
+
+
+def test_the_readme_entry_points_are_importable_under_their_names():
+    """The vectors' README names the functions a checker calls; each must exist under that name."""
+    readme = (VECTORS / "README.md").read_text()
+    names = re.findall(r"Entry point[^`]*`([A-Za-z_][\w.]*)\(", readme)
+    assert sorted(names) == ["recipe_compiler.methods.fitprune.layer_prune_set", "recipe_compiler.methods.fitprune.visual_cost",
+                             "runtime.scoring.fitprune_scores"]
+    for dotted in names:
+        module, _, attribute = dotted.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attribute)), dotted
+
+
 @pytest.mark.parametrize("case", _prune_cases(), ids=lambda c: c["name"])
 def test_layer_prune_set_matches_reference(case):
     arrays = np.load(VECTORS / "layer_prune_set.npz")
@@ -71,7 +82,6 @@ def test_layer_prune_set_matches_reference(case):
     )
 
 
-@needs_vectors
 @pytest.mark.parametrize("ratio_recipe", _published("llava-1.5-7b"), ids=lambda kv: f"llava15-{kv[0]}pct")
 def test_visual_cost_reproduces_reference_scheme_flops(ratio_recipe):
     ratio, recipe = ratio_recipe
@@ -85,21 +95,18 @@ def test_visual_cost_reproduces_reference_scheme_flops(ratio_recipe):
     assert 1 - cost / origin == pytest.approx(expected["reduction"], abs=1e-15)
 
 
-@needs_vectors
 def test_visual_cost_of_no_pruning_is_origin_flops():
     origin = _load_json("visual_flops.json")["origin_flops"]
     assert visual_cost([0] * 32) == origin
     assert visual_cost(np.zeros(32, dtype=np.int64), n_visual=576, hidden=4096, intermediate=11008) == origin
 
 
-@needs_vectors
 @pytest.mark.parametrize("entry", _rest_cases(), ids=lambda e: f"tk{e['tk']}-layer{e['layer_idx']}")
 def test_rest_flops_matches_reference_forecast(entry):
     # o_proj + MLP of the current layer for tk tokens, plus every later layer in full at tk tokens.
     assert rest_flops(entry["tk"], entry["layer_idx"]) == entry["value"]
 
 
-@needs_vectors
 @pytest.mark.parametrize("model", ["llava-next-7b", "llava-hr-7b"])
 def test_every_published_recipe_is_a_valid_cost_input(model):
     n_visual = {"llava-next-7b": 2880, "llava-hr-7b": 1024}[model]

@@ -1,6 +1,7 @@
 """recipe-eval (fidelity, FLOPs, timing, KV bytes), FitPrune presets, and the pictures."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from runtime.errors import RecipeError, RecipeMismatchError
 from runtime.presets import LLAVA_15_7B_FINGERPRINT, fitprune_published, keep_counts_from_pruned, resolve
 from runtime.recipe import Recipe
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "fitprune" / "published_recipes.json"
-needs_shared = pytest.mark.skipif(not SHARED.is_file(), reason="FitPrune conformance vectors not next to this checkout")
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed (the optional plots extra: pip install -e '.[plots]')")
+# FitPrune's published schedules as shipped with the conformance vectors; the runtime packages the same file.
+PUBLISHED = Path(__file__).resolve().parent / "data" / "conformance" / "fitprune" / "published_recipes.json"
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +96,37 @@ def test_cli_compares_several_recipes_in_one_table_and_as_json(tiny, recipe25, t
     (["--recipe", "KEEP", "--show", "x.png"], "--show IMAGE and --out DIR go together"),
     (["--recipe", "KEEP", "--data", "/nonexistent-dir"], "nonexistent-dir"),
     (["--recipe", "KEEP", "--layers", "a,b"], "layers must be"),
+    (["--recipe", "KEEP", "--device", "meta"], "cannot run calibration or evaluation"),
+    (["--recipe", "KEEP", "--data", "INVISIBLE"], '"prompt" is only invisible characters (U+0000 U+200B)'),
+    pytest.param(["--recipe", "KEEP", "--show", "RED", "--out", "FIFO"], "exists and is not a directory", marks=needs_matplotlib),
+    pytest.param(["--recipe", "KEEP", "--show", "RED", "--out", "PICS_WITH_FIFO"],
+                 "tokens-keep.png is a FIFO (named pipe), not a regular file", marks=needs_matplotlib),
 ])
-def test_bad_input_is_one_line_and_nonzero_before_loading_the_model(extra, fragment, tiny, tmp_path, capsys):
+def test_bad_input_is_one_line_and_nonzero_before_loading_the_model(extra, fragment, tiny, tmp_path, capsys, monkeypatch):
+    import os
+
+    import recipe_compiler.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's weights were built before the bad input was refused")
+
+    monkeypatch.setattr(models, "_random_model", refuse)
     keep = tmp_path / "keep.safetensors"
     Recipe.keep_all(model_fingerprint(tiny.model)).save(keep)
-    argv = [str(keep) if a == "KEEP" else a for a in extra]
+    manifest = tmp_path / "invisible.jsonl"
+    _red(tmp_path)
+    manifest.write_text(json.dumps({"image": "red.png", "prompt": "\u0000\u200b"}) + "\n")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    os.mkfifo(pics / "tokens-keep.png")  # matplotlib would block on it
+    os.mkfifo(tmp_path / "fifo")
+    paths = {"KEEP": keep, "INVISIBLE": manifest, "RED": tmp_path / "red.png", "FIFO": tmp_path / "fifo", "PICS_WITH_FIFO": pics}
+    argv = [str(paths[a]) if a in paths else a for a in extra]
     code, out, err = _run(capsys, ["--model", "tiny-llava"] + argv)
     assert code != 0 and out == ""
     assert len(err.strip().splitlines()) == 1 and fragment in err
 
 
-@needs_shared
 def test_a_llava_preset_refuses_the_tiny_model_by_name(tiny, heldout):
     with pytest.raises(RecipeMismatchError, match="num_layers"):
         evaluate_recipes(tiny.model, tiny.processor, heldout, {"fp": resolve("fitprune:40")}, repeats=1)
@@ -127,21 +150,66 @@ def test_pruned_at_the_end_of_a_layer_is_gone_on_entry_to_the_next():
         keep_counts_from_pruned([2, 2, 0], 3)
 
 
-@needs_shared
 @pytest.mark.parametrize("ratio", ["0", "10", "40", "55", "90"])
-def test_fitprune_published_recipes_load_as_llava_15_7b_presets(ratio):
-    pruned = json.loads(SHARED.read_text())["llava-1.5-7b"][ratio]
-    recipe = fitprune_published(ratio, SHARED)
+def test_fitprune_published_recipes_load_as_llava_15_7b_presets(ratio, monkeypatch):
+    monkeypatch.delenv("RECIPE_FITPRUNE_PUBLISHED", raising=False)
+    pruned = json.loads(PUBLISHED.read_text())["llava-1.5-7b"][ratio]
+    recipe = fitprune_published(ratio, PUBLISHED)
     assert recipe.fingerprint == LLAVA_15_7B_FINGERPRINT and recipe.num_layers == 32
     assert recipe.keep_count[0] == 576
     for layer in range(31):
         assert recipe.keep_count[layer + 1] == recipe.keep_count[layer] - pruned[layer]
-    assert resolve(f"fitprune:{ratio}@{SHARED}").keep_count.tolist() == recipe.keep_count.tolist()
+    assert resolve(f"fitprune:{ratio}@{PUBLISHED}").keep_count.tolist() == recipe.keep_count.tolist()
     assert resolve(f"fitprune:{ratio}").keep_count.tolist() == recipe.keep_count.tolist()
     from runtime.recipe import from_bytes
 
     again = from_bytes(recipe.to_bytes())
     assert again.keep_count.tolist() == recipe.keep_count.tolist()
+
+
+def test_the_packaged_published_recipes_are_the_conformance_file_with_their_source_named():
+    from runtime import presets
+
+    assert presets.PACKAGED_PATH.read_bytes() == PUBLISHED.read_bytes()
+    note = (presets.PACKAGED_PATH.parent / "README.md").read_text()
+    assert "https://github.com/ywh187/FitPrune" in note and "arXiv:2409.10197" in note
+    assert "https://github.com/ywh187/FitPrune" in presets.__doc__
+
+
+def test_fitprune_preset_works_from_an_installed_runtime_alone(tmp_path):
+    """``fitprune:40`` in a process that sees only the runtime package: no checkout, no environment variable."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import runtime
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(runtime.__file__).parent, site / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RECIPE_FITPRUNE_PUBLISHED", "PYTHONPATH")}
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "  # -I: no cwd, no PYTHONPATH; the copy comes first
+            "import runtime.presets as p; r = p.resolve('fitprune:40'); print(p.__file__); print(r.keep_count[:4].tolist())")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(site)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    where, counts = out.stdout.splitlines()
+    assert where.startswith(str(site)) and counts == "[576, 576, 575, 554]"
+
+
+def test_a_named_file_overrides_the_environment_which_overrides_the_packaged_recipes(tmp_path, monkeypatch):
+    def table(first_pruned):
+        data = json.loads(PUBLISHED.read_text())
+        data["llava-1.5-7b"]["40"] = [first_pruned] + data["llava-1.5-7b"]["40"][1:]
+        return data
+
+    from_env, named = tmp_path / "env.json", tmp_path / "named.json"
+    from_env.write_text(json.dumps(table(7)))
+    named.write_text(json.dumps(table(9)))
+    monkeypatch.delenv("RECIPE_FITPRUNE_PUBLISHED", raising=False)
+    assert resolve("fitprune:40").keep_count[1] == 576  # packaged: FitPrune prunes nothing at the end of layer 0
+    monkeypatch.setenv("RECIPE_FITPRUNE_PUBLISHED", str(from_env))
+    assert resolve("fitprune:40").keep_count[1] == 576 - 7
+    assert resolve(f"fitprune:40@{named}").keep_count[1] == 576 - 9
 
 
 def test_presets_import_only_numpy_and_the_runtime():
@@ -246,7 +314,6 @@ def test_lmms_eval_plugin_evaluates_a_pruned_tiny_llava_on_a_local_task(tiny, tm
     assert "tiny_recipe" in log and "exact_match" in log
 
 
-@needs_shared
 def test_recipe_inspect_prints_a_fitprune_preset(capsys):
     from recipe_compiler.cli import inspect_main
 

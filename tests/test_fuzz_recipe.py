@@ -1,7 +1,8 @@
 """Recipe loader fuzzing: thousands of corrupt files give RecipeError / RecipeMismatchError, nothing else.
 
 Seeded mutations of valid recipes written by our own writer (tiny-llava and tiny-llava-next
-fingerprints, every pre-LLM stage). Each file goes through :func:`runtime.load` with ``open``
+fingerprints, every pre-LLM stage), including provenance values of the wrong type or range and
+keys repeated anywhere in the header (both must be refused). Each file goes through :func:`runtime.load` with ``open``
 wrapped to count the bytes asked for, so the test also proves the loader checks the header
 length before reading the header, and the tensor offsets before reading the data. Loaded
 recipes are checked against tiny-llava: either they fit it or ``check_model`` raises
@@ -322,6 +323,68 @@ def metadata_fields(rng, recipe: Recipe):
         yield with_meta(base, P + "pre_llm", _dumps_loose(stage))
 
 
+# Provenance values the loader must refuse, per key the compiler writes (other keys may hold any JSON).
+PROVENANCE_BAD = {
+    "budget": ["lots", -3, 0, 0.0, 1.0000001, 2, True, None, [0.5], {"v": 0.5}, 10**400, "0.5"],
+    "flops_fraction": [-3, -1e-9, 1.5, 2, "0.4", None, False, [], 10**400],
+    "divergence": [-1, -1e-12, "x", None, True, {}],
+    "kl": [-0.5, "0", None, [0.1], True],
+    "top1_agreement": [-0.1, 1.1, 2, "1", None, True],
+    "search": ["", 0, None, ["optimal"], {"name": "optimal"}],
+    "search_params": ["alpha", 1, None, [1, 2]],
+    "head_reduce": ["sum", "", 1, None, ["max"]],
+    "calibration": ["30", 30, None, {"samples": 0}, {"samples": -1}, {"samples": 1.5}, {"samples": True}, {"fingerprint": 7}],
+    "versions": ["2.13", None, ["torch"], {"torch": 2}, {"torch": None}],
+    "source": ["", 1, None, ["FitPrune"]],
+}
+
+
+def provenance_values(rng, recipe: Recipe):
+    """A provenance whose known key has a wrong type or an out-of-range value (the rest valid)."""
+    base = recipe.to_bytes()
+    for key, values in PROVENANCE_BAD.items():
+        for value in values:
+            yield with_meta(base, P + "provenance", _dumps_loose(dict(recipe.provenance, **{key: value})))
+    for value in (float("nan"), float("inf"), -float("inf")):  # another writer's NaN literals
+        yield with_meta(base, P + "provenance", _dumps_loose(dict(recipe.provenance, kl=value)))
+
+
+def _repeat_first_key(text: str, value_text: str | None = None) -> str:
+    """``{"k":v,...}`` -> ``{"k":v2,"k":v,...}``: the object's first key once more, in front."""
+    obj = json.loads(text)
+    if not obj:
+        return '{"budget":0.5,"budget":0.5}'
+    key = next(iter(obj))
+    value = value_text if value_text is not None else json.dumps(obj[key], separators=(",", ":"))
+    return "{" + json.dumps(key) + ":" + value + "," + text[1:]
+
+
+def duplicate_keys(rng, base: bytes):
+    """The same key twice anywhere: the header, __metadata__, inside a metadata JSON string, nested."""
+    (n,) = struct.unpack("<Q", base[:8])
+    raw = base[8 : 8 + n].decode().rstrip()
+    body = base[8 + n :]
+    header = json.loads(raw)
+    for name in ("keep_count", "keep_ratio"):  # a tensor key twice: same entry, or a different one first / last
+        entry = json.dumps(header[name], separators=(",", ":"))
+        other = json.dumps(dict(header[name], shape=[1]), separators=(",", ":"))
+        for text in ('{"%s":%s,' % (name, entry) + raw[1:], '{"%s":%s,' % (name, other) + raw[1:], raw[:-1] + ',"%s":%s}' % (name, other)):
+            yield join(None, body, raw=text.encode())
+    meta = json.dumps(header["__metadata__"], separators=(",", ":"))
+    yield join(None, body, raw=(raw[:-1] + ',"__metadata__":' + meta + "}").encode())  # __metadata__ twice
+    for key, value in header["__metadata__"].items():  # a metadata key twice, with its own or another value
+        for repeated in (value, "x"):
+            text = raw.replace('"__metadata__":{', '"__metadata__":{' + json.dumps(key) + ":" + json.dumps(repeated) + ",", 1)
+            yield join(None, body, raw=text.encode())
+    for field in ("fingerprint", "pre_llm", "provenance"):  # a key twice inside a metadata JSON string
+        text = header["__metadata__"][P + field]
+        yield with_meta(base, P + field, _repeat_first_key(text))
+        obj = json.loads(text)
+        if isinstance(obj.get("params"), dict) and obj["params"]:  # nested: pre_llm.params
+            params = json.dumps(obj["params"], separators=(",", ":"))
+            yield with_meta(base, P + field, text.replace(params, _repeat_first_key(params), 1))
+
+
 def _dumps_loose(value) -> str:
     """JSON as another writer might produce it (NaN / Infinity literals allowed)."""
     return json.dumps(value)
@@ -382,9 +445,9 @@ def deadline(seconds: float):
 
 
 # Files per valid base recipe and category (a seeded sample when a generator makes more): about
-# 2,800 files in all, a few seconds of loading.
+# 3,400 files in all, a few seconds of loading.
 PER_BASE = {"truncated": 30, "bit-flip": 50, "splice": 30, "header-length": 20, "header-json": 40, "tensor-entries": 40,
-            "values": 20, "schema": 25, "metadata-fields": 45, "other-model": 10}
+            "values": 20, "schema": 25, "metadata-fields": 45, "provenance": 25, "duplicate-keys": 25, "other-model": 10}
 
 
 def generate(fingerprints: dict) -> list[tuple[str, bytes]]:
@@ -397,6 +460,7 @@ def generate(fingerprints: dict) -> list[tuple[str, bytes]]:
             "header-length": header_lengths(rng, data), "header-json": header_json(rng, data),
             "tensor-entries": tensor_entries(rng, data), "values": values(rng, recipe),
             "schema": schema_and_metadata(rng, data), "metadata-fields": metadata_fields(rng, recipe),
+            "provenance": provenance_values(rng, recipe), "duplicate-keys": duplicate_keys(rng, data),
             "other-model": other_models(rng, recipe, fingerprints),
         }
         for category, files in made.items():
@@ -409,7 +473,7 @@ def generate(fingerprints: dict) -> list[tuple[str, bytes]]:
 
 # Categories built to be invalid must never load; the rest may hold harmless changes (a flipped
 # bit in a provenance string), which must then be a genuinely valid recipe.
-MUST_REJECT = {"truncated", "header-length", "header-json", "values", "schema"}
+MUST_REJECT = {"truncated", "header-length", "header-json", "values", "schema", "provenance", "duplicate-keys"}
 MUST_MISMATCH = {"other-model"}
 
 

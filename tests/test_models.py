@@ -26,6 +26,7 @@ from recipe_compiler.models import (  # noqa: E402
     build_tiny_llava,
     load_model,
     parse_dtype,
+    prepare_model,
     resolve_spec,
 )
 from recipe_compiler.tokenizer import builtin_tokenizer  # noqa: E402
@@ -399,3 +400,33 @@ def test_random_weights_for_a_registered_hub_id_needs_no_cache():
     lm = load_model("llava-hf/llava-1.5-13b-hf", random_weights=True, device="meta")
     assert lm.spec is REGISTRY["llava-1.5-13b"]
     assert lm.source.startswith("random weights (llava-1.5-13b architecture, seed 0)")
+
+
+@pytest.mark.parametrize("alias", sorted(REGISTRY))
+def test_prepare_model_reads_no_weights_and_its_load_is_load_model(alias, monkeypatch):
+    import recipe_compiler.models as models
+
+    real = {name: getattr(models, name) for name in ("_random_model", "_model_class")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("prepare_model built weights")
+
+    monkeypatch.setattr(models, "_random_model", refuse)
+    monkeypatch.setattr(models, "_model_class", refuse)
+    plan = prepare_model(alias, random_weights=True)
+    spec = REGISTRY[alias]
+    text = spec.config.get("text_config", {})
+    assert plan.spec is spec and plan.max_positions == plan.config.text_config.max_position_embeddings
+    if "max_position_embeddings" in text:
+        assert plan.max_positions == text["max_position_embeddings"]
+    assert plan.format_prompt("Q?") == spec.prompt_template.replace("{prompt}", "Q?")
+    for name, function in real.items():  # weights may be built from here on
+        monkeypatch.setattr(models, name, function)
+    device = "cpu" if spec.hub_id is None else "meta"
+    loaded = plan.load(device=device)
+    reference = load_model(alias, random_weights=True, device=device)
+    assert loaded.processor is plan.processor and loaded.source == reference.source
+    assert loaded.format_prompt("Q?") == reference.format_prompt("Q?") == plan.format_prompt("Q?")
+    assert loaded.model.config.to_dict() == reference.model.config.to_dict()
+    if device == "cpu":
+        assert _state_digest(loaded.model) == _state_digest(reference.model)

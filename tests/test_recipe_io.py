@@ -92,6 +92,30 @@ def _meta(key, value):
     return mutate
 
 
+def _with_raw_header(data: bytes, edit) -> bytes:
+    """Edit the header's JSON text itself (json.dumps cannot write a repeated key)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    raw = edit(data[8 : 8 + n].decode().rstrip()).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
+def _repeat_tensor(text: str) -> str:
+    header = json.loads(text)
+    entry = json.dumps(dict(header["keep_count"], shape=[2]), separators=(",", ":"))
+    return text.replace("{", '{"keep_count":' + entry + ",", 1)  # the same key once more, first
+
+
+def _repeat_meta(key: str, value: str):
+    def edit(text: str) -> str:
+        return text.replace('"__metadata__":{', '"__metadata__":{' + json.dumps(key) + ":" + json.dumps(value) + ",", 1)
+    return edit
+
+
+def _provenance(text: str):
+    return _with_header(GOOD, _meta("recipe_compiler.provenance", text))
+
+
 GOOD = _recipe().to_bytes()
 BAD_FILES = {
     "empty": (b"", "too short"),
@@ -110,6 +134,30 @@ BAD_FILES = {
     "wrong shape": (_with_header(GOOD, lambda h: h["keep_count"].update(shape=[2, 2])), "shape"),
     "offsets outside": (_with_header(GOOD, lambda h: h["keep_count"].update(data_offsets=[0, 4000])), "data_offsets"),
     "missing tensor": (_with_header(GOOD, lambda h: h.pop("keep_ratio")), "'keep_ratio' is missing"),
+    # Provenance: informational, but a file that claims nonsense is corrupt or forged.
+    "provenance budget a word": (_provenance('{"budget":"lots","flops_fraction":-3}'), r"provenance budget must be a number in \(0, 1\], got 'lots'"),
+    "provenance flops negative": (_provenance('{"budget":0.5,"flops_fraction":-3}'), r"provenance flops_fraction must be a number in \[0, 1\]"),
+    "provenance flops above one": (_provenance('{"flops_fraction":1.5}'), "provenance flops_fraction must be"),
+    "provenance budget zero": (_provenance('{"budget":0}'), "provenance budget must be"),
+    "provenance budget above one": (_provenance('{"budget":1.01}'), "provenance budget must be"),
+    "provenance budget a boolean": (_provenance('{"budget":true}'), "provenance budget must be"),
+    "provenance kl negative": (_provenance('{"kl":-0.1}'), "provenance kl must be a finite number >= 0"),
+    "provenance divergence a list": (_provenance('{"divergence":[1]}'), "provenance divergence must be a finite number >= 0"),
+    "provenance top1 above one": (_provenance('{"top1_agreement":2}'), r"provenance top1_agreement must be a number in \[0, 1\]"),
+    "provenance search a number": (_provenance('{"search":3}'), "provenance search must be a non-empty string"),
+    "provenance search params a string": (_provenance('{"search_params":"alpha"}'), "provenance search_params must be a JSON object"),
+    "provenance head reduce unknown": (_provenance('{"head_reduce":"sum"}'), "provenance head_reduce must be one of max, mean"),
+    "provenance samples zero": (_provenance('{"calibration":{"samples":0}}'), "provenance calibration must be"),
+    "provenance versions numbers": (_provenance('{"versions":{"torch":2}}'), "provenance versions must be"),
+    "provenance not an object": (_provenance("[1]"), "provenance is not a JSON object"),
+    # A repeated key: JSON readers keep the first or the last, so two tools could read two recipes.
+    "header repeats a tensor key": (_with_raw_header(GOOD, _repeat_tensor), "header repeats the key 'keep_count'"),
+    "metadata repeats a key": (_with_raw_header(GOOD, _repeat_meta("recipe_compiler.scorer", "last-token")),
+                               "header repeats the key 'recipe_compiler.scorer'"),
+    "provenance repeats a key": (_provenance('{"budget":0.5,"budget":0.9}'), "metadata recipe_compiler.provenance repeats the key 'budget'"),
+    "fingerprint repeats a key": (_with_header(GOOD, _meta("recipe_compiler.fingerprint", json.dumps(FINGERPRINT)[:-1] + ',"num_layers":5}')),
+                                  "metadata recipe_compiler.fingerprint repeats the key 'num_layers'"),
+    "nested key repeated": (_provenance('{"search_params":{"alpha":0.5,"alpha":0.6}}'), "repeats the key 'alpha'"),
 }
 
 
@@ -162,11 +210,17 @@ def test_missing_and_directory_paths(tmp_path):
         load(tmp_path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_directory_gives_recipe_error_and_leaves_nothing(tmp_path):
+def test_unwritable_directory_gives_recipe_error_and_leaves_nothing(tmp_path, monkeypatch):
     directory = tmp_path / "ro"
     directory.mkdir()
     directory.chmod(0o500)
+    if os.geteuid() == 0:  # root ignores directory permissions: make the temp file fail as the kernel would for a user
+        import tempfile
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(directory))
+
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
     try:
         with pytest.raises(RecipeError, match="cannot write recipe"):
             _recipe().save(directory / "r.safetensors")
@@ -195,3 +249,92 @@ def test_write_error_gives_one_line_recipe_error_and_leaves_nothing(tmp_path):
         _recipe().save(blocker / "r.safetensors")
     assert "\n" not in str(info.value)
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+# ------------------------------------------------------------------------------ provenance values
+GOOD_PROVENANCE = {"budget": 0.45, "flops_fraction": 0.449999999, "divergence": 3.9, "kl": 0.0, "top1_agreement": 1.0,
+                   "search": "optimal", "search_params": {"grid": 11}, "head_reduce": "max",
+                   "calibration": {"fingerprint": "ab" * 32, "samples": 30}, "versions": {"torch": "2.13.0"},
+                   "source": "FitPrune reference code", "anything else": [1, {"a": None}]}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("budget", "lots"), ("budget", -0.1), ("budget", 0), ("budget", 1.5), ("budget", None), ("budget", float("nan")),
+    ("flops_fraction", -3), ("flops_fraction", 1.01), ("flops_fraction", float("inf")), ("flops_fraction", "0.4"),
+    ("divergence", -1e-3), ("kl", -1), ("kl", True), ("top1_agreement", 1.5), ("top1_agreement", -0.5),
+    ("search", ""), ("search", 7), ("search_params", [1]), ("head_reduce", "min"), ("calibration", {"samples": -1}),
+    ("calibration", "30"), ("versions", ["2.13"]), ("source", None), ("anything else", object()),
+])
+def test_recipes_refuse_provenance_of_the_wrong_type_or_range(key, value):
+    with pytest.raises(RecipeError, match="provenance") as info:
+        _recipe(provenance=dict(GOOD_PROVENANCE, **{key: value}))
+    assert "\n" not in str(info.value)
+
+
+def test_the_provenance_the_compiler_writes_round_trips():
+    recipe = _recipe(provenance=GOOD_PROVENANCE)
+    assert from_bytes(recipe.to_bytes()).provenance == GOOD_PROVENANCE
+    assert _recipe(provenance={"budget": 1.0, "flops_fraction": 1.0 + 1e-9}).provenance["flops_fraction"] > 1  # rounding slack
+
+
+# ------------------------------------------------------------------ writing over a non-regular file
+@pytest.fixture
+def refuse_replacing_devices(monkeypatch):
+    """Fail, never replace, if anything renames a file onto a device under /dev (the writer must refuse first)."""
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if os.path.realpath(dst).startswith("/dev/"):
+            raise AssertionError(f"os.replace onto {dst}: write_atomic let a device through")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/null", "symlink to /dev/null"])
+def test_saving_over_a_device_or_fifo_raises_recipe_error_and_leaves_it_alone(tmp_path, refuse_replacing_devices, kind):
+    import stat
+
+    if kind == "fifo":
+        target = tmp_path / "pipe.safetensors"
+        os.mkfifo(target)
+    elif kind == "/dev/null":
+        target = "/dev/null"
+    else:
+        target = tmp_path / "link.safetensors"
+        target.symlink_to("/dev/null")
+    before = stat.S_IFMT(os.stat(target).st_mode)
+    with pytest.raises(RecipeError, match="not a regular file") as info:
+        _recipe().save(target)
+    assert type(info.value) is RecipeError and str(target) in str(info.value) and "\n" not in str(info.value)
+    assert stat.S_IFMT(os.stat(target).st_mode) == before
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_saving_statistics_over_a_fifo_raises_statistics_error(tmp_path):
+    import stat
+
+    from recipe_compiler.errors import StatisticsError
+    from recipe_compiler.statistics import Statistics, save_statistics
+
+    target = tmp_path / "stats.safetensors"
+    os.mkfifo(target)
+    zeros = np.zeros((1, 2, 3), dtype=np.float32)
+    stats = Statistics(zeros, zeros, zeros, np.array([3]), np.array([2]), np.array([9]))
+    with pytest.raises(StatisticsError, match="not a regular file"):
+        save_statistics(stats, target)
+    assert stat.S_ISFIFO(os.stat(target).st_mode)
+
+
+def test_reading_statistics_from_a_fifo_raises_statistics_error_without_blocking(tmp_path):
+    target = tmp_path / "stats.safetensors"
+    os.mkfifo(target)  # opening it for reading waits for a writer forever, deaf to signals
+    code = ("import sys; from recipe_compiler.errors import StatisticsError; from recipe_compiler.statistics import load_statistics\n"
+            "try:\n    load_statistics(sys.argv[1])\nexcept StatisticsError as exc:\n    print(exc)")
+    try:  # in a child, so a regression hangs the child (killed at the timeout), not the suite
+        out = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=60,
+                             cwd=os.path.dirname(os.path.dirname(__file__)))
+    except subprocess.TimeoutExpired:
+        pytest.fail("load_statistics blocked on a FIFO")
+    assert out.returncode == 0, out.stderr
+    assert f"statistics path {target} is a FIFO (named pipe), not a statistics file" in out.stdout

@@ -597,7 +597,15 @@ def _head_reduce(value: Any) -> bool:
     return value in HEAD_REDUCTIONS
 
 
-_head_reduce.expected = "a head reduction name (max or mean)"
+class _HeadReduceExpected:
+    # Read at message time: the registry is filled lazily, and its names are the truth.
+    def __str__(self) -> str:
+        from .methods.heads import HEAD_REDUCTIONS
+
+        return "one of " + ", ".join(sorted(HEAD_REDUCTIONS))
+
+
+_head_reduce.expected = _HeadReduceExpected()
 
 
 def _calibration(value: Any) -> bool:

@@ -346,7 +346,7 @@ def test_prompts_the_processor_refuses_are_refused_before_any_weight_is_loaded(
     tmp_path, capsys, tiny, tiny_checkpoint, no_weights, command, model, fault
 ):
     from recipe_compiler.evaluate import main as eval_main
-    from runtime.adapters import model_fingerprint
+    from runtime.families import model_fingerprint
     from runtime.recipe import Recipe
 
     prompt, words = PROMPT_FAULTS[fault]
@@ -380,7 +380,7 @@ def test_a_hand_built_set_with_a_bad_prompt_is_refused_by_the_api_before_any_for
 
     from recipe_compiler.calibration import CalibrationSet
     from recipe_compiler.evaluate import evaluate_recipes
-    from runtime.adapters import model_fingerprint
+    from runtime.families import model_fingerprint
     from runtime.recipe import Recipe
 
     good = load_calibration(samples=1).samples[0]

@@ -70,6 +70,7 @@ FAMILIES: list[FamilyCase] = [
     FamilyCase("tiny-llava-next", "<image>", ((64, 64), (90, 60)), view_sizes=_next_views),
     FamilyCase("tiny-qwen2-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
     FamilyCase("tiny-qwen2.5-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
+    FamilyCase("tiny-qwen3-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
 ]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -23,13 +22,12 @@ import torch
 from . import attention
 from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, StageCannotRun
 from .families import family_for
+from .log import logger
 from .methods.scorers import SCORERS
 from .methods.stages import NO_STAGE
 from .prellm_stage import PreLLMStage
 from .scoring import keep_top
 from .state import PerThread
-
-logger = logging.getLogger("runtime")
 
 
 @dataclass

@@ -7,6 +7,7 @@ bit for bit, in every round.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from families import FamilyCase, family_params
-from runtime import Recipe
+from runtime import Recipe, RecipeMismatchError
 from runtime.families import model_fingerprint
 from runtime.methods.stages import STAGES
 from runtime.prellm_stage import unsupported_reason
@@ -69,7 +70,9 @@ def test_threads_sharing_one_patched_model_each_get_what_they_get_alone(case: Fa
     loaded = case.load()
     model = loaded.model
     if isinstance(stage, str) and unsupported_reason(model, stage):
-        pytest.skip(unsupported_reason(model, stage))  # refused at apply: the matrix checks that
+        with pytest.raises(RecipeMismatchError, match=re.escape(stage)):  # refused at apply, before any request
+            _recipe(model, stage)
+        return
     requests = _requests(case, loaded)
     with _recipe(model, stage), torch.no_grad():
         alone = [model.generate(**r, **GREEDY) for r in requests]

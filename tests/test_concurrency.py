@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from families import FamilyCase, family_params
+from recipe_compiler.search import SEARCHES
 from runtime import Recipe
 from runtime.families import model_fingerprint
 
@@ -38,11 +39,14 @@ def _requests(case: FamilyCase, loaded) -> list[dict]:
     return out
 
 
-def _recipe(model, stage: bool | None):
+def _recipe(model, stage: bool | str | None):
     if stage is None:  # the control: the unpatched model under the same threads
         return contextlib.nullcontext()
     fp = model_fingerprint(model)
     v, layers = fp["visual_tokens"], fp["num_layers"]
+    if isinstance(stage, str):  # an in-LLM peer method at its paper defaults (its scorer keeps per-request state)
+        search = SEARCHES[stage]
+        return Recipe(keep_count=search.example(layers, v), scorer=search.scorer, fingerprint=fp).apply(model)
     counts = np.array([v, v] + [v // 2] * 2 + [v // 4] * (layers - 4))
     spec = {"method": "g-prune", "keep_ratio": 0.75, "params": {}} if stage else {"method": "none"}
     return Recipe(keep_count=counts, scorer="fitprune", fingerprint=fp, pre_llm=spec).apply(model)
@@ -52,7 +56,10 @@ def _same(a, b) -> bool:
     return torch.equal(a.sequences, b.sequences) and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
 
 
-@pytest.mark.parametrize("stage", [None, False, True], ids=["unpatched", "schedule", "stage+schedule"])
+_METHODS = [name for name, search in SEARCHES.items() if search.is_method]
+
+
+@pytest.mark.parametrize("stage", [None, False, True, *_METHODS], ids=["unpatched", "schedule", "stage+schedule", *_METHODS])
 @pytest.mark.parametrize("case", family_params())
 def test_threads_sharing_one_patched_model_each_get_what_they_get_alone(case: FamilyCase, stage: bool | None):
     loaded = case.load()

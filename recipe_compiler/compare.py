@@ -17,6 +17,7 @@ comparison as soon as its module is registered. Each method is compiled at each 
 calibration set (one calibration pass per head reduction, shared by all methods), then measured
 with :func:`recipe_compiler.evaluate.evaluate_recipes` on the held-out samples: verified FLOPs,
 KL, top-1 agreement, greedy-continuation match, prefill time and KV-cache bytes.
+``recipe-eval --compare`` (:mod:`recipe_compiler.evaluate`) is the command line.
 
 Example:
     >>> resolve("gprune")[0]
@@ -36,6 +37,8 @@ from runtime.methods.stages import STAGES
 from runtime.registry import Registry
 
 from .calibration import CalibrationSet
+
+UNAVAILABLE = "not available in this build"
 
 COMPARISONS = Registry("comparison method")
 """name → :class:`Comparison`: names whose compile options are not simply a stage's or a search's name."""
@@ -89,9 +92,15 @@ def resolve(name: str) -> tuple[dict | None, bool, str]:
         return {"pre_llm": name}, STAGES[name].fixed_ratio and not STAGES[name].own_schedule, ""
     if name in SEARCHES:
         return {"search": name}, False, ""
-    known = sorted(set(COMPARISONS) | set(STAGES) | set(SEARCHES))
-    return None, False, (f"not available in this build: no comparison, pre-LLM stage or schedule search is named {name!r} "
-                         f"(known: {', '.join(known)})")
+    return None, False, (f"{UNAVAILABLE}: no comparison, pre-LLM stage or schedule search is named {name!r} "
+                         f"(known: {', '.join(known_names())})")
+
+
+def known_names() -> list[str]:
+    """Every name ``--compare`` resolves, sorted."""
+    from .search import SEARCHES
+
+    return sorted(set(COMPARISONS) | set(STAGES) | set(SEARCHES))
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -178,6 +187,7 @@ def run_comparison(
     methods: Sequence[str],
     budgets: Sequence[float],
     *,
+    measure: Callable[..., list],
     format_prompt: Callable[[str], str] = lambda p: p,
     batch_size: int = 4,
     new_tokens: int = 8,
@@ -195,6 +205,9 @@ def run_comparison(
         budgets: FLOPs budgets.
         batch_size, new_tokens, repeats, device: as ``recipe-eval``.
         say: progress lines (one per compiled recipe).
+        measure: ``measure(model, processor, samples, recipes, **options) -> evaluations``:
+            :func:`recipe_compiler.evaluate.evaluate_recipes` (passed in, since ``recipe-eval``'s
+            module imports this one).
 
     Returns:
         One :class:`Row` per method and budget, methods in the given order.
@@ -205,7 +218,6 @@ def run_comparison(
 
     from .collect import collect_statistics
     from .compile import CompileConfig, compile_recipe
-    from .evaluate import evaluate_recipes
     from .flops import LMShape
 
     shape = LMShape.from_config(family_for(model).text_config(model))
@@ -246,7 +258,7 @@ def run_comparison(
             recipes[f"{method}@{budget:g}"] = (row, result.recipe)
             say(f"{method} @ {budget:g}: compiled in {row.compile_seconds:.1f}s (flops {result.verification.flops_fraction:.4f} on calibration)")
     if recipes:
-        evaluations = evaluate_recipes(model, processor, heldout, {name: recipe for name, (_, recipe) in recipes.items()},
+        evaluations = measure(model, processor, heldout, {name: recipe for name, (_, recipe) in recipes.items()},
                                        format_prompt=format_prompt, new_tokens=new_tokens, batch_size=batch_size,
                                        repeats=repeats, device=device)
         for (row, _), evaluation in zip(recipes.values(), evaluations):
@@ -259,8 +271,14 @@ def format_comparison(rows: Sequence[Row]) -> str:
     header = (f"{'method':<14} {'budget':>6} {'calib':>7} {'flops':>7} {'vis.tok':>8} {'KL':>10} {'top1':>6} {'greedy':>7} {'exact':>6} "
               f"{'prefill':>7} {'KV frac':>8}  how")
     lines = [header, "-" * len(header)]
+    unavailable: list[str] = []
     for row in rows:
         e = row.evaluation
+        if e is None and row.error.startswith(UNAVAILABLE):
+            if row.method not in unavailable:
+                unavailable.append(row.method)
+                lines.append(f"{row.method:<14} {'all':>6}  {UNAVAILABLE} (no comparison, pre-LLM stage or schedule search of that name)")
+            continue
         if e is None:
             lines.append(f"{row.method:<14} {row.budget:>6g}  {row.error}")
             continue
@@ -278,6 +296,8 @@ def format_comparison(rows: Sequence[Row]) -> str:
             f"per layer; greedy = token agreement over {e.new_tokens} greedy tokens, exact = whole continuation; prefill = "
             f"pruned/unpruned median wall time over {e.repeats} alternating runs (batch {e.timed_batch}); KV frac = KV-cache bytes pruned/unpruned"
         )
+    if unavailable:
+        lines.append(f"known names: {', '.join(known_names())}")
     return "\n".join(lines)
 
 

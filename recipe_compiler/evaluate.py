@@ -392,7 +392,7 @@ def _compare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     rows = run_comparison(loaded.model, loaded.processor, calibration, heldout, methods, budgets,
                           format_prompt=loaded.format_prompt, batch_size=args.batch_size, new_tokens=args.new_tokens,
-                          repeats=args.repeats or 3, device=args.device, say=say)
+                          repeats=args.repeats or 3, device=args.device, say=say, measure=evaluate_recipes)
     seconds = time.perf_counter() - started
     payload = {"model": args.model, "methods": methods, "budgets": budgets, "calibration_samples": len(calibration.samples),
                "heldout_samples": len(heldout.samples), "seconds": round(seconds, 1), "rows": [row.as_dict() for row in rows]}

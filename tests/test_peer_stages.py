@@ -186,3 +186,17 @@ def test_prumerge_plus_writes_the_reference_merge_on_an_image_with_outliers(cali
     for _, positions, features in written:
         assert features.shape[0] == positions.numel() >= 2
     assert kept_index(torch.tensor([0.1] * 20)) is None  # flat attention: no outlier, nothing pruned
+
+
+@pytest.mark.parametrize("method", PEERS)
+def test_the_vllm_plugin_refuses_the_peer_stages_it_does_not_compute(tiny, method):
+    from runtime import RecipeError
+    from runtime.vllm import SERVED_STAGES, overrides
+
+    fp = model_fingerprint(tiny.model)
+    spec = {"method": method, "keep_ratio": 0.5, "params": {}} if STAGES[method].fixed_ratio else {"method": method, "params": {}}
+    recipe = Recipe(keep_count=np.full(fp["num_layers"], fp["visual_tokens"]), scorer="fitprune", fingerprint=fp, pre_llm=spec)
+    with pytest.raises(RecipeError, match=method) as refused:  # PruMerge+ already for its per-image count
+        overrides(recipe)
+    assert "vLLM" in str(refused.value)
+    assert method not in SERVED_STAGES

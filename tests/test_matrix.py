@@ -108,7 +108,10 @@ def recipe_kinds(case: FamilyCase) -> dict:
         if search.is_method:
             out[f"method-{name}"] = Recipe(keep_count=search.example(layers, v), scorer=search.scorer, fingerprint=fp)
     for method in STAGES.names():
-        if method == "cls-inflection":
+        if not STAGES[method].fixed_ratio and method != "cls-inflection":  # a count of its own, no parameters
+            out[f"stage-{method}"] = Recipe(keep_count=np.full(layers, v), scorer="fitprune", fingerprint=fp,
+                                            pre_llm={"method": method, "params": {}})
+        elif method == "cls-inflection":
             k = 2
             counts = np.array([v] * k + [int(math.floor(STAGE_RATIO * v + 0.5))] * (layers - k))
             spec = {"method": method, "params": {"stage2_layer": k, "stage2_ratio": STAGE_RATIO}}
@@ -240,7 +243,7 @@ def _expected_visual(case: FamilyCase, model, recipe: Recipe, inputs: dict, requ
         n = sum(per_image)
         if method == "none":
             survivors = n
-        elif method == "cls-inflection":  # the knee is per image and data-dependent: take the count kept
+        elif not STAGES[method].fixed_ratio:  # the count is per image and data-dependent: take the count kept
             survivors = int(request.visual_per_layer[0][row * beams])
             assert (0 < survivors <= n) if n else survivors == 0
         else:

@@ -152,3 +152,64 @@ def test_divprune_keeps_the_greedy_max_min_set_of_the_input_embeddings(tiny, cal
     start = int(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_index)[0])
     assert (kept - start).tolist() == torch.nonzero(keep).flatten().tolist()
     assert embeds is not None
+
+
+def test_vtc_cls_keeps_the_top_patches_of_the_summed_cls_attention(tiny_eager, calibration):
+    from conftest import make_inputs
+    from runtime.methods.stages.vtc_cls import start_layer
+    from runtime.peer_math import vtc_cls as vtc
+
+    model = tiny_eager.model
+    inputs = make_inputs(tiny_eager, calibration.samples[:1])
+    fp = model_fingerprint(model)
+    recipe = Recipe(keep_count=np.full(fp["num_layers"], fp["visual_tokens"]), scorer="fitprune", fingerprint=fp,
+                    pre_llm={"method": "vtc-cls", "keep_ratio": 36 / 576, "params": {}})
+    with recipe.apply(model) as handle, torch.no_grad():
+        model(**inputs)
+        kept = handle.last_request.selection[0][0]
+        tower = model.model.vision_tower
+        out = tower(inputs["pixel_values"], output_attentions=True)
+    depth = len(out.attentions)
+    rows = torch.stack([a[:, :, 0, :] for a in out.attentions[start_layer(depth, None):-1]])  # (layers, B, H, 1 + N)
+    keep = vtc.select(vtc.scores(rows), 36)[0]
+    start = int(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_index)[0])
+    assert (kept - start).tolist() == torch.nonzero(keep).flatten().tolist()
+
+
+def test_prumerge_plus_writes_the_reference_merge_on_an_image_with_outliers(calibration):
+    """On tiny-llava-next's random weights some views have IQR outliers (tiny-llava's mostly do not:
+    its CLS attention is flat, and such an image passes through unpruned, where the reference divides by zero)."""
+    from runtime.methods.stages.prumerge_plus import kept_index
+
+    loaded = CASES["tiny-llava-next"].load()
+    model = loaded.model
+    from conftest import make_inputs
+
+    inputs = make_inputs(loaded, calibration.samples[:1])
+    fp = model_fingerprint(model)
+    recipe = Recipe(keep_count=np.full(fp["num_layers"], fp["visual_tokens"]), scorer="fitprune", fingerprint=fp,
+                    pre_llm={"method": "prumerge-plus", "params": {}})
+    written = []
+    with recipe.apply(model) as handle, torch.no_grad():
+        stage = handle.policy.stage
+        original = stage.writes
+        stage.writes = lambda: written.extend(original()) or list(written)
+        model(**inputs)
+    assert written, "no view had an outlier"
+    for _, positions, features in written:
+        assert features.shape[0] == positions.numel() >= 2
+    assert kept_index(torch.tensor([0.1] * 20)) is None  # flat attention: no outlier, nothing pruned
+
+
+@pytest.mark.parametrize("method", PEERS)
+def test_the_vllm_plugin_refuses_the_peer_stages_it_does_not_compute(tiny, method):
+    from runtime import RecipeError
+    from runtime.vllm import SERVED_STAGES, overrides
+
+    fp = model_fingerprint(tiny.model)
+    spec = {"method": method, "keep_ratio": 0.5, "params": {}} if STAGES[method].fixed_ratio else {"method": method, "params": {}}
+    recipe = Recipe(keep_count=np.full(fp["num_layers"], fp["visual_tokens"]), scorer="fitprune", fingerprint=fp, pre_llm=spec)
+    with pytest.raises(RecipeError, match=method) as refused:  # PruMerge+ already for its per-image count
+        overrides(recipe)
+    assert "vLLM" in str(refused.value)
+    assert method not in SERVED_STAGES

@@ -392,7 +392,7 @@ class PruningHandle:
     def _on_language_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed it "cache"
         ids, self._input_ids = self._input_ids, None
         base_kwargs, self._base_kwargs = self._base_kwargs, {}
         self._forward = {"mask": mask, "cache": cache}
@@ -569,14 +569,8 @@ class PruningHandle:
         else:
             head = mask2d[:, :prompt].bool().gather(1, orig_index.to(mask2d.device)) & valid.to(mask2d.device)
             pruned = torch.cat([head, mask2d[:, prompt:].bool()], dim=1)
-        return create_causal_mask(
-            config=self._config,
-            inputs_embeds=hidden,
-            attention_mask=pruned.to(hidden.device),
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=layer,
-        )
+        # The cache goes by position: transformers 5.24 renamed the parameter past_key_values -> cache.
+        return create_causal_mask(self._config, hidden, pruned.to(hidden.device), cache, position_ids=None, layer_idx=layer)
 
 
 def _grows_per_layer(cache: Any) -> bool:

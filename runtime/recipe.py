@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import re
 import os
 import stat
 import struct
@@ -201,6 +202,39 @@ class Recipe:
             {"keep_count": self.keep_count.astype("<i4"), "keep_ratio": self.keep_ratio.astype("<f4")}, metadata
         )
 
+    def push_to_hub(self, repo_id: str, *, filename: str = "recipe.safetensors", base_model: str | None = None,
+                    private: bool | None = None, token: str | None = None, revision: str | None = None,
+                    commit_message: str | None = None) -> str:
+        """Upload the recipe and a model card to a Hugging Face Hub model repository, in one commit.
+
+        The repository is created when missing. The card (``README.md``) names the model the recipe
+        fits, its budget, the verified FLOPs fraction, the fidelity figures and how to apply it;
+        ``runtime.load(repo_id)`` then gives back these exact bytes. Needs ``huggingface_hub``
+        (imported only here) and a write token (``hf auth login`` or ``HF_TOKEN``, or ``token=``).
+
+        Args:
+            repo_id: ``org/name``.
+            filename: the recipe's file in the repository.
+            base_model: the hub id of the model the recipe was compiled for (the card's ``base_model``).
+            private: create the repository private (only when it does not exist yet).
+            token: a Hub token; default: the logged-in one.
+            revision: the branch to commit to; default: the main branch.
+            commit_message: default ``"Add pruning recipe <filename>"``.
+
+        Returns:
+            The URL of the commit.
+
+        Raises:
+            HubAuthError, HubNotFoundError, HubGatedRepoError, HubOfflineError: one line each.
+
+        Example:
+            >>> recipe.push_to_hub("me/llava-1.5-7b-prune-045", base_model="llava-hf/llava-1.5-7b-hf")   # doctest: +SKIP
+        """
+        from .hub import push
+
+        return push(self, repo_id, filename=filename, base_model=base_model, private=private, token=token,
+                    revision=revision, commit_message=commit_message)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the recipe atomically: the file at ``path`` is either the old one or the whole new one.
 
@@ -318,11 +352,18 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def load(path: str | os.PathLike) -> Recipe:
-    """Read and validate a recipe file.
+def load(path: str | os.PathLike, *, filename: str | None = None, revision: str | None = None) -> Recipe:
+    """Read and validate a recipe: a local file, or a file of a Hugging Face Hub repository.
+
+    A local path wins when it exists. Otherwise a hub id (``org/name``) is fetched with
+    ``huggingface_hub.hf_hub_download`` (imported only then): its cache and offline mode
+    (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``) are honoured, so a recipe cached once loads offline.
 
     Args:
-        path: a ``.safetensors`` recipe written by ``recipe-compile`` or :meth:`Recipe.save`.
+        path: a ``.safetensors`` recipe written by ``recipe-compile`` or :meth:`Recipe.save`, or a
+            hub id.
+        filename: the file in the hub repository (default ``recipe.safetensors``).
+        revision: a branch, tag or commit of the hub repository (default: its main branch).
 
     Returns:
         The :class:`Recipe`.
@@ -330,11 +371,24 @@ def load(path: str | os.PathLike) -> Recipe:
     Raises:
         RecipeError: missing, unreadable, not a recipe, an unknown schema, or inconsistent values;
             the message names the file and the problem.
+        HubError: (a ``RecipeError``) the Hub could not give the file: ``HubNotFoundError``,
+            ``HubGatedRepoError``, ``HubAuthError`` or ``HubOfflineError``, each one line.
 
     Example:
         >>> recipe = load("recipe.safetensors")          # doctest: +SKIP
+        >>> recipe = load("user/llava-recipes", filename="r45.safetensors", revision="v1")   # doctest: +SKIP
         >>> handle = recipe.apply(model)                  # doctest: +SKIP
     """
+    if not os.path.lexists(os.fspath(path)) and _is_hub_id(os.fspath(path)):
+        from .hub import DEFAULT_FILENAME, download
+
+        path = download(os.fspath(path), filename or DEFAULT_FILENAME, revision=revision)
+    elif filename is not None or revision is not None:
+        raise RecipeError(
+            f"filename= and revision= name a file of a Hub repository, but {os.fspath(path)!r} "
+            + ("is a local path" if os.path.lexists(os.fspath(path)) else "is not a hub id (org/name)")
+            + "; pass the recipe file itself, or a hub id"
+        )
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -355,6 +409,14 @@ def load(path: str | os.PathLike) -> Recipe:
             raise
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise RecipeError(f"recipe file {path} cannot be read: {reason}") from None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _is_hub_id(text: str) -> bool:
+    """``org/name`` as the Hub spells repository ids; a ``.safetensors`` name is a file that is missing."""
+    return bool(_HUB_ID.match(text)) and ".." not in text and not text.endswith((".safetensors", ".", "-"))
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> Recipe:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .scenes import GRID, IMAGE_SIZE, PATCH
+from .task import GRID, IMAGE_SIZE, PATCH
 from .vocab import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, VOCAB_SIZE
 
 N_VISUAL = GRID * GRID

@@ -35,36 +35,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 224
-PATCH = 14
-GRID = IMAGE_SIZE // PATCH  # 16 x 16 = 256 visual tokens
-
-COLOURS = {
-    "red": (222, 36, 36),
-    "green": (34, 168, 52),
-    "blue": (36, 78, 232),
-    "yellow": (244, 222, 32),
-    "purple": (150, 44, 196),
-    "orange": (250, 138, 20),
-}
-COLOUR_NAMES = tuple(COLOURS)
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-SIZES = {"small": (13, 17), "large": (24, 30)}  # radius range in pixels
-COUNT_WORDS = ("zero", "one", "two", "three")
-DIGITS = tuple(str(d) for d in range(10))
-
-QTYPES = ("colour", "shape", "count", "exists", "side", "size", "digit")
-ANSWERS = {
-    "colour": COLOUR_NAMES,
-    "shape": SHAPES,
-    "count": COUNT_WORDS,
-    "exists": ("yes", "no"),
-    "side": ("left", "right"),
-    "size": tuple(SIZES),
-    "digit": DIGITS,
-}
-PROMPT_WORDS = ("what", "colour", "is", "the", "shape", "object", "how", "many", "objects", "are",
-                "there", "a", "which", "side", "on", "size", "digit", "shown", "?")
+from .task import (  # noqa: F401 - re-exported
+    ANSWERS, COLOUR_NAMES, COLOURS, COUNT_WORDS, DIGITS, GRID, IMAGE_SIZE, PATCH, PROMPT_WORDS, QTYPES, SHAPES, SIZES,
+)
 
 # Seven-segment digits: segments a b c d e f g (top, top-right, bottom-right, bottom, bottom-left,
 # top-left, middle).

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .scenes import ANSWERS, PROMPT_WORDS
+from .task import ANSWERS, PROMPT_WORDS
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = range(5)

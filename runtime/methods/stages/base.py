@@ -70,6 +70,7 @@ class Stage:
         selection_params: the parameters that act only on the selection from those scores.
         own_schedule: the stage's parameters fix the in-LLM schedule too (CLS-inflection's stage 2),
             so no schedule search applies to it.
+        baseline: a reference point (random keep), not a method: ``--pre-llm auto`` never picks it.
     """
 
     name = ""
@@ -80,6 +81,7 @@ class Stage:
     score_params: tuple[str, ...] = ()
     selection_params: tuple[str, ...] = ()
     own_schedule = False
+    baseline = False
 
     # ------------------------------------------------------------------ the recipe's parameters
     def validate(self, params: dict, recipe: Any) -> None:

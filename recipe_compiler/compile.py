@@ -323,7 +323,7 @@ def _fixed_stage(config: CompileConfig, statistics: Statistics) -> tuple[dict, n
 def _compile_with_stage(model, processor, calibration, config, statistics, shape, fingerprint, v_ref, timings, step, share, common):
     """``--pre-llm``: evaluate the stage(s) with the in-LLM schedule, keep the best, verify it."""
     started = time.perf_counter()
-    methods = (NO_STAGE, *STAGES) if config.pre_llm == AUTO else (config.pre_llm,)
+    methods = (NO_STAGE, *(m for m, s in STAGES.items() if not s.baseline)) if config.pre_llm == AUTO else (config.pre_llm,)
     candidates = []
     for method in methods:
         reason = None if method == NO_STAGE else unsupported_reason(model, method)
@@ -425,7 +425,7 @@ def _check_statistics(stats: Statistics, fingerprint: dict, calibration: Calibra
         raise StatisticsError("the saved statistics were collected on a different model; recollect them without --stats")
     if stats.calibration_fingerprint != calibration.fingerprint():
         raise StatisticsError("the saved statistics were collected on a different calibration set or --samples; recollect them")
-    stages = list(STAGES.values()) if config.pre_llm == AUTO else [STAGES[config.pre_llm]] if config.pre_llm in STAGES else []
+    stages = [s for s in STAGES.values() if not s.baseline] if config.pre_llm == AUTO else [STAGES[config.pre_llm]] if config.pre_llm in STAGES else []
     recorded = json.loads(stats.prellm_params) if stats.prellm_params else {}
     for stage in stages:  # the scores a stage would be chosen on must be what it would compute now
         if stage.statistic in stats.prellm:

@@ -45,6 +45,7 @@ KINDS = (
     "schedule-fitprune",
     "schedule-text-mean",
     "schedule-last-token",
+    "schedule-random",
     *(f"stage-{method}" for method in STAGES.names()),
     "stage+schedule",
     *(f"method-{name}" for name, search in SEARCHES.items() if search.is_method),  # the in-LLM peers, paper defaults
@@ -102,6 +103,7 @@ def recipe_kinds(case: FamilyCase) -> dict:
         "schedule-fitprune": Recipe(keep_count=schedule, scorer="fitprune", fingerprint=fp),
         "schedule-text-mean": Recipe(keep_count=schedule, scorer="text-mean", fingerprint=fp, head_reduce="mean"),
         "schedule-last-token": Recipe(keep_count=schedule, scorer="last-token", fingerprint=fp, head_reduce="mean"),
+        "schedule-random": Recipe(keep_count=schedule, scorer="random", fingerprint=fp, head_reduce="mean"),
         "stage+schedule": Recipe(keep_count=schedule, scorer="fitprune", fingerprint=fp, pre_llm={"method": "g-prune", **stage}),
     }
     for name, search in SEARCHES.items():

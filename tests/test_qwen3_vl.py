@@ -251,12 +251,18 @@ def test_language_model_linear_flops_equal_torch_flop_counter_on_the_tiny_model(
 # ---------------------------------------------------------------------------------- compile
 
 
-def test_recipe_compile_for_tiny_qwen3_vl_meets_the_budget_and_applies(tmp_path):
-    from recipe_compiler.cli import compile_main
+@pytest.mark.parametrize("options", [[], ["--search", "fitprune"], ["--pre-llm", "auto"]], ids=["optimal", "fitprune", "pre-llm-auto"])
+def test_recipe_compile_for_tiny_qwen3_vl_meets_the_budget_applies_and_inspects(tmp_path, capsys, options):
+    from recipe_compiler.cli import compile_main, inspect_main
     from runtime import load
 
     out = tmp_path / "r.safetensors"
-    assert compile_main(["--model", "tiny-qwen3-vl", "--samples", "3", "--quiet", "--budget", "0.45", "-o", str(out)]) == 0
+    assert compile_main(["--model", "tiny-qwen3-vl", "--samples", "3", "--quiet", "--budget", "0.45", *options, "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    if "auto" in options:
+        assert [line for line in stdout.splitlines() if "skipped" in line] == [
+            "-cls-inflection skipped: pre-LLM stage 'cls-inflection' is not supported on model_type 'qwen3_vl' "
+            "(its vision encoder has no CLS token); use g-prune, fopru-rank or fopru-row"]
     recipe = load(out)
     assert recipe.fingerprint == model_fingerprint(_tiny().model)
     assert recipe.provenance["flops_fraction"] <= 0.45 * (1 + 1e-9)
@@ -264,3 +270,5 @@ def test_recipe_compile_for_tiny_qwen3_vl_meets_the_budget_and_applies(tmp_path)
     with recipe.apply(model) as handle, torch.no_grad():
         model.generate(**_inputs(2), **GREEDY)
         assert handle.last_request is not None
+    assert inspect_main([str(out)]) == 0
+    assert "per reference image (tiny-qwen3-vl" in capsys.readouterr().out

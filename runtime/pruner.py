@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -23,13 +22,12 @@ import torch
 from . import attention
 from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, StageCannotRun
 from .families import family_for
+from .log import logger
 from .methods.scorers import SCORERS
 from .methods.stages import NO_STAGE
 from .prellm_stage import PreLLMStage
 from .scoring import keep_top
 from .state import PerThread
-
-logger = logging.getLogger("runtime")
 
 
 @dataclass
@@ -102,6 +100,10 @@ class Policy:
         """
         return hidden
 
+    def replay_rewrite(self, layer: int, roles: Roles, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`rewrite` while :meth:`PruningHandle.replay` forces the keep sets (default: nothing to write)."""
+        return hidden
+
 
 class RecipePolicy(Policy):
     """The production policy: per-layer keep counts from a recipe, top-k by the recipe's scorer.
@@ -167,6 +169,13 @@ class RecipePolicy(Policy):
             for row, positions, features in writes:
                 hidden[row, positions.to(hidden.device)] = features.to(hidden.device, hidden.dtype)
         return hidden
+
+    def replay_rewrite(self, layer: int, roles: Roles, hidden: torch.Tensor) -> torch.Tensor:
+        # A feature-writing stage recomputes what it writes: the same images give the same features.
+        if layer != 0 or self.stage is None or not self.stage.stage.writes_features:
+            return hidden
+        self.stage.keep(roles)
+        return self.rewrite(0, hidden)
 
 
 @dataclass
@@ -485,6 +494,7 @@ class PruningHandle:
             for row, positions in enumerate(wanted):
                 kept_visual[row] = torch.isin(roles.orig_index[row], positions.to(roles.orig_index.device))
             kept_visual &= roles.visual
+            hidden = self.policy.replay_rewrite(layer, roles, hidden)
         else:
             kept_visual = self.policy.select(layer, roles) & roles.visual
             hidden = self.policy.rewrite(layer, hidden)

@@ -278,3 +278,21 @@ def test_recipe_compile_for_tiny_qwen3_vl_meets_the_budget_applies_and_inspects(
         assert handle.last_request is not None
     assert inspect_main([str(out)]) == 0
     assert "per reference image (tiny-qwen3-vl" in capsys.readouterr().out
+
+
+def test_a_deep_copy_of_a_patched_model_is_clean_and_prunes_on_its_own_handle():
+    import copy
+
+    model = _tiny().model
+    inputs = _inputs(1)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    with _recipe(model, 1).apply(model) as handle, torch.no_grad():
+        clone = copy.deepcopy(model)
+        assert "_deepstack_process" not in clone.model.language_model.__dict__  # the family's wrapper stays behind
+        assert torch.equal(clone(**inputs).logits, reference)
+        pruned = model(**inputs).logits
+        with _recipe(clone, 1).apply(clone) as other:
+            assert torch.equal(clone(**inputs).logits, pruned)
+            assert other.last_request.selection[1][0].tolist() == handle.last_request.selection[1][0].tolist()
+    assert "_deepstack_process" not in model.model.language_model.__dict__  # removed with the handle

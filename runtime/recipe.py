@@ -46,7 +46,8 @@ class Recipe:
             name ("fitprune", "text-mean", "last-token").
         fingerprint: the model facts the recipe was compiled for (see :mod:`runtime.families`).
         head_reduce: how attention heads are combined when scoring, a
-            :data:`runtime.methods.heads.HEAD_REDUCTIONS` name ("max" as FitPrune, or "mean").
+            :data:`runtime.methods.heads.HEAD_REDUCTIONS` name ("max" as FitPrune, or "mean");
+            default (None): the scorer's own (:attr:`Scorer.head_reduce`: last-token → mean).
         pre_llm: the pre-LLM stage (tokens dropped on entry to layer 0; a
             :data:`runtime.methods.stages.STAGES` name, whose module validates its fields), a JSON-able dict:
             ``{"method": "none"}``; ``{"method": "g-prune", "keep_ratio": r, "params":
@@ -73,12 +74,17 @@ class Recipe:
     keep_count: np.ndarray
     scorer: str
     fingerprint: dict
-    head_reduce: str = "max"
+    head_reduce: str | None = None
     pre_llm: dict = field(default_factory=lambda: {"method": "none"})
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_count", np.asarray(self.keep_count, dtype=np.int32).copy())
+        if self.head_reduce is None:  # the scorer's own reduction is part of its definition
+            from .methods.scorers import SCORERS
+
+            if self.scorer in SCORERS:
+                object.__setattr__(self, "head_reduce", SCORERS[self.scorer].head_reduce)
         _validate(self)
 
     @classmethod
@@ -143,6 +149,12 @@ class Recipe:
                     f"recipe does not fit this model: {key} is {_short(self.fingerprint[key])} in the recipe "
                     f"but {actual[key]!r} in the model; compile a recipe for this model"
                 )
+        if self.pruning_layers:
+            from .methods.scorers import SCORERS
+
+            reason = SCORERS[self.scorer].unsupported_reason(model)
+            if reason:
+                raise RecipeMismatchError(f"recipe's scorer {self.scorer!r} cannot run on this model: {reason}")
         method = (self.pre_llm or {}).get("method", NO_STAGE)
         if method != NO_STAGE:
             from . import prellm_stage

@@ -11,7 +11,7 @@
 # numpy already is. filelock<4: lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed.
 #
 # Cached: the environment is reused when the marker holds the hash of this script, the constraints, the
-# python version and pyproject.toml; a second run takes seconds. The project install is editable, redone
+# python version and pyproject.toml's dependency lists; a second run takes seconds. The project install is editable, redone
 # (seconds) when the checkout path changes.
 #
 # Environment variables: LMMS_ENV (default ~/.cache/recipe-compiler/lmms-env), PYTHON (default python3).
@@ -27,7 +27,15 @@ LAYER=(accelerate loguru sacrebleu portalocker tabulate colorama lxml evaluate d
        pandas python-dateutil pytz tzdata six pyarrow requests urllib3 certifi charset-normalizer psutil tenacity
        aiohttp multidict attrs yarl propcache aiohappyeyeballs aiosignal frozenlist pytablewriter "filelock<4")
 
-inputs_hash="$( { cat "${BASH_SOURCE[0]}" "$CONSTRAINTS" "$ROOT/pyproject.toml"; "$PY" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)"
+# pyproject.toml counts by its dependency lists only (the project's and its test extra): other edits need no rebuild.
+project_deps() {
+    "$PY" - "$ROOT/pyproject.toml" <<'PY' 2>/dev/null || cat "$ROOT/pyproject.toml"
+import json, sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(json.dumps([project["dependencies"], project.get("optional-dependencies", {}).get("test", [])]))
+PY
+}
+inputs_hash="$( { cat "${BASH_SOURCE[0]}" "$CONSTRAINTS"; project_deps; "$PY" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)"
 marker="$ENV_DIR/.recipe-compiler-env-$inputs_hash"
 project_marker="$ENV_DIR/.recipe-compiler-project"
 project_key="$ROOT"

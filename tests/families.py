@@ -79,6 +79,7 @@ FAMILIES: list[FamilyCase] = [
     FamilyCase("tiny-qwen2.5-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
     FamilyCase("tiny-internvl", "<IMG_CONTEXT>", ((64, 64), (96, 32)), view_sizes=_tile_views),
     FamilyCase("tiny-llava-onevision", "<image>", ((64, 64), (160, 96)), view_sizes=_next_views),
+    FamilyCase("tiny-qwen3-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
 ]
 
 

@@ -30,13 +30,13 @@ from recipe_compiler.models import (  # noqa: E402
     resolve_spec,
 )
 from recipe_compiler.tokenizer import builtin_tokenizer  # noqa: E402
+from conftest import offline_hub  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _offline_empty_cache(monkeypatch, tmp_path):
     """Every test runs offline against an empty HF cache, whatever the machine has cached."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    offline_hub(monkeypatch, tmp_path / "hf-cache")
 
 
 @pytest.fixture(scope="module")

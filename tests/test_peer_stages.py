@@ -9,6 +9,7 @@ tower's own eager outputs (VisionZip's written features, DivPrune's kept set).
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -49,14 +50,15 @@ def test_each_peer_compiles_at_each_budget_and_meets_it_on_verification(family, 
     loaded = CASES[family].load()
     reason = unsupported_reason(loaded.model, method)
     config = CompileConfig(budget=budget, pre_llm=method)
-    if reason is not None:
-        assert "no CLS token" in reason and method in reason
-        with pytest.raises(ValueError, match="no CLS token"):
+    if reason is not None:  # refused for the family's own reason (no CLS token; InternVL: folded patches)
+        cause = re.escape(reason[reason.index("(") + 1:reason.rindex(")")])
+        assert method in reason
+        with pytest.raises(ValueError, match=cause):
             compile_recipe(loaded.model, loaded.processor, _calibration(), config, format_prompt=loaded.format_prompt)
         recipe = Recipe(keep_count=np.full(loaded.model.config.text_config.num_hidden_layers, model_fingerprint(loaded.model)["visual_tokens"]),
                         scorer="fitprune", fingerprint=model_fingerprint(loaded.model),
                         pre_llm={"method": method, "keep_ratio": 0.5, "params": {}} if STAGES[method].fixed_ratio else {"method": method, "params": {}})
-        with pytest.raises(RecipeMismatchError, match="no CLS token"):
+        with pytest.raises(RecipeMismatchError, match=cause):
             recipe.apply(loaded.model)
         return
     result = compile_recipe(loaded.model, loaded.processor, _calibration(), config,
@@ -65,7 +67,7 @@ def test_each_peer_compiles_at_each_budget_and_meets_it_on_verification(family, 
     assert result.verification.flops_fraction <= budget * (1 + 1e-9)
     chosen = result.details["pre_llm_chosen"]
     assert abs(chosen.flops_fraction - result.verification.flops_fraction) < 1e-9  # planned == measured
-    assert result.verification.visual_tokens_per_layer[0] < model_fingerprint(loaded.model)["visual_tokens"]
+    assert result.verification.visual_tokens_per_layer[0] < np.mean(_statistics(family).n_visual)  # the stage pruned
 
 
 def test_auto_includes_the_peer_stages(tiny, calibration):

@@ -138,6 +138,9 @@ class Family:
     """The model class :mod:`runtime.vllm_models` defines to serve this family's pre-LLM stage in vLLM."""
     vllm_refusal = "the vLLM plugin has no model class for this family"
     """Why the family is not served in vLLM (when :attr:`vllm_architecture` is None)."""
+    probe_refusal: str | None = None
+    """Why stages that probe the encoder per token (``Stage.probes``: one encoder patch per visual
+    token, projected one by one) cannot run on this family; ``None``: they can."""
     signals: dict[str, str | None] = {}
     """Vision signals pre-LLM stages may read: name → ``None`` (the family provides it) or why not.
 

@@ -68,6 +68,8 @@ class InternVLFamily(Family):
     top_fields = Family.top_fields + ("downsample_ratio",)
     pre_llm = True
     signals = {"attention": None, "features": None}
+    probe_refusal = ("each InternVL token folds 2×2 encoder patches (pixel shuffle) and its projector maps the folded "
+                     "group, so a stage that merges single patches and projects them (VisionZip) does not apply")
     vllm_refusal = ("InternVL is not served by the vLLM plugin: it has no model class for InternVL's tiles and pixel "
                     "shuffle, and none is tested; serve it with the HF runtime (runtime.load(recipe).apply(model))")
 

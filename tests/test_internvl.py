@@ -2,10 +2,12 @@
 mapped onto the shuffled tokens (checked against the model's own attention weights)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from recipe_compiler.models import REGISTRY, load_model
+from runtime import Recipe
 from runtime.families import family_for, model_fingerprint
 from runtime.families.internvl import shuffle_sources
 
@@ -83,3 +85,15 @@ def test_fopru_and_cls_signals_are_the_encoders_own_mapped_onto_shuffled_tokens(
         torch.testing.assert_close(view.attention, cls_row[tile][sources].sum(dim=-1), rtol=1e-5, atol=1e-7)
         cosine = torch.nn.functional.cosine_similarity(features[tile, 1:], features[tile, :1], dim=-1)
         torch.testing.assert_close(view.clssim, cosine[sources].mean(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_the_vllm_plugin_refuses_internvl_with_the_reason():
+    import runtime.vllm as plugin
+    from runtime import RecipeError
+
+    model = load_model("tiny-internvl").model
+    fp = model_fingerprint(model)
+    recipe = Recipe(keep_count=np.full(fp["num_layers"], fp["visual_tokens"]), scorer="fitprune", fingerprint=fp,
+                    pre_llm={"method": "g-prune", "keep_ratio": 0.5, "params": {}})
+    with pytest.raises(RecipeError, match="InternVL is not served by the vLLM plugin"):
+        plugin.overrides(recipe)

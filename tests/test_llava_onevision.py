@@ -101,3 +101,14 @@ def test_cls_inflection_is_refused_at_apply_and_compile_with_the_reason(ov, tmp_
                          "--pre-llm", "cls-inflection", "-o", str(tmp_path / "r.safetensors")])
     assert code != 0 and "no CLS token" in capsys.readouterr().err
     assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_the_vllm_plugin_refuses_onevision_with_the_reason(ov):
+    import runtime.vllm as plugin
+    from runtime import RecipeError
+
+    fp = model_fingerprint(ov.model)
+    recipe = Recipe(keep_count=np.full(fp["num_layers"], fp["visual_tokens"]), scorer="fitprune", fingerprint=fp,
+                    pre_llm={"method": "g-prune", "keep_ratio": 0.5, "params": {}})
+    with pytest.raises(RecipeError, match="LLaVA-OneVision is not served by the vLLM plugin"):
+        plugin.overrides(recipe)

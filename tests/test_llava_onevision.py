@@ -112,3 +112,29 @@ def test_the_vllm_plugin_refuses_onevision_with_the_reason(ov):
                     pre_llm={"method": "g-prune", "keep_ratio": 0.5, "params": {}})
     with pytest.raises(RecipeError, match="LLaVA-OneVision is not served by the vLLM plugin"):
         plugin.overrides(recipe)
+
+
+@pytest.mark.parametrize("alias", ["llava-onevision-qwen2-7b-ov"])
+def test_flops_equal_the_flop_counter_at_real_size_on_the_meta_device(alias):
+    """The real architecture, built without weights: a 1000×300 image (anyres crops) and 300 LM tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from recipe_compiler.families import FAMILIES, vision_shape
+    from recipe_compiler.flops import LMShape, encoder_flops, layer_flops
+
+    model = load_model(alias, random_weights=True, device="meta", dtype="bf16", attn_implementation="eager").model
+    crops = packed_layout(model.config, 300, 1000)[1]
+    kwargs = {"pixel_values": torch.empty(1, crops, 3, 384, 384, device="meta", dtype=torch.bfloat16),
+              "image_sizes": torch.tensor([[300, 1000]])}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model.get_image_features(**kwargs)
+    assert FAMILIES["llava_onevision"].image_crop_counts(model.config, kwargs) == [crops]
+    assert encoder_flops(vision_shape(model.config), crops=crops) == pytest.approx(counter.get_total_flops(), rel=1e-12)
+    shape, n = LMShape.from_config(model.config.text_config), 300
+    lm = model.model.language_model  # one decoder layer (all are alike): the causal mask cannot be built on meta
+    x = torch.empty(1, n, shape.hidden, device="meta", dtype=torch.bfloat16)
+    positions = torch.arange(n, device="meta")[None]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        lm.layers[0](x, attention_mask=None, position_ids=positions, position_embeddings=lm.rotary_emb(x, positions))
+    linear = sum(v for op, v in counter.get_flop_counts()["Global"].items() if str(op).split(".")[1] in ("mm", "addmm"))
+    assert linear == layer_flops(shape, n) - 2 * shape.num_heads * shape.head_dim * n * (n + 1)

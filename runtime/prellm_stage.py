@@ -47,8 +47,6 @@ def _stage_reason(family: Any, stage: Any) -> str | None:
             return "it is not implemented for this family"
         if family.signals[signal] is not None:
             return family.signals[signal]
-    if stage.probes and family.probe_refusal is not None:
-        return family.probe_refusal
     return None
 
 

@@ -138,14 +138,14 @@ class Family:
     """The model class :mod:`runtime.vllm_models` defines to serve this family's pre-LLM stage in vLLM."""
     vllm_refusal = "the vLLM plugin has no model class for this family"
     """Why the family is not served in vLLM (when :attr:`vllm_architecture` is None)."""
-    probe_refusal: str | None = None
-    """Why stages that probe the encoder per token (``Stage.probes``: one encoder patch per visual
-    token, projected one by one) cannot run on this family; ``None``: they can."""
     signals: dict[str, str | None] = {}
     """Vision signals pre-LLM stages may read: name → ``None`` (the family provides it) or why not.
 
     ``"attention"``: each patch's significance from the encoder's attention at a feature layer;
-    ``"features"``: the CLS and patch hidden states of the model's feature layer.
+    ``"features"``: the CLS and patch hidden states of the model's feature layer;
+    ``"encoder_patches"``: each language-model image token is one encoder patch and the projector
+    maps encoder features to token embeddings one to one, so a stage may read the encoder's own
+    layers per patch and write merged encoder features through the projector (VisionZip).
     """
 
     # ------------------------------------------------------------------ where things are

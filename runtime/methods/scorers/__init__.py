@@ -3,12 +3,15 @@
 Example:
     >>> from runtime.methods.scorers import SCORERS
     >>> SCORERS.names()
-    ('fitprune', 'text-mean', 'last-token')
+    ('fitprune', 'text-mean', 'last-token', 'pdrop', 'dart', 'sparsevlm')
 """
 from .base import SCORERS, Scorer, register_scorer
 
 from . import fitprune  # noqa: F401
 from . import text_mean  # noqa: F401
 from . import last_token  # noqa: F401
+from . import pdrop  # noqa: F401
+from . import dart  # noqa: F401
+from . import sparsevlm  # noqa: F401
 
 __all__ = ["SCORERS", "Scorer", "register_scorer"]

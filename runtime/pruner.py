@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -23,13 +22,12 @@ import torch
 from . import attention
 from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, StageCannotRun
 from .families import family_for
+from .log import logger
 from .methods.scorers import SCORERS
 from .methods.stages import NO_STAGE
 from .prellm_stage import PreLLMStage
 from .scoring import keep_top
 from .state import PerThread
-
-logger = logging.getLogger("runtime")
 
 
 @dataclass
@@ -108,6 +106,10 @@ class Policy:
         The default changes nothing; a pre-LLM stage that merges dropped tokens into kept ones
         (``Selection.features``) writes the kept tokens' new input embeddings here at layer 0.
         """
+        return hidden
+
+    def replay_rewrite(self, layer: int, roles: Roles, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`rewrite` while :meth:`PruningHandle.replay` forces the keep sets (default: nothing to write)."""
         return hidden
 
 
@@ -191,6 +193,13 @@ class RecipePolicy(Policy):
                 hidden[row, positions.to(hidden.device)] = features.to(hidden.device, hidden.dtype)
         return hidden
 
+    def replay_rewrite(self, layer: int, roles: Roles, hidden: torch.Tensor) -> torch.Tensor:
+        # A feature-writing stage recomputes what it writes: the same images give the same features.
+        if layer != 0 or self.stage is None or not self.stage.stage.writes_features:
+            return hidden
+        self.stage.keep(roles)
+        return self.rewrite(0, hidden)
+
 
 @dataclass
 class _Request:
@@ -268,7 +277,7 @@ class PruningHandle:
                 f"attention implementation {self._saved_impl!r} is not supported by the pruning runtime; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
-        self._policy_hooks = list(self.policy.attach(self.model))
+        self._policy_hooks = list(self.policy.attach(self.model)) + list(self.family.pruning_hooks(self.model, self._pruned_sequence))
         attention.register()
         self._config._attn_implementation = attention.WRAPPED[self._saved_impl]
         base = self.family.base_model(self.model)
@@ -285,6 +294,14 @@ class PruningHandle:
             module = self.layers[index].self_attn
             attention.set_probe(module, self._make_probe(index))
             self._probed.append(module)
+
+    def _pruned_sequence(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(prompt index, valid)`` of the prefill in flight once a layer pruned it, else ``None``
+        (what a family's :meth:`~runtime.families.Family.pruning_hooks` follow)."""
+        request = self._request
+        if request is None or not request.kept or not self._forward.get("prefill"):
+            return None
+        return request.roles.orig_index, request.roles.valid
 
     def remove(self) -> None:
         """Remove every hook and probe and restore the attention implementation. Idempotent.
@@ -508,6 +525,7 @@ class PruningHandle:
             for row, positions in enumerate(wanted):
                 kept_visual[row] = torch.isin(roles.orig_index[row], positions.to(roles.orig_index.device))
             kept_visual &= roles.visual
+            hidden = self.policy.replay_rewrite(layer, roles, hidden)
         else:
             kept_visual = self.policy.select(layer, roles) & roles.visual
             hidden = self.policy.rewrite(layer, hidden)

@@ -33,7 +33,7 @@ def test_cli_choices_are_the_registries_names():
     assert choices["scorer"] == list(SCORERS) == ["fitprune", "text-mean", "last-token", "pdrop", "dart", "sparsevlm"]
     assert choices["head_reduce"] == list(HEAD_REDUCTIONS) == ["max", "mean"]
     assert choices["search"] == list(SEARCHES) == ["optimal", "gsearch", "psigmoid", "fitprune", "fastv", "pdrop", "dart", "sparsevlm"]
-    assert choices["pre_llm"] == ["none", *STAGES, "auto"] == ["none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection", "auto"]
+    assert choices["pre_llm"] == ["none", *STAGES, "auto"] == ["none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection", "divprune", "visionzip", "auto"]
     assert choices["inflection_detector"] == list(DETECTORS) == ["kneedle", "max-curvature"]
 
 

@@ -3,7 +3,7 @@
 Example:
     >>> from runtime.methods.stages import STAGES
     >>> STAGES.names()
-    ('g-prune', 'fopru-rank', 'fopru-row', 'cls-inflection')
+    ('g-prune', 'fopru-rank', 'fopru-row', 'cls-inflection', 'divprune', 'visionzip')
 """
 from .base import NO_STAGE, STAGES, Selection, Stage, register_stage
 
@@ -11,5 +11,7 @@ from . import g_prune  # noqa: F401
 from . import fopru_rank  # noqa: F401
 from . import fopru_row  # noqa: F401
 from . import cls_inflection  # noqa: F401
+from . import divprune  # noqa: F401
+from . import visionzip  # noqa: F401
 
 __all__ = ["NO_STAGE", "STAGES", "Selection", "Stage", "register_stage"]

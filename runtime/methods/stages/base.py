@@ -70,6 +70,10 @@ class Stage:
         selection_params: the parameters that act only on the selection from those scores.
         own_schedule: the stage's parameters fix the in-LLM schedule too (CLS-inflection's stage 2),
             so no schedule search applies to it.
+        probes: encoder internals the stage reads beyond the families' signals (installed by
+            :meth:`probe_hooks`; each view then carries a :class:`._vision.VisionContext` as
+            ``view.vision``).
+        writes_features: :meth:`select` returns new input embeddings for the kept tokens.
     """
 
     name = ""
@@ -80,6 +84,8 @@ class Stage:
     score_params: tuple[str, ...] = ()
     selection_params: tuple[str, ...] = ()
     own_schedule = False
+    probes: tuple[str, ...] = ()
+    writes_features = False
 
     # ------------------------------------------------------------------ the recipe's parameters
     def validate(self, params: dict, recipe: Any) -> None:
@@ -117,6 +123,10 @@ class Stage:
                 return (f"the saved statistics hold {self.name} scores for {key}={recorded.get(key, 'unknown')!r}, "
                         f"not {wanted[key]!r}; recollect them without --stats")
         return None
+
+    def probe_hooks(self, model: Any, family: Any, params: dict, record: Callable[[str, torch.Tensor], None]) -> list:
+        """Install the hooks that ``record(probe, value)`` each vision forward's :attr:`probes`; return their handles."""
+        return []
 
     def describe(self, spec: dict) -> str:
         """What the stage of a recipe's ``pre_llm`` keeps, for people (``recipe-inspect``)."""

@@ -40,7 +40,7 @@ def test_cli_choices_are_the_registries_names():
 def test_a_name_is_registered_once():
     with pytest.raises(ValueError, match="registered twice"):
         STAGES.register("g-prune", STAGES["g-prune"])
-    with pytest.raises(KeyError, match="unknown scorer 'nope'; choose one of fitprune, text-mean, last-token, random"):
+    with pytest.raises(KeyError, match="unknown scorer 'nope'; choose one of fitprune, text-mean, last-token, pdrop, dart, sparsevlm, random"):
         SCORERS["nope"]
 
 

@@ -94,10 +94,15 @@ def test_the_tiny_built_in_loads_by_name_with_the_real_layout_and_deepstack_laye
     assert model_fingerprint(model) != model_fingerprint(load_model("tiny-qwen2-vl").model)
 
 
-def test_stages_the_family_runs_and_the_one_it_refuses_with_the_reason():
+def test_stages_the_family_runs_and_those_it_refuses_with_the_reason():
     model = _tiny().model
-    assert supported_methods(model) == ("g-prune", "fopru-rank", "fopru-row")
-    assert "its vision encoder has no CLS token" in unsupported_reason(model, "cls-inflection")
+    from runtime.methods.stages import STAGES
+
+    assert {"g-prune", "fopru-rank", "fopru-row"} <= set(supported_methods(model))
+    for name, stage in STAGES.items():  # every stage runs but those reading the CLS token ("features")
+        reason = unsupported_reason(model, name)
+        assert (reason is None) == ("features" not in stage.signals), name
+        assert reason is None or "its vision encoder has no CLS token" in reason
 
 
 def test_the_vllm_plugin_refuses_qwen3_vl_recipes_with_the_family_reason(tmp_path):
@@ -251,12 +256,19 @@ def test_language_model_linear_flops_equal_torch_flop_counter_on_the_tiny_model(
 # ---------------------------------------------------------------------------------- compile
 
 
-def test_recipe_compile_for_tiny_qwen3_vl_meets_the_budget_and_applies(tmp_path):
-    from recipe_compiler.cli import compile_main
+@pytest.mark.parametrize("options", [[], ["--search", "fitprune"], ["--pre-llm", "auto"]], ids=["optimal", "fitprune", "pre-llm-auto"])
+def test_recipe_compile_for_tiny_qwen3_vl_meets_the_budget_applies_and_inspects(tmp_path, capsys, options):
+    from recipe_compiler.cli import compile_main, inspect_main
     from runtime import load
 
     out = tmp_path / "r.safetensors"
-    assert compile_main(["--model", "tiny-qwen3-vl", "--samples", "3", "--quiet", "--budget", "0.45", "-o", str(out)]) == 0
+    assert compile_main(["--model", "tiny-qwen3-vl", "--samples", "3", "--quiet", "--budget", "0.45", *options, "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    if "auto" in options:
+        skipped = [line for line in stdout.splitlines() if "skipped" in line]
+        assert skipped and all("on model_type 'qwen3_vl' (its vision encoder has no CLS token)" in line for line in skipped)
+        assert any(line.startswith("-cls-inflection ") for line in skipped)
+        assert not any(line.startswith(f"-{method} ") for line in skipped for method in ("g-prune", "fopru-rank", "fopru-row"))
     recipe = load(out)
     assert recipe.fingerprint == model_fingerprint(_tiny().model)
     assert recipe.provenance["flops_fraction"] <= 0.45 * (1 + 1e-9)
@@ -264,3 +276,23 @@ def test_recipe_compile_for_tiny_qwen3_vl_meets_the_budget_and_applies(tmp_path)
     with recipe.apply(model) as handle, torch.no_grad():
         model.generate(**_inputs(2), **GREEDY)
         assert handle.last_request is not None
+    assert inspect_main([str(out)]) == 0
+    assert "per reference image (tiny-qwen3-vl" in capsys.readouterr().out
+
+
+def test_a_deep_copy_of_a_patched_model_is_clean_and_prunes_on_its_own_handle():
+    import copy
+
+    model = _tiny().model
+    inputs = _inputs(1)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    with _recipe(model, 1).apply(model) as handle, torch.no_grad():
+        clone = copy.deepcopy(model)
+        assert "_deepstack_process" not in clone.model.language_model.__dict__  # the family's wrapper stays behind
+        assert torch.equal(clone(**inputs).logits, reference)
+        pruned = model(**inputs).logits
+        with _recipe(clone, 1).apply(clone) as other:
+            assert torch.equal(clone(**inputs).logits, pruned)
+            assert other.last_request.selection[1][0].tolist() == handle.last_request.selection[1][0].tolist()
+    assert "_deepstack_process" not in model.model.language_model.__dict__  # removed with the handle

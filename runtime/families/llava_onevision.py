@@ -109,11 +109,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     """LLaVA-OneVision: LLaVA-NeXT's views with anyres_max_9 downscaling and a SigLIP tower (no CLS)."""
 
     top_fields = LlavaNextFamily.top_fields + ("vision_aspect_ratio",)
-    signals = {
-        "attention": None,
-        "features": "its SigLIP vision encoder has no CLS token",
-        "encoder_patches": "anyres_max_9 downscales large images bilinearly, so a high-res token is not one encoder patch",
-    }
+    signals = {"attention": None, "features": "its SigLIP vision encoder has no CLS token",
+               "encoder_patches": "its high-resolution features are bilinearly downscaled before they become tokens"}
     vllm_architecture = None
     vllm_refusal = ("LLaVA-OneVision is not served by the vLLM plugin: it has no model class for OneVision's "
                     "anyres_max_9 packing, and none is tested; serve it with the HF runtime (runtime.load(recipe).apply(model))")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -23,13 +22,12 @@ import torch
 from . import attention
 from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, StageCannotRun
 from .families import family_for
+from .log import logger
 from .methods.scorers import SCORERS
 from .methods.stages import NO_STAGE
 from .prellm_stage import PreLLMStage
 from .scoring import keep_top
 from .state import PerThread
-
-logger = logging.getLogger("runtime")
 
 
 @dataclass
@@ -256,7 +254,7 @@ class PruningHandle:
                 f"attention implementation {self._saved_impl!r} is not supported by the pruning runtime; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
-        self._policy_hooks = list(self.policy.attach(self.model))
+        self._policy_hooks = list(self.policy.attach(self.model)) + list(self.family.pruning_hooks(self.model, self._pruned_sequence))
         attention.register()
         self._config._attn_implementation = attention.WRAPPED[self._saved_impl]
         base = self.family.base_model(self.model)
@@ -273,6 +271,14 @@ class PruningHandle:
             module = self.layers[index].self_attn
             attention.set_probe(module, self._make_probe(index))
             self._probed.append(module)
+
+    def _pruned_sequence(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(prompt index, valid)`` of the prefill in flight once a layer pruned it, else ``None``
+        (what a family's :meth:`~runtime.families.Family.pruning_hooks` follow)."""
+        request = self._request
+        if request is None or not request.kept or not self._forward.get("prefill"):
+            return None
+        return request.roles.orig_index, request.roles.valid
 
     def remove(self) -> None:
         """Remove every hook and probe and restore the attention implementation. Idempotent.

@@ -185,7 +185,7 @@ class Recipe:
             _META_PREFIX + "pre_llm": _dumps(self.pre_llm),
             _META_PREFIX + "provenance": _dumps(self.provenance),
         }
-        return _encode_safetensors(
+        return encode_safetensors(
             {"keep_count": self.keep_count.astype("<i4"), "keep_ratio": self.keep_ratio.astype("<f4")}, metadata
         )
 
@@ -668,13 +668,41 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _encode_safetensors(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    codes = {np.dtype("<f4"): "F32", np.dtype("<i4"): "I32"}
+_SAFETENSORS_DTYPES = {
+    "f2": "F16", "f4": "F32", "f8": "F64", "i1": "I8", "i2": "I16", "i4": "I32", "i8": "I64",
+    "u1": "U8", "u2": "U16", "u4": "U32", "u8": "U64", "b1": "BOOL",
+}
+
+
+def encode_safetensors(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """Safetensors bytes that depend only on the arrays and the metadata: the same input, the same bytes.
+
+    The safetensors library writes ``__metadata__`` in hash order, which differs from run to run;
+    here the metadata keys are sorted, and the tensors are laid out by descending item size, then
+    name (so every tensor stays aligned to its item size, as the library does), little-endian.
+
+    Args:
+        arrays: name -> numpy array (float16/32/64, int8..64, uint8..64 or bool).
+        metadata: string -> string.
+
+    Returns:
+        A complete safetensors file.
+
+    Example:
+        >>> data = encode_safetensors({"x": np.zeros(3, np.float32)}, {"b": "2", "a": "1"})
+        >>> data == encode_safetensors({"x": np.zeros(3, np.float32)}, {"a": "1", "b": "2"})
+        True
+    """
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    little = {name: np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")) for name, value in arrays.items()}
     offset, blobs = 0, []
-    for name in sorted(arrays):
-        blob = np.ascontiguousarray(arrays[name]).tobytes()
-        header[name] = {"dtype": codes[arrays[name].dtype], "shape": list(arrays[name].shape), "data_offsets": [offset, offset + len(blob)]}
+    for name in sorted(little, key=lambda n: (-little[n].dtype.itemsize, n)):
+        value = little[name]
+        code = _SAFETENSORS_DTYPES.get(f"{value.dtype.kind}{value.dtype.itemsize}")
+        if code is None:
+            raise TypeError(f"array {name} has dtype {value.dtype}, which safetensors cannot hold")
+        blob = value.tobytes()
+        header[name] = {"dtype": code, "shape": list(value.shape), "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
         blobs.append(blob)
     raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("scipy", "click", "tqdm", "recipe_compiler", "matplotlib")
 SERVING = ("vllm", "transformers")  # imported lazily: only when a model is patched or vLLM loads the plugin
@@ -44,3 +46,19 @@ def test_only_the_vllm_model_module_imports_vllm_at_module_level():
     for path in (ROOT / "runtime").glob("*.py"):
         top_level = [line for line in path.read_text().splitlines() if line.startswith(("import vllm", "from vllm"))]
         assert not top_level or path.name == "vllm_models.py", f"{path.name} imports vLLM at module level"
+
+
+def test_the_hub_helpers_import_huggingface_hub_only_when_a_hub_id_is_used():
+    code = ("import sys, json; import runtime, runtime.hub; from runtime import load; "
+            "print(json.dumps('huggingface_hub' in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(out.stdout) is False
+
+
+def test_both_packages_ship_py_typed():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package in ("runtime", "recipe_compiler"):
+        assert (ROOT / package / "py.typed").is_file(), package
+        assert "py.typed" in package_data[package], f"{package}/py.typed is not package data"

@@ -175,18 +175,45 @@ def _recompute_logits(model, inputs: dict, sequences: torch.Tensor) -> torch.Ten
     for key in ("pixel_values", "image_sizes", "image_grid_thw"):
         if key in inputs:
             kwargs[key] = inputs[key]
-    if repeat > 1 and "pixel_values" in kwargs and "image_grid_thw" not in kwargs:
-        kwargs["pixel_values"] = kwargs["pixel_values"].repeat_interleave(repeat, dim=0)
-        if "image_sizes" in kwargs:
-            kwargs["image_sizes"] = kwargs["image_sizes"].repeat_interleave(repeat, dim=0)
-    elif repeat > 1 and "image_grid_thw" in kwargs:  # Qwen: flat patches per image, images in row order
-        per_image = kwargs["image_grid_thw"].prod(-1).tolist()
-        chunks = torch.split(kwargs["pixel_values"], per_image)
-        kwargs["pixel_values"] = torch.cat([c for c in chunks for _ in range(repeat)])
-        kwargs["image_grid_thw"] = kwargs["image_grid_thw"].repeat_interleave(repeat, dim=0)
+    if repeat > 1 and "pixel_values" in kwargs:
+        kwargs.update(_expand_images(model, inputs, repeat))
     # Positions exactly as generate() builds them (M-RoPE rows for Qwen-VL, padding-aware for all).
     kwargs["position_ids"] = model._prepare_position_ids_for_generation(sequences, dict(kwargs))
     return model(**kwargs, use_cache=False).logits
+
+
+def _expand_images(model, inputs: dict, repeat: int) -> dict:
+    """The image inputs of ``inputs`` for its rows each repeated ``repeat`` times (as beam search
+    expands them): every row's whole group of images, tiles or patches repeated, row after row.
+
+    ``pixel_values`` rows are images (LLaVA, LLaVA-NeXT), equal-sized tiles (InternVL) or the
+    patches of each ``image_grid_thw`` image (Qwen-VL); ``image_sizes`` / ``image_grid_thw`` are per image.
+    """
+    placeholders = inputs["input_ids"] == family_for(model).image_token_id(model)
+    rows = placeholders.shape[0]
+    images = [len(_image_runs(row, placeholders)) for row in range(rows)]
+    pixels = inputs["pixel_values"]
+    if "image_grid_thw" in inputs:  # Qwen: flat patches per image
+        units, chunks = images, list(torch.split(pixels, inputs["image_grid_thw"].prod(-1).tolist()))
+    elif pixels.shape[0] == sum(images):  # one pixel_values row per image
+        units, chunks = images, list(pixels.split(1))
+    else:  # one row per tile, every tile the same number of placeholders
+        per_unit = int(placeholders.sum()) // pixels.shape[0]
+        units, chunks = [int(n) // per_unit for n in placeholders.sum(dim=1).tolist()], list(pixels.split(1))
+    assert sum(units) == len(chunks), "the image inputs do not split into the prompt's rows"
+
+    def grow(items: list, counts: list[int]) -> list:
+        out, start = [], 0
+        for count in counts:
+            out.extend(items[start:start + count] * repeat)
+            start += count
+        return out
+
+    out = {"pixel_values": torch.cat(grow(chunks, units))}
+    for key in ("image_sizes", "image_grid_thw"):
+        if key in inputs:
+            out[key] = torch.stack(grow(list(inputs[key]), images))
+    return out
 
 
 def _image_runs(row: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:

@@ -195,6 +195,23 @@ class Family:
         if reason is not None:
             raise UnsupportedModelError(reason)
 
+    def pruning_hooks(self, model: Any, pruned: Callable[[], "tuple[torch.Tensor, torch.Tensor] | None"]) -> list:
+        """Hooks the family needs beside the pruner's own while a recipe prunes ``model``.
+
+        For models whose forward indexes token positions outside the decoder layers (Qwen3-VL's
+        deepstack); the default installs none.
+
+        Args:
+            model: the VLM the pruner is on.
+            pruned: ``pruned()`` gives the current prefill's sequence once a layer has pruned it,
+                ``(prompt index, valid)``, both (B, L'); ``None`` otherwise (nothing pruned yet,
+                a decode step, a request passing through).
+
+        Returns:
+            Removable handles (removed with the recipe's handle).
+        """
+        return []
+
     # ------------------------------------------------------------------ visual tokens
     def reference_visual_tokens(self, config: Any) -> int:
         """Visual tokens of the family's reference image: the unit of a recipe's ``keep_count``."""

@@ -33,17 +33,16 @@ the ``get_image_features`` call (``generate()`` drops them from the prefill call
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import torch
 
 from .. import prellm
 from ..errors import StageCannotRun
+from ..log import logger
 from .base import Encoded, Signal, View, register_family
 from .llava import LlavaFamily
 
-logger = logging.getLogger("runtime")
 _said: set = set()
 
 

@@ -9,6 +9,7 @@ tower's own eager outputs (VisionZip's written features, DivPrune's kept set).
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -49,23 +50,32 @@ def test_each_peer_compiles_at_each_budget_and_meets_it_on_verification(family, 
     loaded = CASES[family].load()
     reason = unsupported_reason(loaded.model, method)
     config = CompileConfig(budget=budget, pre_llm=method)
-    if reason is not None:
-        assert "no CLS token" in reason and method in reason
-        with pytest.raises(ValueError, match="no CLS token"):
+    if reason is not None:  # no CLS token (Qwen), or no CLIP-style encoder (InternVL): refused, saying why
+        assert method in reason and ("no CLS token" in reason or "CLIP-style" in reason)
+        why = reason.split("(", 1)[1].split(")")[0]
+        with pytest.raises(ValueError, match=re.escape(why)):
             compile_recipe(loaded.model, loaded.processor, _calibration(), config, format_prompt=loaded.format_prompt)
         recipe = Recipe(keep_count=np.full(loaded.model.config.text_config.num_hidden_layers, model_fingerprint(loaded.model)["visual_tokens"]),
                         scorer="fitprune", fingerprint=model_fingerprint(loaded.model),
                         pre_llm={"method": method, "keep_ratio": 0.5, "params": {}} if STAGES[method].fixed_ratio else {"method": method, "params": {}})
-        with pytest.raises(RecipeMismatchError, match="no CLS token"):
+        with pytest.raises(RecipeMismatchError, match=re.escape(why)):
             recipe.apply(loaded.model)
         return
-    result = compile_recipe(loaded.model, loaded.processor, _calibration(), config,
-                            format_prompt=loaded.format_prompt, statistics=_statistics(family))
+    from recipe_compiler.errors import BudgetError
+
+    try:
+        result = compile_recipe(loaded.model, loaded.processor, _calibration(), config,
+                                format_prompt=loaded.format_prompt, statistics=_statistics(family))
+    except BudgetError as exc:  # below the family's floor for any stage (tiny-internvl at 0.25): the seed stage cannot either
+        with pytest.raises(BudgetError):
+            compile_recipe(loaded.model, loaded.processor, _calibration(), CompileConfig(budget=budget, pre_llm="g-prune"),
+                           format_prompt=loaded.format_prompt, statistics=_statistics(family))
+        pytest.skip(f"{family}: {exc}")
     assert result.recipe.pre_llm["method"] == method
     assert result.verification.flops_fraction <= budget * (1 + 1e-9)
     chosen = result.details["pre_llm_chosen"]
     assert abs(chosen.flops_fraction - result.verification.flops_fraction) < 1e-9  # planned == measured
-    assert result.verification.visual_tokens_per_layer[0] < model_fingerprint(loaded.model)["visual_tokens"]
+    assert result.verification.visual_tokens_per_layer[0] < float(np.mean(_statistics(family).n_visual))  # the stage drops at layer 0
 
 
 def test_auto_includes_the_peer_stages(tiny, calibration):

@@ -99,6 +99,9 @@ class CalibrationSample:
         split: ``"calib"`` (used to compile) or ``"heldout"`` (kept for evaluation).
         where: Where the entry came from, for messages (e.g. ``"calibration entry 3
             (/data/manifest.jsonl line 3, id 'cat-q')"``); not part of equality.
+        answer: The expected answer when the manifest gives one (``"answer"``); ``recipe-eval``
+            then reports exact-match accuracy. Not part of the fingerprint.
+        qtype: The question type (``"qtype"``), for accuracy per type; ``None`` when not given.
     """
 
     id: str
@@ -107,6 +110,8 @@ class CalibrationSample:
     kind: str
     split: str
     where: str = field(default="", compare=False, repr=False)
+    answer: str | None = None
+    qtype: str | None = None
 
     def describe(self) -> str:
         """The entry's place for messages: :attr:`where`, or its id when that is unknown.
@@ -492,6 +497,17 @@ def _read_manifest(manifest: Path) -> list[_Entry]:
                 f"{', '.join(map(repr, SPLITS))} or drop the key (defaults to 'calib')"
             )
 
+        answer = obj.get("answer")
+        if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+            raise CalibrationDataError(
+                f"{where}: \"answer\" must be a non-empty string, got {answer!r}; fix it or drop the key"
+            )
+        qtype = obj.get("qtype")
+        if qtype is not None and (not isinstance(qtype, str) or not qtype.strip()):
+            raise CalibrationDataError(
+                f"{where}: \"qtype\" must be a non-empty string, got {qtype!r}; fix it or drop the key"
+            )
+
         image_path = Path(image_text).expanduser()
         if not image_path.is_absolute():
             image_path = base / image_path
@@ -502,6 +518,8 @@ def _read_manifest(manifest: Path) -> list[_Entry]:
             kind=kind,
             split=entry_split,
             where=where,
+            answer=answer,
+            qtype=qtype,
         )
         entries.append(_Entry(sample=sample, where=where, image_text=image_text))
     return entries

@@ -7,6 +7,9 @@ For each recipe, pruned against unpruned on the same prompts:
 * greedy continuation match over ``new_tokens`` tokens (``generate`` with and without the recipe):
   the mean fraction of positions whose token agrees, and the share of samples whose continuation
   is identical;
+* exact-match accuracy when the data has answers (a manifest's ``"answer"``): the greedy
+  continuation's first words against the answer, for the unpruned model and each recipe, overall
+  and per question type (``"qtype"``), with the number of questions and a 95 % Wilson interval;
 * measured prefill time ratio (pruned / unpruned, medians of alternating runs on the first batch)
   and the KV-cache bytes the prefill returns;
 * beside the language-model figures: the vision encoder + projector FLOPs per sample and their
@@ -79,6 +82,8 @@ class Evaluation:
     vision_flops: float | None = None  # mean vision encoder + projector FLOPs per sample (None: unknown family)
     vision_share: float | None = None  # vision_flops / (vision_flops + unpruned_flops)
     end_to_end_fraction: float | None = None  # (vision + pruned prefill) / (vision + unpruned prefill)
+    accuracy: dict | None = None  # exact match with the recipe (accuracy_report); None: the data has no answers
+    unpruned_accuracy: dict | None = None  # the same for the unpruned model
 
 
 def kv_bytes(cache: Any) -> int:
@@ -153,6 +158,20 @@ def evaluate_recipes(
     batches = [model_inputs(model, processor, batch, format_prompt) for _, batch in batches_of(samples.samples, batch_size)]
     unpruned_greedy = [_greedy(model, inputs, new_tokens) for inputs in batches]
     timed = batches[0]
+    answered = all(sample.answer is not None for sample in samples.samples)
+    qtypes = [sample.qtype for sample in samples.samples]
+    tokenizer = getattr(processor, "tokenizer", processor)
+
+    def accuracy(greedy: list) -> dict | None:
+        if not answered:
+            return None
+        from .accuracy import accuracy_report, exact_match
+
+        rows = [row[row >= 0] for tokens in greedy for row in tokens]
+        texts = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in rows]
+        return accuracy_report([exact_match(t, s.answer) for t, s in zip(texts, samples.samples)], qtypes)
+
+    unpruned_accuracy = accuracy(unpruned_greedy)
 
     def prefill():
         with torch.no_grad():
@@ -162,10 +181,11 @@ def evaluate_recipes(
     results = []
     for name, recipe in recipes.items():
         v = verify_recipe(model, processor, samples, recipe, shape, format_prompt=format_prompt, batch_size=batch_size)
-        match, exact = [], []
+        match, exact, pruned_greedy = [], [], []
         with recipe.apply(model):
             for inputs, reference in zip(batches, unpruned_greedy):
-                same = _greedy(model, inputs, new_tokens) == reference
+                pruned_greedy.append(_greedy(model, inputs, new_tokens))
+                same = pruned_greedy[-1] == reference
                 match.append(same.float().mean(dim=1).numpy())
                 exact.append(same.all(dim=1).numpy())
             pruned_kv = kv_bytes(prefill().past_key_values)
@@ -197,6 +217,8 @@ def evaluate_recipes(
             vision_flops=v.vision_flops,
             vision_share=v.vision_share,
             end_to_end_fraction=v.end_to_end_fraction,
+            accuracy=accuracy(pruned_greedy),
+            unpruned_accuracy=unpruned_accuracy,
         ))
     return results
 
@@ -213,6 +235,8 @@ def format_table(results: Sequence[Evaluation]) -> str:
             f"{r.greedy_match:>7.3f} {r.greedy_exact:>6.3f} {r.prefill_ms:>5.1f}/{r.unpruned_prefill_ms:<5.1f} {r.prefill_ratio:>6.3f} "
             f"{r.kv_bytes / 2**20:>8.2f} {r.kv_fraction:>8.4f} {number(r.visual_token_fraction, 8)} {number(r.end_to_end_fraction, 7)}"
         )
+    if results and results[0].accuracy is not None:
+        lines += ["", format_accuracy(results)]
     if results:
         from .flops import format_flops
 
@@ -227,6 +251,25 @@ def format_table(results: Sequence[Evaluation]) -> str:
                 f"vision encoder + projector ({format_flops(r.vision_flops)} per sample, {100 * r.vision_share:.1f}% of the "
                 f"unpruned {format_flops(r.vision_flops + r.unpruned_flops)})"
             )
+    return "\n".join(lines)
+
+
+def format_accuracy(results: Sequence[Evaluation]) -> str:
+    """Exact-match accuracy per recipe (and the unpruned model), overall and per question type,
+    with n and the 95 % Wilson interval: the part of the table ``recipe-eval`` prints when the data has answers."""
+    rows = [("unpruned", 1.0, results[0].unpruned_accuracy)] + [(r.name, r.flops_fraction, r.accuracy) for r in results]
+    types = sorted(results[0].unpruned_accuracy["per_type"])
+    cell = lambda a: f"{100 * a['accuracy']:5.1f} [{100 * a['ci95'][0]:4.1f},{100 * a['ci95'][1]:5.1f}]"  # noqa: E731
+    header = f"{'accuracy':<24} {'flops':>7} {'exact match % [95% CI]':>23}" + "".join(f" {t[:10]:>10}" for t in types)
+    lines = [header, "-" * len(header)]
+    for name, flops, acc in rows:
+        per = acc["per_type"]
+        lines.append(f"{name[:24]:<24} {flops:>7.4f} {cell(acc):>23}"
+                     + "".join(f" {100 * per[t]['accuracy']:>10.1f}" if t in per else f" {'-':>10}" for t in types))
+    a = results[0].unpruned_accuracy
+    counts = ", ".join(f"{t} {a['per_type'][t]['n']}" for t in types)
+    lines.append(f"{a['n']} questions with answers" + (f" ({counts})" if counts else "")
+                 + "; exact match of the greedy continuation's first words; per-type columns in %")
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "reference_encoder_flops",
     "visual_token_fraction",
     "format_flops",
+    "probe_flops",
 ]
 
 
@@ -299,6 +300,31 @@ def schedule_flops_fraction(
     return _schedule_mean_flops(shape, other, visual, keep, v_ref) / _schedule_mean_flops(
         shape, other, visual, full, v_ref
     )
+
+
+def probe_flops(shape: LMShape, n_other: Any, n_visual: Any, keep_counts: Any, v_ref: int, probe_macs: Any) -> float:
+    """Mean FLOPs over samples that a scorer's own probes add to a schedule (0 for most scorers).
+
+    At each pruning layer ``l`` (``keep[l] < keep[l − 1]``) the scorer sees the row's tokens before
+    the cut: ``n_other + scale(keep[l − 1])`` real tokens, of which ``scale(keep[l − 1])`` visual.
+
+    Args:
+        probe_macs: ``probe_macs(shape, n_tokens, n_visual) -> multiply-adds`` (vectorised over
+            numpy arrays), a scorer's :meth:`~runtime.methods.scorers.base.Scorer.probe_macs`.
+
+    Example:
+        >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> probe_flops(s, [1], [2], [2, 1], 2, lambda shape, n, v: n * 10.0)   # one cut, 3 tokens before it
+        60.0
+    """
+    v_ref = _check_v_ref(v_ref)
+    other, visual = _check_samples(n_other, n_visual)
+    keep = _check_keep(keep_counts, shape, v_ref)
+    total = np.zeros(other.shape[0], dtype=np.float64)
+    for layer in np.nonzero(np.diff(keep) < 0)[0] + 1:
+        before = scale_counts(np.full(other.shape[0], keep[layer - 1]), visual, v_ref).astype(np.float64)
+        total += 2.0 * np.asarray(probe_macs(shape, other + before, before), dtype=np.float64)
+    return float(np.mean(total))
 
 
 def min_feasible_budget(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int) -> float:

@@ -283,6 +283,32 @@ def _random_model(config: Any, *, device: str, dtype: torch.dtype, attn_implemen
     return model
 
 
+def _shipped_weights(spec: ModelSpec) -> Path:
+    """The trained weights file a built-in spec ships (``ModelNotFoundError`` when it is missing)."""
+    path = Path(__file__).resolve().parent / spec.weights
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"built-in model '{spec.alias}': its trained weights {path} are missing; reinstall the package "
+            "or re-export them (python -m recipe_compiler.testbed.train --export)"
+        )
+    return path
+
+
+def _load_shipped(model: Any, path: Path) -> None:
+    """Read shipped weights (stored fp16) into ``model`` in its own dtype; every tensor must match."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ModelNotFoundError(f"trained weights {path} do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value.to(own[key].dtype))
+
+
 def build_tiny(name: str = TINY_ALIAS, seed: int = 0, attn_implementation: str = "sdpa") -> LoadedModel:
     """Build a built-in tiny model (random, seeded) on CPU in fp32: ``load_model(name, ...)``.
 
@@ -520,6 +546,10 @@ class ModelPlan:
             alias = self.spec.alias
             source = (f"built-in {alias} (random, seed {seed})" if self.kind == "built-in"
                       else f"random weights ({alias} architecture, seed {seed}); {self.origin}")
+            if self.kind == "built-in" and self.spec.weights is not None and torch.device(device).type != "meta":
+                path = _shipped_weights(self.spec)
+                _load_shipped(model, path)
+                source = f"built-in {alias} (trained weights {path.name})"
         else:
             if self.random_weights or torch.device(device).type == "meta":
                 model = _random_model(self.config, **kwargs)
@@ -588,7 +618,7 @@ def prepare_model(name: str, *, random_weights: bool = False) -> ModelPlan:
     # (1) built-in tiny model
     if spec is not None and spec.hub_id is None:
         config = config_from_dict(spec.config)
-        return ModelPlan(name, spec, config, _builtin_processor(config), kind="built-in")
+        return ModelPlan(name, spec, config, family_of(config).builtin_processor(spec, config), kind="built-in")
 
     # (1b) alias with random weights: the embedded config, no weights read
     if spec is not None and random_weights:

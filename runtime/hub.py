@@ -127,3 +127,122 @@ def _token() -> str | None:
         return get_token()
     except Exception:  # noqa: BLE001 - an unreadable token file is no token
         return None
+
+
+def push(recipe, repo_id: str, *, filename: str = DEFAULT_FILENAME, base_model: str | None = None,
+         private: bool | None = None, token: str | None = None, revision: str | None = None,
+         commit_message: str | None = None) -> str:
+    """Upload ``recipe`` and its model card (``README.md``) to ``repo_id`` in one commit; see :meth:`Recipe.push_to_hub`."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if offline():
+        raise HubOfflineError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload")
+    card = model_card(recipe, repo_id, filename=filename, base_model=base_model)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.create_commit(
+            repo_id,
+            [CommitOperationAdd(path_in_repo=filename, path_or_fileobj=recipe.to_bytes()),
+             CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))],
+            commit_message=commit_message or f"Add pruning recipe {filename}",
+            revision=revision,
+        )
+    except Exception as exc:  # noqa: BLE001 - translated into one of ours, or re-raised
+        error = hub_error(exc, repo_id, revision=revision)
+        if isinstance(error, HubOfflineError):
+            error = HubOfflineError(f"cannot push to {repo_id}: the Hub cannot be reached ({type(exc).__name__}); retry online")
+        raise error from None
+    return str(getattr(info, "commit_url", info))
+
+
+def model_card(recipe, repo_id: str, *, filename: str = DEFAULT_FILENAME, base_model: str | None = None) -> str:
+    """The model card (``README.md``) :func:`push` writes beside a recipe: deterministic, from the recipe alone.
+
+    It says which model the recipe fits (its fingerprint, and ``base_model`` when given), the budget,
+    the verified FLOPs fraction and the fidelity figures the compiler measured, the schedule, and how
+    to apply it.
+
+    Args:
+        recipe: the :class:`runtime.Recipe`.
+        repo_id: the repository it goes to (for the loading example).
+        filename: its file in the repository.
+        base_model: the hub id of the model it was compiled for (model-card metadata), if known.
+
+    Returns:
+        Markdown with a YAML metadata block.
+    """
+    fp, prov = recipe.fingerprint, recipe.provenance
+    model_type = fp.get("model_type", "?")
+    meta = ["---", "library_name: recipe-compiler", "tags:", "- visual-token-pruning", "- recipe-compiler",
+            f"- {model_type}"]
+    if base_model:
+        meta.append(f"base_model: {base_model}")
+    meta.append("---")
+
+    def figure(key: str, digits: int = 4) -> str:
+        value = prov.get(key)
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "not recorded"
+
+    stage = recipe.pre_llm.get("method", "none")
+    counts = [int(c) for c in recipe.keep_count]
+    load_args = f'"{repo_id}"' + ("" if filename == DEFAULT_FILENAME else f', filename="{filename}"')
+    lines = meta + [
+        "",
+        f"# Visual-token pruning recipe for {base_model or model_type}",
+        "",
+        f"A recipe-compiler recipe (`{filename}`): which visual tokens a {model_type} model drops at which decoder layer. "
+        "The runtime applies it to the stock Hugging Face model with forward hooks; the weights are unchanged.",
+        "",
+        "## The model it fits",
+        "",
+        f"{'`' + base_model + '`, or any ' if base_model else 'Any '}`{model_type}` model with this fingerprint "
+        "(checked at `apply()`; another model is refused with `RecipeMismatchError`):",
+        "",
+        "| model type | layers | hidden size | heads | KV heads | visual tokens per image | config hash |",
+        "|---|---|---|---|---|---|---|",
+        f"| {model_type} | {fp.get('num_layers', '?')} | {fp.get('hidden_size', '?')} | {fp.get('num_heads', '?')} | "
+        f"{fp.get('num_kv_heads', '?')} | {fp.get('visual_tokens', '?')} | `{fp.get('config_hash', '?')}` |",
+        "",
+        "## Budget and measured figures",
+        "",
+        "Measured by the compiler on its calibration set, with the real runtime (the verification pass).",
+        "",
+        "| budget (LM prefill FLOPs) | verified FLOPs fraction | next-token KL | top-1 agreement | attention divergence (verified) | search |",
+        "|---|---|---|---|---|---|",
+        f"| {figure('budget', 3)} | {figure('flops_fraction')} | {figure('kl', 6)} | {figure('top1_agreement', 3)} | "
+        f"{figure('divergence_verified')} | {prov.get('search', 'not recorded')} |",
+        "",
+        f"Scorer `{recipe.scorer}`, head reduction `{recipe.head_reduce}`, pre-LLM stage `{stage}`"
+        + (f" (keep ratio {recipe.pre_llm['keep_ratio']})" if "keep_ratio" in recipe.pre_llm else "") + ".",
+        f"Visual tokens entering each decoder layer (of {fp.get('visual_tokens', '?')}): {counts}.",
+    ]
+    calibration = prov.get("calibration")
+    if isinstance(calibration, dict):
+        lines.append(f"Calibration: {calibration.get('samples', '?')} samples, fingerprint `{calibration.get('fingerprint', '?')}`.")
+    versions = prov.get("versions")
+    if isinstance(versions, dict):
+        lines.append("Compiled with " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".")
+    if prov.get("source"):
+        lines.append(f"Source: {prov['source']}.")
+    lines += [
+        "",
+        "## How to apply",
+        "",
+        "```",
+        "pip install recipe-compiler",
+        "```",
+        "",
+        "```python",
+        "from runtime import load",
+        "",
+        f"recipe = load({load_args})   # from the Hub, or the local cache (HF_HUB_OFFLINE=1 works once cached)",
+        "with recipe.apply(model):     # model: the stock transformers model it fits",
+        "    out = model.generate(**inputs, max_new_tokens=64)",
+        "```",
+        "",
+        f"`recipe-inspect {repo_id}` prints the schedule and its provenance.",
+        "",
+    ]
+    return "\n".join(lines)
+

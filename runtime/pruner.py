@@ -60,6 +60,7 @@ class Policy:
 
     pruning_layers: tuple[int, ...] = ()
     probe_layers: tuple[int, ...] = ()
+    input_layers: tuple[int, ...] = ()  # layers whose inputs on_layer_input receives (prefill, before pruning)
     head_reduce: str = "max"
 
     def __deepcopy__(self, memo: dict) -> "Policy":
@@ -88,6 +89,13 @@ class Policy:
     def on_probe(self, layer: int, sums: torch.Tensor, roles: Roles) -> None:
         """Receive (B, G, L) attention row sums of ``layer`` for the current sequence."""
 
+    def on_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float, roles: Roles) -> bool:
+        """A probed layer's post-RoPE queries and keys; return True to skip the row sums (default False)."""
+        return False
+
+    def on_layer_input(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, roles: Roles) -> None:
+        """The hidden states and keyword arguments entering one of :attr:`input_layers` (prefill)."""
+
     def select(self, layer: int, roles: Roles) -> torch.Tensor:
         """(B, L) bool: the visual tokens that enter ``layer`` (a subset of ``roles.visual``)."""
         raise NotImplementedError
@@ -113,14 +121,17 @@ class RecipePolicy(Policy):
     keep counts of the request in flight are per thread, so concurrent requests never mix.
     """
 
-    _scores = PerThread()
+    _state = PerThread(dict)  # the scorer's per-request state (its scores among them)
     _keep = PerThread()
 
     def __init__(self, recipe: Any) -> None:
         self.recipe = recipe
         self.scorer = SCORERS[recipe.scorer]
         in_llm = tuple(recipe.pruning_layers)
-        self.probe_layers = tuple(layer - 1 for layer in in_llm)
+        self.probe_layers = tuple(layer - 1 for layer in in_llm) if self.scorer.attention_probe else ()
+        self.input_layers = tuple(sorted({layer + offset for layer in in_llm for offset in self.scorer.input_offsets
+                                          if layer + offset >= 0}))
+        self._context: dict = {}
         self.stage = None
         method = (getattr(recipe, "pre_llm", None) or {}).get("method", NO_STAGE)
         if method != NO_STAGE:
@@ -132,6 +143,8 @@ class RecipePolicy(Policy):
         self._counts: dict[int, torch.Tensor] = {}  # visual tokens of a row -> keep counts per layer
 
     def attach(self, model: torch.nn.Module) -> list:
+        language_model = family_for(model).language_model(model)
+        self._context = {"final_norm": getattr(language_model, "norm", None)}
         return self.stage.attach(model) if self.stage is not None else []
 
     def _set_counts(self, n_visual: torch.Tensor, device: torch.device) -> None:
@@ -143,24 +156,33 @@ class RecipePolicy(Policy):
         self._keep = torch.stack(rows).to(device)
 
     def begin(self, roles: Roles) -> None:
+        self._state = {}
         self._set_counts(roles.n_visual_input, roles.valid.device)
 
     def on_inputs(self, embeds: torch.Tensor, roles: Roles) -> None:
         if self.stage is not None:
             self.stage.on_inputs(embeds)
+        self.scorer.on_inputs(self._state, embeds, roles)
 
     def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
         return self.scorer.groups(roles.text, roles.visual)
 
     def on_probe(self, layer: int, sums: torch.Tensor, roles: Roles) -> None:
-        self._scores = self.scorer.scores(sums, roles.text, roles.visual)
+        self._state["scores"] = self.scorer.scores(sums, roles.text, roles.visual)
+
+    def on_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float, roles: Roles) -> bool:
+        return self.scorer.on_attention(self._state, layer, query, key, mask, scaling, roles)
+
+    def on_layer_input(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, roles: Roles) -> None:
+        self.scorer.on_layer_input(self._state, layer, module, hidden, kwargs, roles, self._context)
 
     def select(self, layer: int, roles: Roles) -> torch.Tensor:
         if layer == 0 and self.stage is not None:
             kept = self.stage.keep(roles) & roles.visual
             self._set_counts(kept.sum(dim=1), roles.valid.device)  # the schedule is relative to survivors
             return kept
-        return keep_top(self._scores, roles.visual, self._keep[:, layer])
+        scores = self.scorer.rank(self._state, layer, roles).to(roles.visual.device)
+        return keep_top(scores, roles.visual, self._keep[:, layer])
 
     def rewrite(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         writes = self.stage.writes() if layer == 0 and self.stage is not None else []
@@ -263,7 +285,7 @@ class PruningHandle:
         self._hooks.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
         self._hooks.append(self.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
         self.model.__deepcopy__ = self._deepcopy_model  # copy.deepcopy looks it up on the instance
-        first = min(self.policy.pruning_layers, default=len(self.layers))
+        first = min((*self.policy.pruning_layers, *self.policy.input_layers), default=len(self.layers))
         for index in range(first, len(self.layers)):
             hook = self._make_layer_hook(index)
             self._hooks.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
@@ -370,7 +392,7 @@ class PruningHandle:
     def _on_language_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed it "cache"
         ids, self._input_ids = self._input_ids, None
         base_kwargs, self._base_kwargs = self._base_kwargs, {}
         self._forward = {"mask": mask, "cache": cache}
@@ -443,6 +465,8 @@ class PruningHandle:
             if request is None or not self._forward.get("prefill") or query.shape[2] != request.roles.valid.shape[1]:
                 return
             roles = request.roles
+            if self.policy.on_attention(layer, query, key, attention_mask, scaling, roles):
+                return
             weights = self.policy.row_groups(layer, roles).to(query.device)
             sums = attention.attention_row_sums(query, key, attention_mask, scaling, weights, self.policy.head_reduce)
             self.policy.on_probe(layer, sums.to(roles.valid.device), roles)  # layers may sit on other devices
@@ -451,12 +475,18 @@ class PruningHandle:
 
     def _make_layer_hook(self, layer: int):
         is_pruning = layer in set(self.policy.pruning_layers)
+        is_input = layer in set(self.policy.input_layers)
+        before_pruning = layer < min(self.policy.pruning_layers, default=len(self.layers))
 
         def hook(module, args, kwargs):
             request = self._request
             if request is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
+            if is_input and self._forward["prefill"] and hidden.shape[1] == request.roles.valid.shape[1]:
+                self.policy.on_layer_input(layer, module, hidden, {**kwargs, **request.carry}, request.roles)
+            if before_pruning:  # runs unpruned: nothing to carry or count yet
+                return None
             if is_pruning:
                 if self._forward["prefill"]:
                     try:
@@ -539,14 +569,8 @@ class PruningHandle:
         else:
             head = mask2d[:, :prompt].bool().gather(1, orig_index.to(mask2d.device)) & valid.to(mask2d.device)
             pruned = torch.cat([head, mask2d[:, prompt:].bool()], dim=1)
-        return create_causal_mask(
-            config=self._config,
-            inputs_embeds=hidden,
-            attention_mask=pruned.to(hidden.device),
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=layer,
-        )
+        # The cache goes by position: transformers 5.24 renamed the parameter past_key_values -> cache.
+        return create_causal_mask(self._config, hidden, pruned.to(hidden.device), cache, position_ids=None, layer_idx=layer)
 
 
 def _grows_per_layer(cache: Any) -> bool:

@@ -7,6 +7,7 @@ bit for bit, in every round.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 from PIL import Image
 
 from families import FamilyCase, family_params
-from runtime import Recipe
+from recipe_compiler.search import SEARCHES
+from runtime import Recipe, RecipeMismatchError
 from runtime.families import model_fingerprint
 from runtime.methods.stages import STAGES
 from runtime.prellm_stage import unsupported_reason
@@ -47,6 +49,9 @@ def _recipe(model, stage: bool | str | None):
         return contextlib.nullcontext()
     fp = model_fingerprint(model)
     v, layers = fp["visual_tokens"], fp["num_layers"]
+    if isinstance(stage, str) and stage in SEARCHES:  # an in-LLM peer method at its paper defaults (its scorer keeps per-request state)
+        search = SEARCHES[stage]
+        return Recipe(keep_count=search.example(layers, v), scorer=search.scorer, fingerprint=fp).apply(model)
     counts = np.array([v, v] + [v // 2] * 2 + [v // 4] * (layers - 4))
     method = "g-prune" if stage is True else stage
     if not stage:
@@ -62,14 +67,19 @@ def _same(a, b) -> bool:
     return torch.equal(a.sequences, b.sequences) and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
 
 
-@pytest.mark.parametrize("stage", [None, False, True, *PEER_STAGES],
-                         ids=["unpatched", "schedule", "stage+schedule", *(f"{name}+schedule" for name in PEER_STAGES)])
+_METHODS = [name for name, search in SEARCHES.items() if search.is_method]
+
+
+@pytest.mark.parametrize("stage", [None, False, True, *PEER_STAGES, *_METHODS],
+                         ids=["unpatched", "schedule", "stage+schedule", *(f"{name}+schedule" for name in PEER_STAGES), *_METHODS])
 @pytest.mark.parametrize("case", family_params())
 def test_threads_sharing_one_patched_model_each_get_what_they_get_alone(case: FamilyCase, stage: bool | str | None):
     loaded = case.load()
     model = loaded.model
-    if isinstance(stage, str) and unsupported_reason(model, stage):
-        pytest.skip(unsupported_reason(model, stage))  # refused at apply: the matrix checks that
+    if isinstance(stage, str) and stage in STAGES and unsupported_reason(model, stage):
+        with pytest.raises(RecipeMismatchError, match=re.escape(stage)):  # refused at apply, before any request
+            _recipe(model, stage)
+        return
     requests = _requests(case, loaded)
     with _recipe(model, stage), torch.no_grad():
         alone = [model.generate(**r, **GREEDY) for r in requests]

@@ -62,3 +62,25 @@ def test_both_packages_ship_py_typed():
     for package in ("runtime", "recipe_compiler"):
         assert (ROOT / package / "py.typed").is_file(), package
         assert "py.typed" in package_data[package], f"{package}/py.typed is not package data"
+
+
+def test_transformers_outside_the_tested_range_warns_at_import_inside_it_does_not():
+    import warnings
+
+    from runtime.compat import SUPPORTED_RANGE, TESTED_TRANSFORMERS, untested_transformers, warn_if_untested
+
+    low, high = TESTED_TRANSFORMERS
+    assert untested_transformers(f"{low[0]}.{low[1]}.0") is None and untested_transformers(f"{high[0]}.{high[1]}.3") is None
+    for outside in (f"{low[0]}.{low[1] - 1}.2", f"{high[0]}.{high[1] + 1}.0", f"{high[0] + 1}.0.0.dev0"):
+        message = untested_transformers(outside)
+        assert message is not None and f"transformers {outside} is outside the tested range" in message and "\n" not in message
+        with pytest.warns(RuntimeWarning, match="outside the tested range"):
+            warn_if_untested(outside)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_untested("5.23.0")
+    tomllib = pytest.importorskip("tomllib")
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"transformers{SUPPORTED_RANGE}" in declared  # runtime.compat and pyproject.toml say the same
+    # And at import: the installed (tested) transformers gives no warning, even as an error.
+    subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", "import runtime"], cwd=ROOT, check=True)

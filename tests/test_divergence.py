@@ -136,7 +136,7 @@ def test_ranking_scores_shift_by_one_layer():
 def test_unknown_scorer_lists_the_choices():
     stats = make_stats(HAND_CROSS, HAND_SELF)
     with pytest.raises(ValueError, match="fitprune, text-mean, last-token"):
-        divergence_table(stats, "random")
+        divergence_table(stats, "nope")
     with pytest.raises(ValueError, match="choose one of"):
         ranking_scores(stats, "cls")
 

@@ -31,6 +31,8 @@ from PIL import Image
 from families import FamilyCase, family_params
 from runtime import Recipe, RecipeMismatchError
 from runtime.families import family_for, model_fingerprint
+from recipe_compiler.search import SEARCHES
+from runtime.methods.scorers import SCORERS
 from runtime.methods.stages import STAGES
 from runtime.prellm import stage_count
 from runtime.prellm_stage import unsupported_reason
@@ -43,8 +45,10 @@ KINDS = (
     "schedule-fitprune",
     "schedule-text-mean",
     "schedule-last-token",
+    "schedule-random",
     *(f"stage-{method}" for method in STAGES.names()),
     "stage+schedule",
+    *(f"method-{name}" for name, search in SEARCHES.items() if search.is_method),  # the in-LLM peers, paper defaults
 )
 
 
@@ -99,8 +103,12 @@ def recipe_kinds(case: FamilyCase) -> dict:
         "schedule-fitprune": Recipe(keep_count=schedule, scorer="fitprune", fingerprint=fp),
         "schedule-text-mean": Recipe(keep_count=schedule, scorer="text-mean", fingerprint=fp, head_reduce="mean"),
         "schedule-last-token": Recipe(keep_count=schedule, scorer="last-token", fingerprint=fp, head_reduce="mean"),
+        "schedule-random": Recipe(keep_count=schedule, scorer="random", fingerprint=fp, head_reduce="mean"),
         "stage+schedule": Recipe(keep_count=schedule, scorer="fitprune", fingerprint=fp, pre_llm={"method": "g-prune", **stage}),
     }
+    for name, search in SEARCHES.items():
+        if search.is_method:
+            out[f"method-{name}"] = Recipe(keep_count=search.example(layers, v), scorer=search.scorer, fingerprint=fp)
     for method in STAGES.names():
         if not STAGES[method].fixed_ratio and method != "cls-inflection":  # a count of its own, no parameters
             out[f"stage-{method}"] = Recipe(keep_count=np.full(layers, v), scorer="fitprune", fingerprint=fp,
@@ -304,6 +312,8 @@ def test_cell(case: FamilyCase, kind: str, shape_name: str):
     shape = SHAPES[shape_name]
     method = recipe.pre_llm.get("method", "none")
     reason = unsupported_reason(model, method) if method != "none" else None
+    if reason is None and recipe.pruning_layers and SCORERS[recipe.scorer].unsupported_reason(model) is not None:
+        reason, method = SCORERS[recipe.scorer].unsupported_reason(model), recipe.scorer  # a peer's scorer the family cannot run
     if reason is not None:  # the family cannot run this stage: refused at apply, nothing installed
         hooks_before = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
         with pytest.raises(RecipeMismatchError, match=method):

@@ -154,9 +154,14 @@ def test_bad_schedules_are_refused_with_the_rule():
 @pytest.mark.parametrize("case", family_params())
 def test_verification_agrees_with_the_nested_prediction(case, calibration):
     loaded = case.load()
-    stats = collect_statistics(loaded.model, loaded.processor, calibration, format_prompt=loaded.format_prompt, batch_size=3)
+    collected = {}
     for scorer in ("text-mean", "last-token", "fitprune"):
-        result = compile_recipe(loaded.model, loaded.processor, calibration, CompileConfig(0.45, scorer=scorer, batch_size=3),
+        config = CompileConfig(0.45, scorer=scorer, batch_size=3)  # each scorer's own head reduction (last-token: mean)
+        if config.head_reduce not in collected:
+            collected[config.head_reduce] = collect_statistics(loaded.model, loaded.processor, calibration, head_reduce=config.head_reduce,
+                                                               format_prompt=loaded.format_prompt, batch_size=3)
+        stats = collected[config.head_reduce]
+        result = compile_recipe(loaded.model, loaded.processor, calibration, config,
                                 format_prompt=loaded.format_prompt, statistics=stats)
         v = result.verification
         keep = result.recipe.keep_count.astype(np.int64)

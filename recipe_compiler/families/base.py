@@ -48,6 +48,11 @@ class ModelSpec:
         config: The full model config as a dict (the checkpoint's ``config.json``).
         prompt_template: Prompt format with one ``{prompt}`` placeholder.
         description: One-line human description.
+        weights: For a built-in model with trained weights: the safetensors file, relative to the
+            ``recipe_compiler`` package (e.g. ``"testbed/weights/model.safetensors"``); ``None``
+            builds seeded random weights.
+        tokenizer: For a built-in model with its own tokenizer: a factory returning it (the
+            family's built-in tokenizer otherwise).
     """
 
     alias: str
@@ -55,6 +60,8 @@ class ModelSpec:
     config: dict = field(hash=False, compare=True)
     prompt_template: str = ""
     description: str = ""
+    weights: str | None = None
+    tokenizer: Callable[[], Any] | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,10 @@ class CompilerFamily:
     def processor(self, config: Any) -> Any:
         """The family's processor with the built-in tokenizer, sized from the model config (offline)."""
         raise NotImplementedError
+
+    def builtin_processor(self, spec: ModelSpec, config: Any) -> Any:
+        """The processor of a built-in alias: :meth:`processor`, unless the spec brings its own tokenizer."""
+        return self.processor(config)
 
     def saved_processor(self, directory: Path, config: Any) -> Any:
         """Load a saved processor when ``AutoProcessor`` cannot; ``None``: no other way than AutoProcessor's."""

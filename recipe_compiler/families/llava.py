@@ -24,6 +24,7 @@ from runtime.families import FAMILIES as RUNTIME_FAMILIES
 
 from ..errors import CompileError
 from ..flops import LMShape, VisionShape, encoder_flops
+from ..testbed.model import CONFIG as _TESTBED_CONFIG
 from ..tokenizer import IMAGE_TOKEN, builtin_tokenizer
 from .base import CLIP_MEAN, CLIP_STD, CompilerFamily, ModelSpec, PictureView, pad_token_id, register_family
 
@@ -152,6 +153,12 @@ _TINY_LLAVA_CONFIG: dict[str, Any] = {
 }
 
 
+def _testbed_tokenizer() -> Any:
+    from ..testbed.vocab import testbed_tokenizer
+
+    return testbed_tokenizer()
+
+
 SPECS = (
     ModelSpec(
         alias="llava-1.5-7b",
@@ -173,6 +180,16 @@ SPECS = (
         config=_TINY_LLAVA_CONFIG,
         prompt_template=LLAVA_15_PROMPT_TEMPLATE,
         description="built-in tiny random LLaVA (CLIP 2x32 @96px patch 4, Llama 8x64 GQA 4/2, 576 visual tokens like LLaVA-1.5)",
+    ),
+    ModelSpec(
+        alias="testbed-llava",
+        hub_id=None,
+        config=_TESTBED_CONFIG,
+        prompt_template=LLAVA_15_PROMPT_TEMPLATE,
+        description="built-in trained accuracy testbed (CLIP 3x128 @224px patch 14 = 256 visual tokens, Llama 8x128 GQA 4/2, "
+                    "word-level tokenizer; trained in-repo on the generated visual-QA task of recipe_compiler.testbed)",
+        weights="testbed/weights/model.safetensors",
+        tokenizer=_testbed_tokenizer,
     ),
 )
 
@@ -214,17 +231,23 @@ class LlavaCompilerFamily(CompilerFamily):
     specs = SPECS
     prompt_template = LLAVA_15_PROMPT_TEMPLATE
 
-    def processor(self, config: Any) -> Any:
-        """``LlavaProcessor`` with the built-in tokenizer, sized from a ``LlavaConfig``."""
+    def processor(self, config: Any, tokenizer: Any = None) -> Any:
+        """``LlavaProcessor`` with the built-in tokenizer (or ``tokenizer``), sized from a ``LlavaConfig``."""
         from transformers import LlavaProcessor
 
         return LlavaProcessor(
             image_processor=clip_image_processor(config.vision_config),
-            tokenizer=llava_tokenizer(config),
+            tokenizer=llava_tokenizer(config) if tokenizer is None else tokenizer,
             patch_size=int(config.vision_config.patch_size),
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             num_additional_image_tokens=1,  # CLIP's CLS token
         )
+
+    def builtin_processor(self, spec: ModelSpec, config: Any) -> Any:
+        """``LlavaProcessor`` with the spec's own tokenizer when it has one (``testbed-llava``'s word-level one)."""
+        if spec.tokenizer is None:
+            return self.processor(config)
+        return LlavaCompilerFamily.processor(self, config, spec.tokenizer())
 
     def fix_processor(self, processor: Any, config: Any) -> Any:
         """Older llava-hf snapshots save no ``patch_size``; without it the processor cannot count image

@@ -142,7 +142,10 @@ class Family:
     """Vision signals pre-LLM stages may read: name → ``None`` (the family provides it) or why not.
 
     ``"attention"``: each patch's significance from the encoder's attention at a feature layer;
-    ``"features"``: the CLS and patch hidden states of the model's feature layer.
+    ``"features"``: the CLS and patch hidden states of the model's feature layer;
+    ``"encoder_patches"``: each language-model image token is one encoder patch and the projector
+    maps encoder features to token embeddings one to one, so a stage may read the encoder's own
+    layers per patch and write merged encoder features through the projector (VisionZip).
     """
 
     # ------------------------------------------------------------------ where things are

@@ -67,7 +67,12 @@ class InternVLFamily(Family):
     vision_fields = Family.vision_fields + ("attention_bias", "use_qk_norm", "norm_type", "use_mean_pooling")
     top_fields = Family.top_fields + ("downsample_ratio",)
     pre_llm = True
-    signals = {"attention": None, "features": None}
+    signals = {
+        "attention": None,
+        "features": None,
+        "encoder_patches": "its pixel shuffle folds 2×2 encoder patches into one token before the projector, so encoder "
+                           "patches are not language-model tokens and merged encoder features cannot be projected",
+    }
     vllm_refusal = ("InternVL is not served by the vLLM plugin: it has no model class for InternVL's tiles and pixel "
                     "shuffle, and none is tested; serve it with the HF runtime (runtime.load(recipe).apply(model))")
 

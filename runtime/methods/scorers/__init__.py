@@ -3,12 +3,13 @@
 Example:
     >>> from runtime.methods.scorers import SCORERS
     >>> SCORERS.names()
-    ('fitprune', 'text-mean', 'last-token')
+    ('fitprune', 'text-mean', 'last-token', 'random')
 """
 from .base import SCORERS, Scorer, register_scorer
 
 from . import fitprune  # noqa: F401
 from . import text_mean  # noqa: F401
 from . import last_token  # noqa: F401
+from . import random_keep  # noqa: F401
 
 __all__ = ["SCORERS", "Scorer", "register_scorer"]

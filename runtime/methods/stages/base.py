@@ -74,6 +74,7 @@ class Stage:
             :meth:`probe_hooks`; each view then carries a :class:`._vision.VisionContext` as
             ``view.vision``).
         writes_features: :meth:`select` returns new input embeddings for the kept tokens.
+        baseline: a reference point (random keep), not a method: ``--pre-llm auto`` never picks it.
     """
 
     name = ""
@@ -86,6 +87,7 @@ class Stage:
     own_schedule = False
     probes: tuple[str, ...] = ()
     writes_features = False
+    baseline = False
 
     # ------------------------------------------------------------------ the recipe's parameters
     def validate(self, params: dict, recipe: Any) -> None:

@@ -43,7 +43,7 @@ def kept_index(scores: torch.Tensor) -> torch.Tensor | None:
 @register_stage("prumerge-plus")
 class PruMergePlus(Stage):
     fixed_ratio = False
-    signals = ("features",)  # the CLS token
+    signals = ("features", "encoder_patches")  # the CLS token, and encoder patches that are tokens (see Family.signals)
     statistic = "prumerge"
     probes = ("pm_q", "pm_k", "pm_hidden")
     writes_features = True

@@ -108,7 +108,7 @@ def slots(scores: torch.Tensor, dominant: int, contextual: int) -> tuple[torch.T
 @register_stage("visionzip")
 class VisionZip(Stage):
     fixed_ratio = True
-    signals = ("features",)  # the CLS token: families without one refuse the stage with their reason
+    signals = ("features", "encoder_patches")  # the CLS token, and encoder patches that are tokens: families without them refuse it with their reason
     statistic = "visionzip"
     probes = ("vz_cls", "vz_keys", "vz_hidden")
     writes_features = True

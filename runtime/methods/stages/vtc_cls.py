@@ -43,7 +43,7 @@ def start_layer(depth: int, start: int | None) -> int:
 @register_stage("vtc-cls")
 class VtcCls(Stage):
     fixed_ratio = True
-    signals = ("features",)  # the CLS token
+    signals = ("features", "encoder_patches")  # the CLS token, and encoder patches that are tokens (see Family.signals)
     statistic = "vtccls"
     probes = ("vtc_cls",)
     defaults = {"start_layer": None}

@@ -688,7 +688,7 @@ def load_model(
     Resolution order: (1) a registry alias (case-insensitive; ``tiny-llava`` is always built in);
     (2) an existing local directory with ``config.json``; (3) a hub id ``org/name`` (an alias
     maps to its hub id), looked up in the local HF cache, then on the hub only when
-    ``HF_HUB_OFFLINE`` is not set (short timeout, every error caught).
+    ``HF_HUB_OFFLINE`` is not set (short timeout; unreachable counts as not cached, a refusal is a typed HubError).
 
     Args:
         name: Alias, local directory or hub id.

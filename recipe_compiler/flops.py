@@ -434,6 +434,7 @@ class VisionShape:
         full_attention_layers: with windows, the layers that attend to the whole frame.
         reference_crops: ``"crops"``: crops of the family's reference image (1 for LLaVA-1.5,
             base + grid crops of the largest pinpoint for LLaVA-NeXT).
+        cls_tokens: ``"crops"``: encoder tokens per crop that are not patches (1: CLIP's CLS; 0: SigLIP).
 
     Example:
         >>> s = VisionShape("crops", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
@@ -454,6 +455,7 @@ class VisionShape:
     window: int = 0
     full_attention_layers: tuple = ()
     reference_crops: int = 1
+    cls_tokens: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
@@ -523,7 +525,7 @@ def encoder_flops(shape: VisionShape, crops: int = 0, grids: Any = ()) -> float:
             raise ValueError(f"crops must be non-negative, got {crops}")
         n = shape.tokens_per_crop
         per_crop = (
-            (n - 1) * shape.patch_inputs * shape.width
+            (n - shape.cls_tokens) * shape.patch_inputs * shape.width
             + shape.layers * _encoder_layer_macs(shape, [n])
             + shape.projected_per_crop * sum(a * b for a, b in shape.projector)
         )

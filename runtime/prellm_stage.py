@@ -40,14 +40,14 @@ class _Probed(Encoded):
     probes: dict = field(default_factory=dict)
 
 
-def _stage_reason(family: Any, stage: Any) -> str | None:
-    """Why ``family`` cannot give ``stage`` the signals it reads (``None``: it can)."""
+def _stage_reason(family: Any, stage: Any, model: Any = None) -> str | None:
+    """Why ``family`` cannot give ``stage`` the signals it reads, or ``model`` cannot run it (``None``: it can)."""
     for signal in stage.signals:
         if signal not in family.signals:
             return "it is not implemented for this family"
         if family.signals[signal] is not None:
             return family.signals[signal]
-    return None
+    return stage.model_reason(model, family) if model is not None else None
 
 
 def unsupported_reason(model: Any, method: str) -> str | None:
@@ -71,9 +71,9 @@ def unsupported_reason(model: Any, method: str) -> str | None:
         return f"pre-LLM stage {method!r} is not supported on model_type {model_type!r}: pre-LLM stages support model types {supported}"
     if method not in STAGES:
         return f"pre-LLM stage {method!r} is unknown; choose one of {', '.join(STAGES)}"
-    why = _stage_reason(family, STAGES[method])
+    why = _stage_reason(family, STAGES[method], model)
     if why is not None:
-        others = [name for name, stage in STAGES.items() if _stage_reason(family, stage) is None]
+        others = [name for name, stage in STAGES.items() if _stage_reason(family, stage, model) is None]
         return f"pre-LLM stage {method!r} is not supported on model_type {model_type!r} ({why}); use {STAGES.choices(others)}"
     return family.stage_precondition(model)
 

@@ -181,6 +181,7 @@ class RecipePolicy(Policy):
             kept = self.stage.keep(roles) & roles.visual
             self._set_counts(kept.sum(dim=1), roles.valid.device)  # the schedule is relative to survivors
             return kept
+        self._state["n_keep"] = self._keep[:, layer]  # a set-valued scorer (DART) needs the count it fills
         scores = self.scorer.rank(self._state, layer, roles).to(roles.visual.device)
         return keep_top(scores, roles.visual, self._keep[:, layer])
 

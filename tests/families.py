@@ -77,7 +77,8 @@ FAMILIES: list[FamilyCase] = [
     FamilyCase("tiny-llava-next", "<image>", ((64, 64), (90, 60)), view_sizes=_next_views),
     FamilyCase("tiny-qwen2-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
     FamilyCase("tiny-qwen2.5-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
-    FamilyCase("tiny-internvl", "<IMG_CONTEXT>", ((64, 64), (96, 32)), view_sizes=_tile_views),
+    FamilyCase("tiny-internvl", "<IMG_CONTEXT>", ((128, 128), (192, 64)), view_sizes=_tile_views),
+    FamilyCase("tiny-llava-onevision", "<image>", ((64, 64), (160, 96)), view_sizes=_next_views),
     FamilyCase("tiny-qwen3-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
 ]
 

@@ -49,8 +49,8 @@ def _recipe(model, stage: bool | str | None):
         return contextlib.nullcontext()
     fp = model_fingerprint(model)
     v, layers = fp["visual_tokens"], fp["num_layers"]
-    if isinstance(stage, str) and stage in SEARCHES:  # an in-LLM peer method at its paper defaults (its scorer keeps per-request state)
-        search = SEARCHES[stage]
+    if isinstance(stage, str) and stage.startswith("method-"):  # an in-LLM peer at its paper defaults (per-request scorer state)
+        search = SEARCHES[stage[len("method-"):]]
         return Recipe(keep_count=search.example(layers, v), scorer=search.scorer, fingerprint=fp).apply(model)
     counts = np.array([v, v] + [v // 2] * 2 + [v // 4] * (layers - 4))
     method = "g-prune" if stage is True else stage
@@ -67,7 +67,7 @@ def _same(a, b) -> bool:
     return torch.equal(a.sequences, b.sequences) and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
 
 
-_METHODS = [name for name, search in SEARCHES.items() if search.is_method]
+_METHODS = [f"method-{name}" for name, search in SEARCHES.items() if search.is_method]
 
 
 @pytest.mark.parametrize("stage", [None, False, True, *PEER_STAGES, *_METHODS],

@@ -2,10 +2,12 @@
 mapped onto the shuffled tokens (checked against the model's own attention weights)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from recipe_compiler.models import REGISTRY, load_model
+from runtime import Recipe
 from runtime.families import family_for, model_fingerprint
 from runtime.families.internvl import shuffle_sources
 
@@ -33,9 +35,9 @@ def test_real_aliases_build_the_real_architecture_on_the_meta_device(alias):
 
 def test_each_shuffled_token_folds_one_2x2_block_of_patches():
     config = load_model("tiny-internvl").model.config
-    side = 8  # 32-px tiles of 4-px patches
+    side = 16  # 64-px tiles of 4-px patches
     sources = shuffle_sources(config)
-    assert sources.shape == (16, 4)
+    assert sources.shape == (64, 4)
     for token, patches in enumerate(sources.tolist()):
         r, c = divmod(token, side // 2)
         assert sorted(patches) == sorted((2 * r + dr) * side + 2 * c + dc for dr in (0, 1) for dc in (0, 1))
@@ -45,11 +47,11 @@ def test_tiles_and_placeholders_follow_dynamic_tiling():
     from PIL import Image
 
     lm = load_model("tiny-internvl")
-    inputs = lm.processor(images=[Image.new("RGB", (64, 64)), Image.new("RGB", (96, 32)), Image.new("RGB", (32, 32))],
+    inputs = lm.processor(images=[Image.new("RGB", (128, 128)), Image.new("RGB", (192, 64)), Image.new("RGB", (64, 64))],
                           text=[lm.format_prompt("a"), lm.format_prompt("b"), lm.format_prompt("c")], return_tensors="pt", padding=True)
-    # 2×2 tiles + thumbnail, 3×1 + thumbnail, one tile (no thumbnail); 16 tokens per tile
+    # 2×2 tiles + thumbnail, 3×1 + thumbnail, one tile (no thumbnail); 64 tokens per tile
     assert inputs["pixel_values"].shape[0] == 5 + 4 + 1
-    assert (inputs["input_ids"] == lm.model.config.image_token_id).sum(dim=1).tolist() == [80, 64, 16]
+    assert (inputs["input_ids"] == lm.model.config.image_token_id).sum(dim=1).tolist() == [320, 256, 64]
 
 
 def test_fopru_and_cls_signals_are_the_encoders_own_mapped_onto_shuffled_tokens():
@@ -61,7 +63,7 @@ def test_fopru_and_cls_signals_are_the_encoders_own_mapped_onto_shuffled_tokens(
     model = lm.model
     family = family_for(model)
     torch.manual_seed(0)
-    pixels = torch.randn(3, 3, 32, 32)
+    pixels = torch.randn(3, 3, 64, 64)
     stage = PreLLMStage(None, capture={"attention", "features"})
     hooks = stage.attach(model)
     try:
@@ -77,9 +79,43 @@ def test_fopru_and_cls_signals_are_the_encoders_own_mapped_onto_shuffled_tokens(
     cls_row = own.attentions[-1][:, :, 0, 1:].mean(dim=1)  # (tiles, patches), last layer = feature layer -1
     features = own.hidden_states[-1]
     for tile in range(3):
-        positions = torch.arange(16)
+        positions = torch.arange(64)
         [view] = family.views(model, None, 0, positions, encoded, tile, lambda name: getattr(encoded, name))
-        assert view.grid == (4, 4)
+        assert view.grid == (8, 8)
         torch.testing.assert_close(view.attention, cls_row[tile][sources].sum(dim=-1), rtol=1e-5, atol=1e-7)
         cosine = torch.nn.functional.cosine_similarity(features[tile, 1:], features[tile, :1], dim=-1)
         torch.testing.assert_close(view.clssim, cosine[sources].mean(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_the_vllm_plugin_refuses_internvl_with_the_reason():
+    import runtime.vllm as plugin
+    from runtime import RecipeError
+
+    model = load_model("tiny-internvl").model
+    fp = model_fingerprint(model)
+    recipe = Recipe(keep_count=np.full(fp["num_layers"], fp["visual_tokens"]), scorer="fitprune", fingerprint=fp,
+                    pre_llm={"method": "g-prune", "keep_ratio": 0.5, "params": {}})
+    with pytest.raises(RecipeError, match="InternVL is not served by the vLLM plugin"):
+        plugin.overrides(recipe)
+
+
+@pytest.mark.parametrize("alias", ["internvl3-8b"])
+def test_flops_equal_the_flop_counter_at_real_size_on_the_meta_device(alias):
+    """The real architecture, built without weights: 3 tiles through the encoder, 300 tokens through the LM."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from recipe_compiler.families import vision_shape
+    from recipe_compiler.flops import LMShape, encoder_flops, layer_flops
+
+    model = load_model(alias, random_weights=True, device="meta", dtype="bf16", attn_implementation="eager").model
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model.get_image_features(pixel_values=torch.empty(3, 3, 448, 448, device="meta", dtype=torch.bfloat16))
+    assert encoder_flops(vision_shape(model.config), crops=3) == pytest.approx(counter.get_total_flops(), rel=1e-12)
+    shape, n = LMShape.from_config(model.config.text_config), 300
+    lm = model.model.language_model  # one decoder layer (all are alike): the causal mask cannot be built on meta
+    x = torch.empty(1, n, shape.hidden, device="meta", dtype=torch.bfloat16)
+    positions = torch.arange(n, device="meta")[None]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        lm.layers[0](x, attention_mask=None, position_ids=positions, position_embeddings=lm.rotary_emb(x, positions))
+    linear = sum(v for op, v in counter.get_flop_counts()["Global"].items() if str(op).split(".")[1] in ("mm", "addmm"))
+    assert linear == layer_flops(shape, n) - 2 * shape.num_heads * shape.head_dim * n * (n + 1)

@@ -108,14 +108,14 @@ _INTERNVL3_8B_CONFIG = _internvl3(text_sizes(3584, 18944, 28, 28, 4), tie=False)
 
 # tiny-internvl: byte tokenizer <unk>=0, <s>=1, </s>=2, bytes 3..258, then InternVL's special
 # tokens at Qwen2's offsets from <IMG_CONTEXT>=283: <pad> (<|endoftext|>) 259, <|im_start|> 260,
-# <|im_end|> 261, <img> 281, </img> 282, <video> 287. 32-px tiles of 4-px patches: 8×8 patches
-# + CLS, pixel-shuffled to 4×4 = 16 tokens per tile (the recipe's unit); a 64×64 image is 2×2 tiles
-# + thumbnail = 80 tokens, a 96×32 one 3×1 + thumbnail = 64.
+# <|im_end|> 261, <img> 281, </img> 282, <video> 287. 64-px tiles of 4-px patches: 16×16 patches
+# + CLS, pixel-shuffled to 8×8 = 64 tokens per tile (the recipe's unit); a 128×128 image is 2×2
+# tiles + thumbnail = 320 tokens, a 192×64 one 3×1 + thumbnail = 256.
 TINY_INTERNVL_CONFIG: dict[str, Any] = {
     "architectures": ["InternVLForConditionalGeneration"],
     "model_type": "internvl",
     "downsample_ratio": 0.5,
-    "image_seq_length": 16,
+    "image_seq_length": 64,
     "image_token_id": 283,
     "projector_hidden_act": "gelu",
     "tie_word_embeddings": False,
@@ -127,7 +127,7 @@ TINY_INTERNVL_CONFIG: dict[str, Any] = {
         "intermediate_size": 64,
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
-        "image_size": [32, 32],
+        "image_size": [64, 64],
         "patch_size": [4, 4],
     },
     "text_config": {
@@ -158,7 +158,7 @@ SPECS = (
     ModelSpec("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", _INTERNVL3_8B_CONFIG, INTERNVL_PROMPT_TEMPLATE,
               "InternVL3 8B (Qwen2.5-7B + InternViT-300M-448px, 256 visual tokens per 448-px tile)"),
     ModelSpec("tiny-internvl", None, TINY_INTERNVL_CONFIG, INTERNVL_PROMPT_TEMPLATE,
-              "built-in tiny random InternVL (InternViT 2x32 @32px tiles patch 4 + CLS, pixel shuffle to 16 tokens per tile, "
+              "built-in tiny random InternVL (InternViT 2x32 @64px tiles patch 4 + CLS, pixel shuffle to 64 tokens per tile, "
               "Qwen2 8x64 GQA 4/2)"),
 )
 

@@ -5,7 +5,7 @@
 
 Example:
     >>> SEARCHES.names()
-    ('optimal', 'gsearch', 'psigmoid', 'fitprune', 'fastv')
+    ('optimal', 'gsearch', 'psigmoid', 'fitprune', 'fastv', 'pdrop', 'dart', 'sparsevlm')
     >>> sorted(TABLE_SEARCHES)
     ['gsearch', 'optimal', 'psigmoid']
 """
@@ -16,6 +16,9 @@ from recipe_compiler.search import gsearch  # noqa: F401
 from recipe_compiler.search import psigmoid  # noqa: F401
 from recipe_compiler.search import fitprune  # noqa: F401
 from recipe_compiler.search import fastv  # noqa: F401
+from recipe_compiler.search import pdrop  # noqa: F401
+from recipe_compiler.search import dart  # noqa: F401
+from recipe_compiler.search import sparsevlm  # noqa: F401
 
 TABLE_SEARCHES = {name: search.schedule for name, search in SEARCHES.items() if not search.in_the_loop and not search.is_method}
 """name → ``schedule(table, cost, budget_flops)`` of every table search (the peer methods' searches are apart)."""

@@ -78,10 +78,26 @@ def fastv_schedule(table, cost, budget_flops, extra=lambda keep: 0.0, layer=None
         BudgetError: the budget cannot be met at the given layer (or at layer 1), or the fixed
             ``drop_ratio`` exceeds it; the message gives the smallest budget.
     """
+    v_ref = cost.shape[1] - 1
+    fixed = None if drop_ratio is None else (reference.keep_count(v_ref, drop_ratio), f"drop ratio {drop_ratio:g}", "drop_ratio")
+    keep, found = one_cut_search("FastV", cost, budget_flops, extra, layer, reference.DEFAULT_LAYER, fixed)
+    found["drop_ratio"] = round(1.0 - found["keep"] / v_ref, 9)
+    return keep, found
+
+
+def one_cut_search(title, cost, budget_flops, extra, layer, default_layer, fixed=None):
+    """The one-cut search FastV and DART share: the most tokens at ``layer`` within the budget.
+
+    Args:
+        fixed: ``(count, description, parameter)`` of a paper setting that fixes the count.
+
+    Returns:
+        ``(keep, {"layer", "keep"[, "layer_moved"]})``.
+    """
     num_layers, v_ref = cost.shape[0], cost.shape[1] - 1
-    default = min(reference.DEFAULT_LAYER, num_layers - 1)
+    default = min(default_layer, num_layers - 1)
     if layer is not None:
-        check_layer(layer, num_layers, "FastV")
+        check_layer(layer, num_layers, title)
     rows = np.arange(num_layers)
     full = float(cost[rows, v_ref].sum())
     limit = budget_flops * (1 + 1e-9)
@@ -92,25 +108,20 @@ def fastv_schedule(table, cost, budget_flops, extra=lambda keep: 0.0, layer=None
 
     tried = [layer] if layer is not None else list(range(default, 0, -1))
     for at in tried:
-        if drop_ratio is not None:
-            count = reference.keep_count(v_ref, drop_ratio)
-            if flops(at, count) <= limit:
-                break
-        else:
-            count = largest_count(lambda k: flops(at, k), limit, v_ref)
-            if count is not None:
-                break
+        count = fixed[0] if fixed is not None else largest_count(lambda k: flops(at, k), limit, v_ref)
+        if count is not None and flops(at, count) <= limit:
+            break
     else:
         at = tried[-1]
-        if drop_ratio is not None:
-            raise BudgetError(f"FastV at K={at}, drop ratio {drop_ratio:g} spends {flops(at, count) / full:.4f} of the prefill "
-                              f"FLOPs, over the budget {budget_flops / full:.4g}; raise --budget or drop --search-param drop_ratio")
+        if fixed is not None:
+            raise BudgetError(f"{title} at K={at}, {fixed[1]} spends {flops(at, fixed[0]) / full:.4f} of the prefill "
+                              f"FLOPs, over the budget {budget_flops / full:.4g}; raise --budget or drop --search-param {fixed[2]}")
         floor = flops(at, 0) / full
-        raise BudgetError(f"FastV at K={at} cannot meet budget {budget_flops / full:.4g}: dropping every image token at "
+        raise BudgetError(f"{title} at K={at} cannot meet budget {budget_flops / full:.4g}: dropping every image token at "
                           f"layer {at} still spends {floor:.4f} of the prefill FLOPs; use --budget {np.ceil(floor * 1000) / 1000:g} "
                           "or more" + (", or a smaller --search-param layer" if at > 1 else ""))
     keep = one_cut(num_layers, v_ref, at, count)
-    found = {"layer": int(at), "keep": int(count), "drop_ratio": round(1.0 - count / v_ref, 9)}
+    found = {"layer": int(at), "keep": int(count)}
     if layer is None and at != default:
         found["layer_moved"] = f"K={default} cannot meet the budget; the latest layer that can"
     return keep, found

@@ -64,6 +64,24 @@ class VisionContext:
         return out
 
 
+def probe_reason(model: Any, family: Any, title: str, writes: bool = False) -> str | None:
+    """Why ``title``'s probes cannot run on ``model`` (``None``: they can).
+
+    They read CLIP-style attention modules (``self_attn`` with ``q_proj``, ``k_proj``, ``head_dim``)
+    on one token per encoder patch; a feature-writing stage also needs the LLaVA-style projector.
+    """
+    try:
+        layers = family.vision_layers(model)
+    except (ValueError, AttributeError) as exc:
+        return str(exc)
+    attn = getattr(layers[0], "self_attn", None) if len(layers) else None
+    if attn is None or not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "head_dim")):
+        return f"its vision encoder's layers have no CLIP-style self_attn (q_proj, k_proj), which {title} reads"
+    if writes and projector(model, family) is None:
+        return f"{title} writes merged features through a LLaVA-style multi_modal_projector, which this model lacks"
+    return None
+
+
 def projector(model: Any, family: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The LLaVA-style ``multi_modal_projector`` of ``model`` (``None`` if it has none)."""
     return getattr(family.base_model(model), "multi_modal_projector", None)

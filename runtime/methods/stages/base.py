@@ -126,6 +126,10 @@ class Stage:
                         f"not {wanted[key]!r}; recollect them without --stats")
         return None
 
+    def model_reason(self, model: Any, family: Any) -> str | None:
+        """Why ``model`` cannot run the stage beyond the signals its family gives (``None``: it can)."""
+        return None
+
     def probe_hooks(self, model: Any, family: Any, params: dict, record: Callable[[str, torch.Tensor], None]) -> list:
         """Install the hooks that ``record(probe, value)`` each vision forward's :attr:`probes`; return their handles."""
         return []

@@ -52,14 +52,11 @@ class PruMergePlus(Stage):
         if params:
             raise RecipeError(f"pre-LLM stage 'prumerge-plus': unexpected pre_llm.params {short(sorted(params))} (it takes none)")
 
-    def check_model(self, model: Any, params: dict) -> None:
-        from ...families import family_for
-
-        if _vision.projector(model, family_for(model)) is None:
-            raise ValueError("PruMerge+ writes merged features through the model's multi_modal_projector, which this model lacks")
-
     def describe(self, spec: dict) -> str:
         return "keeps each image's IQR-outlier patches plus spatial samples (PruMerge+), merged, plus one summary token"
+
+    def model_reason(self, model: Any, family: Any) -> str | None:
+        return _vision.probe_reason(model, family, "PruMerge+", writes=True)
 
     def probe_hooks(self, model: Any, family: Any, params: dict, record) -> list:
         def on_attention(module: Any, x: torch.Tensor) -> None:

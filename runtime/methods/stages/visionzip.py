@@ -122,15 +122,12 @@ class VisionZip(Stage):
         if not is_number(share) or not 0 <= share < 1:
             raise RecipeError(f"pre-LLM stage 'visionzip': pre_llm.params.contextual_share must be a number in [0, 1), got {short(share)}")
 
-    def check_model(self, model: Any, params: dict) -> None:
-        from ...families import family_for
-
-        if _vision.projector(model, family_for(model)) is None:
-            raise ValueError("VisionZip writes merged features through the model's multi_modal_projector, which this model lacks")
-
     def describe(self, spec: dict) -> str:
         share = (spec.get("params") or {}).get("contextual_share", CONTEXTUAL_SHARE)
         return f"keeps {spec.get('keep_ratio', 1.0):g} of each image's tokens as VisionZip dominant + contextual ({share:g} contextual), merged"
+
+    def model_reason(self, model: Any, family: Any) -> str | None:
+        return _vision.probe_reason(model, family, "VisionZip", writes=True)
 
     def probe_hooks(self, model: Any, family: Any, params: dict, record) -> list:
         layer = _vision.feature_layer(model, family)

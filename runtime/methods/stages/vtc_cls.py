@@ -62,6 +62,9 @@ class VtcCls(Stage):
 
         start_layer(len(family_for(model).vision_layers(model)), params.get("start_layer"))
 
+    def model_reason(self, model: Any, family: Any) -> str | None:
+        return _vision.probe_reason(model, family, "VTC-CLS", writes=False)
+
     def probe_hooks(self, model: Any, family: Any, params: dict, record) -> list:
         depth = len(family.vision_layers(model))
         layers = list(math_.layer_range(depth, start_layer(depth, params.get("start_layer"))))

@@ -43,19 +43,19 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         loaded = load(name)
-        stats = None
+        collected = {}  # head reduction -> statistics (each scorer's own: last-token averages the heads)
         for budget in map(float, args.budgets.split(",")):
             for scorer in ("fitprune", "text-mean", "last-token"):
                 for search in ("optimal", "gsearch", "psigmoid"):
                     started = time.perf_counter()
+                    config = CompileConfig(budget=budget, scorer=scorer, search=search)
                     try:
-                        result = compile_recipe(loaded.model, loaded.processor, calibration,
-                                                CompileConfig(budget=budget, scorer=scorer, search=search),
-                                                format_prompt=loaded.format_prompt, statistics=stats)
+                        result = compile_recipe(loaded.model, loaded.processor, calibration, config,
+                                                format_prompt=loaded.format_prompt, statistics=collected.get(config.head_reduce))
                     except BudgetError as exc:
                         rows.append({"model": name, "budget": budget, "scorer": scorer, "search": search, "infeasible": str(exc)})
                         break
-                    stats = result.statistics
+                    collected[config.head_reduce] = result.statistics
                     verified = result.verification.divergence
                     rows.append({
                         "model": name, "budget": budget, "scorer": scorer, "search": search,

@@ -32,6 +32,19 @@ def _budget(text: str) -> float:
     return value
 
 
+def _search_param(text: str) -> tuple:
+    """``--search-param NAME=VALUE``: the value as an int, a float, or the string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"a search parameter is NAME=VALUE (e.g. layer=3), got {text!r}")
+    for kind in (int, float):
+        try:
+            return name.strip(), kind(value)
+        except ValueError:
+            pass
+    return name.strip(), value.strip()
+
+
 def _compile_parser() -> argparse.ArgumentParser:
     from runtime.methods.detectors import DETECTORS
     from runtime.methods.heads import HEAD_REDUCTIONS
@@ -51,8 +64,14 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", help="folder of images (optionally with manifest.jsonl) or a .jsonl manifest (default: the shipped set)")
     parser.add_argument("--samples", type=positive_int, help="use the first N calibration samples")
     parser.add_argument("--search", choices=SEARCHES.names(), default="optimal", help="schedule search (default: optimal)")
-    parser.add_argument("--scorer", choices=SCORERS.names(), default="fitprune", help="run-time scorer recorded in the recipe (default: fitprune)")
-    parser.add_argument("--head-reduce", choices=HEAD_REDUCTIONS.names(), default="max", help="how attention heads are combined (default: max)")
+    methods = [s for s in SEARCHES.values() if s.is_method]
+    own = ", ".join(f"--search {s.name}: {s.scorer}" for s in methods)
+    parser.add_argument("--scorer", choices=SCORERS.names(), help=f"run-time scorer recorded in the recipe (default: fitprune; a peer search's own: {own})")
+    reductions = ", ".join(f"{name}: {scorer.head_reduce}" for name, scorer in SCORERS.items())
+    parser.add_argument("--head-reduce", choices=HEAD_REDUCTIONS.names(), help=f"how attention heads are combined (default: the scorer's own; {reductions})")
+    settings = "; ".join(f"{s.name}: " + ", ".join(f"{name} ({p.help})" for name, p in s.params.items()) for s in methods if s.params)
+    parser.add_argument("--search-param", action="append", type=_search_param, default=[], metavar="NAME=VALUE",
+                        help=f"a peer method's setting, repeatable ({settings})")
     parser.add_argument("--device", default="cpu", help="torch device for calibration (default: cpu; under torchrun, cuda means cuda:LOCAL_RANK)")
     parser.add_argument("--device-map", type=_device_map, help="spread a checkpoint's layers over devices: auto, balanced, sequential or a JSON map (needs accelerate: pip install 'recipe-compiler[big]')")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
@@ -100,6 +119,7 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
     from .calibration import load_calibration
     from .collect import check_prompts
     from .compile import CompileConfig, compile_recipe
+    from .search import SEARCHES
     from .distributed import SINGLE
     from .errors import CompileError
     from .models import parse_dtype, prepare_model
@@ -123,7 +143,8 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
                                pre_llm=args.pre_llm, pre_llm_ratio=args.pre_llm_ratio,
                                gprune={k: v for k, v in (("threshold", args.gprune_threshold), ("temperature", args.gprune_temperature),
                                                          ("steps", args.gprune_steps)) if v is not None} or None,
-                               fopru_feature_layer=args.fopru_feature_layer, inflection_detector=args.inflection_detector)
+                               fopru_feature_layer=args.fopru_feature_layer, inflection_detector=args.inflection_detector,
+                               search_params=dict(args.search_param) or None)
         dtype = parse_dtype(args.dtype)
         check_device(args.device)
         if args.device_map is not None and sharding.world > 1:
@@ -164,6 +185,10 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
         print(result.details["pre_llm_table"])
     stage = result.recipe.pre_llm
     stage_text = "" if stage["method"] == "none" else f" | pre-llm {stage['method']}" + (f" {stage['keep_ratio']:g}" if "keep_ratio" in stage else "")
+    found = result.recipe.provenance.get("search_params", {})
+    method = SEARCHES[args.search]
+    if method.is_method:  # what the peer method chose, e.g. "fastv K=2 keep 130"
+        stage_text += " | " + method.name + " " + " ".join(f"{k} {v}" for k, v in found.items() if k != "method")
     stage_times = " ".join(f"{k} {timings[k]:.1f}s" for k in ("load", "calibrate", "search", "verify", "write"))
     from .flops import format_flops
 

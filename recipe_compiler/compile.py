@@ -27,7 +27,7 @@ from .distributed import SINGLE, Sharding
 from .divergence import divergence_table, nested_divergence, schedule_objective
 from .errors import BudgetError, StatisticsError
 from . import prellm_search
-from .flops import LMShape, cost_table, min_feasible_budget, visual_token_equivalent
+from .flops import LMShape, cost_table, min_feasible_budget, probe_flops, visual_token_equivalent
 from .prellm_search import AUTO, pre_llm_choices
 from .search import SEARCHES
 from .statistics import Statistics
@@ -44,9 +44,14 @@ class CompileConfig:
     Args:
         budget: fraction of the unpruned language-model prefill FLOPs the pruned model may spend,
             averaged over the calibration prompts; ``0 < budget <= 1``.
-        search: schedule search, a :data:`recipe_compiler.search.SEARCHES` name.
-        scorer: run-time scorer recorded in the recipe, a ``runtime.methods.scorers.SCORERS`` name.
-        head_reduce: a ``runtime.methods.heads.HEAD_REDUCTIONS`` name: "max" (FitPrune) or "mean" over attention heads.
+        search: schedule search, a :data:`recipe_compiler.search.SEARCHES` name; a peer method's
+            search (``fastv``, ``pdrop``, …) compiles that method at the budget.
+        scorer: run-time scorer recorded in the recipe, a ``runtime.methods.scorers.SCORERS`` name;
+            default (None): a peer search's own scorer, else ``fitprune``.
+        head_reduce: a ``runtime.methods.heads.HEAD_REDUCTIONS`` name: "max" (FitPrune) or "mean" over
+            attention heads; default (None): the scorer's own (``last-token``: mean, as FastV and PyramidDrop).
+        search_params: a peer method's settings (``--search-param``), validated by its search; after
+            construction, every setting with its default filled in.
         batch_size: calibration samples per forward.
         pre_llm: pre-LLM stage, one of ``prellm_search.pre_llm_choices()``; ``auto`` evaluates every
             stage (and none) with the in-LLM schedule and keeps the least divergence in budget.
@@ -64,14 +69,15 @@ class CompileConfig:
 
     budget: float
     search: str = "optimal"
-    scorer: str = "fitprune"
-    head_reduce: str = "max"
+    scorer: str | None = None
+    head_reduce: str | None = None
     batch_size: int = 4
     pre_llm: str = "none"
     pre_llm_ratio: float | None = None
     gprune: dict | None = None
     fopru_feature_layer: int | None = None
     inflection_detector: str | None = None
+    search_params: dict | None = None
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -83,8 +89,7 @@ class CompileConfig:
             )
         if self.search not in SEARCHES:
             raise ValueError(f"search {self.search!r} is unknown; choose one of {', '.join(SEARCHES)}")
-        if self.scorer not in SCORERS:
-            raise ValueError(f"scorer {self.scorer!r} is unknown; choose one of {', '.join(SCORERS)}")
+        self._resolve_method()
         if self.head_reduce not in HEAD_REDUCTIONS:
             raise ValueError(f"head_reduce {self.head_reduce!r} is unknown; choose one of {', '.join(HEAD_REDUCTIONS)}")
         if self.pre_llm not in pre_llm_choices():
@@ -122,6 +127,26 @@ class CompileConfig:
         self._check_applies("--inflection-detector", self.inflection_detector, "inflection_detector")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+    def _resolve_method(self) -> None:
+        """Fill the scorer, head reduction and peer settings from the search and scorer definitions."""
+        search = SEARCHES[self.search]
+        scorer = self.scorer if self.scorer is not None else (search.scorer or "fitprune")
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer {scorer!r} is unknown; choose one of {', '.join(SCORERS)}")
+        if search.is_method and scorer != search.scorer:
+            raise ValueError(f"--search {self.search} ranks with its own scorer {search.scorer!r}, not {scorer!r}; "
+                             f"drop --scorer, or use --search optimal to plan a schedule for the {scorer} scorer")
+        owner = SCORERS[scorer].method
+        if owner is not None and owner != self.search:
+            raise ValueError(f"scorer {scorer!r} is {SEARCHES[owner].title}'s ranking and comes with its schedule: "
+                             f"use --search {owner}")
+        if search.is_method and self.pre_llm != NO_STAGE:
+            raise ValueError(f"--search {self.search} compiles {search.title} alone; it takes no --pre-llm stage (got {self.pre_llm!r})")
+        object.__setattr__(self, "scorer", scorer)
+        if self.head_reduce is None:
+            object.__setattr__(self, "head_reduce", SCORERS[scorer].head_reduce)
+        object.__setattr__(self, "search_params", search.resolve_params(self.search_params))
 
     def _check_applies(self, option: str, value: object, param: str) -> None:
         """A stage option given with ``--pre-llm`` set to a stage that has no such parameter is an error."""
@@ -206,6 +231,9 @@ def compile_recipe(
     timings: dict[str, float] = {}
 
     prellm_params = _prellm_params(model, config)  # refuses an unsupported stage or feature layer before any forward
+    reason = SCORERS[config.scorer].unsupported_reason(model)
+    if reason:
+        raise ValueError(f"--scorer {config.scorer} (--search {config.search}) cannot run on this model: {reason}")
     started = time.perf_counter()
     if statistics is None:
         statistics = collect_statistics(
@@ -232,7 +260,14 @@ def compile_recipe(
     table = divergence_table(statistics, config.scorer, v_ref=v_ref)
     details: dict[str, Any] = {}
     stage, alive = None, None  # a model-in-the-loop search with a fixed-ratio pre-LLM stage: its spec and survivors
-    if not search.in_the_loop:
+    if search.is_method:
+        costs = cost_table(shape, statistics.n_other, statistics.n_visual, v_ref)
+        budget_flops = config.budget * float(np.sum(costs[:, v_ref]))
+        macs = SCORERS[config.scorer].probe_macs
+        extra = lambda k: probe_flops(shape, statistics.n_other, statistics.n_visual, k, v_ref, macs)  # noqa: E731
+        keep, found = search.schedule(table, costs, budget_flops, extra=extra, **config.search_params)
+        search_params = {"method": search.provenance, **found}
+    elif not search.in_the_loop:
         costs = cost_table(shape, statistics.n_other, statistics.n_visual, v_ref)
         # The unpruned cost from the same table the search sums, so budget 1.0 admits keep-all exactly.
         budget_flops = config.budget * float(np.sum(costs[:, v_ref]))

@@ -17,11 +17,15 @@ For each recipe, pruned against unpruned on the same prompts:
   unpruned prefill) and the visual-token-only fraction (what FitPrune-style papers quote).
 
 Several recipes give one comparison table; ``--json`` prints the same numbers as JSON.
+``--compare M1,M2,... --budget B1,B2`` compiles each method at each budget on the calibration set
+first and compares them all (:mod:`recipe_compiler.compare`); with ``--out DIR`` it also writes
+``compare.png`` (quality vs FLOPs, one line per method) and ``compare.json``.
 ``--show IMAGE --layers 2,8,16 --out DIR`` also draws the schedules and, for that image, which
 visual tokens survive at those layers (needs matplotlib: ``pip install 'recipe-compiler[plots]'``).
 
     recipe-eval --model tiny-llava --recipe r.safetensors
     recipe-eval --model llava-1.5-7b --recipe ours.safetensors --recipe fitprune:40 --json
+    recipe-eval --model tiny-llava --compare visionzip,divprune,gprune,fopru,fitprune,optimal --budget 0.45,0.25 --out cmp
 """
 from __future__ import annotations
 
@@ -283,12 +287,18 @@ def _layers(text: str) -> list[int]:
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="recipe-eval", description="Compare pruning recipes against the unpruned model on held-out samples.")
     parser.add_argument("--model", default="tiny-llava", help="registry alias, hub id or local directory (default: tiny-llava)")
-    parser.add_argument("--recipe", action="append", required=True,
+    parser.add_argument("--recipe", action="append",
                         help="recipe file, or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b); repeat to compare")
+    parser.add_argument("--compare", help="methods to compile and compare, comma-separated (pre-LLM stages, searches, "
+                        "or comparison names: optimal, fitprune, gprune, fopru); needs --budget")
+    parser.add_argument("--budget", help="--compare: FLOPs budgets, comma-separated (e.g. 0.45,0.25)")
+    parser.add_argument("--calibration", help="--compare: calibration folder or .jsonl the recipes are compiled on "
+                        "(default: the shipped set's calibration split)")
+    parser.add_argument("--calibration-samples", type=positive_int, help="--compare: use the first N calibration samples")
     parser.add_argument("--data", help="folder of images or .jsonl manifest (default: the shipped calibration set's held-out split)")
     parser.add_argument("--samples", type=positive_int, help="use the first N samples")
     parser.add_argument("--new-tokens", type=positive_int, default=8, help="greedy continuation length compared (default: 8)")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="alternating timed prefills per recipe (default: 5)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="alternating timed prefills per recipe (default: 5; 3 with --compare)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="samples per forward (default: 4)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -328,6 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from runtime.presets import resolve
+
+    if args.compare is not None or args.budget is not None:
+        return _compare(args)
+    if not args.recipe:
+        raise CompileError("give --recipe (repeat to compare recipes) or --compare METHODS --budget B1,B2")
+    if args.calibration or args.calibration_samples:
+        raise CompileError("--calibration and --calibration-samples go with --compare")
+    args.repeats = args.repeats or 5
 
     from .calibration import load_calibration
     from .collect import check_prompts
@@ -380,6 +398,62 @@ def _main(args: argparse.Namespace) -> int:
         for path in written:
             print(f"wrote {path}")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """``--compare``: compile each method at each budget, then the table (and the plot with --out)."""
+    from .calibration import load_calibration
+    from .collect import check_prompts
+    from .compare import format_comparison, parse_budgets, parse_methods, plot_comparison, run_comparison
+    from .models import parse_dtype, prepare_model
+
+    if args.compare is None or args.budget is None:
+        raise CompileError("--compare METHODS and --budget B1,B2 go together")
+    if args.recipe:
+        raise CompileError("--compare compiles its own recipes; drop --recipe (or compare recipe files without --compare)")
+    if args.show:
+        raise CompileError("--show draws given recipes; use it without --compare")
+    methods, budgets = parse_methods(args.compare), parse_budgets(args.budget)
+    calibration = load_calibration(args.calibration, samples=args.calibration_samples)
+    heldout = load_calibration(args.data, samples=args.samples, split=None if args.data else "heldout")
+    dtype = parse_dtype(args.dtype)
+    check_device(args.device)
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None:
+        from . import plots as _plots
+
+        _plots.require_matplotlib()
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CompileError(f"--out {out_dir} exists and is not a directory")
+        for name in ("compare.png", "compare.json"):
+            check_output_file(out_dir / name, "output")
+    plan = prepare_model(args.model, random_weights=args.random_weights)
+    for samples in (calibration, heldout):
+        check_prompts(plan.processor, samples, format_prompt=plan.format_prompt, max_positions=plan.max_positions)
+    loaded = plan.load(device=args.device, dtype=dtype, attn_implementation=args.attn_implementation, seed=args.seed)
+    say = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    rows = run_comparison(loaded.model, loaded.processor, calibration, heldout, methods, budgets,
+                          format_prompt=loaded.format_prompt, batch_size=args.batch_size, new_tokens=args.new_tokens,
+                          repeats=args.repeats or 3, device=args.device, say=say, measure=evaluate_recipes)
+    seconds = time.perf_counter() - started
+    payload = {"model": args.model, "methods": methods, "budgets": budgets, "calibration_samples": len(calibration.samples),
+               "heldout_samples": len(heldout.samples), "seconds": round(seconds, 1), "rows": [row.as_dict() for row in rows]}
+    written = []
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "compare.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        written.append(out_dir / "compare.json")
+        if any(row.evaluation is not None for row in rows):
+            written.append(plot_comparison(rows, out_dir / "compare.png"))
+    if args.json:
+        print(json.dumps(payload, indent=2, sort_keys=True))
+    else:
+        print(format_comparison(rows))
+        print(f"compiled and measured in {seconds:.0f}s")
+        for path in written:
+            print(f"wrote {path}")
+    return 0 if any(row.evaluation is not None for row in rows) else EXIT_FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,6 +39,7 @@ __all__ = [
     "reference_encoder_flops",
     "visual_token_fraction",
     "format_flops",
+    "probe_flops",
 ]
 
 
@@ -301,6 +302,31 @@ def schedule_flops_fraction(
     )
 
 
+def probe_flops(shape: LMShape, n_other: Any, n_visual: Any, keep_counts: Any, v_ref: int, probe_macs: Any) -> float:
+    """Mean FLOPs over samples that a scorer's own probes add to a schedule (0 for most scorers).
+
+    At each pruning layer ``l`` (``keep[l] < keep[l − 1]``) the scorer sees the row's tokens before
+    the cut: ``n_other + scale(keep[l − 1])`` real tokens, of which ``scale(keep[l − 1])`` visual.
+
+    Args:
+        probe_macs: ``probe_macs(shape, n_tokens, n_visual) -> multiply-adds`` (vectorised over
+            numpy arrays), a scorer's :meth:`~runtime.methods.scorers.base.Scorer.probe_macs`.
+
+    Example:
+        >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> probe_flops(s, [1], [2], [2, 1], 2, lambda shape, n, v: n * 10.0)   # one cut, 3 tokens before it
+        60.0
+    """
+    v_ref = _check_v_ref(v_ref)
+    other, visual = _check_samples(n_other, n_visual)
+    keep = _check_keep(keep_counts, shape, v_ref)
+    total = np.zeros(other.shape[0], dtype=np.float64)
+    for layer in np.nonzero(np.diff(keep) < 0)[0] + 1:
+        before = scale_counts(np.full(other.shape[0], keep[layer - 1]), visual, v_ref).astype(np.float64)
+        total += 2.0 * np.asarray(probe_macs(shape, other + before, before), dtype=np.float64)
+    return float(np.mean(total))
+
+
 def min_feasible_budget(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int) -> float:
     """The smallest budget any schedule can meet: all visual tokens in layer 0, none afterwards.
 
@@ -408,6 +434,7 @@ class VisionShape:
         full_attention_layers: with windows, the layers that attend to the whole frame.
         reference_crops: ``"crops"``: crops of the family's reference image (1 for LLaVA-1.5,
             base + grid crops of the largest pinpoint for LLaVA-NeXT).
+        cls_tokens: ``"crops"``: encoder tokens per crop that are not patches (1: CLIP's CLS; 0: SigLIP).
 
     Example:
         >>> s = VisionShape("crops", 1, 2, 4, False, 3, ((2, 3),), tokens_per_crop=2, projected_per_crop=1)
@@ -428,6 +455,7 @@ class VisionShape:
     window: int = 0
     full_attention_layers: tuple = ()
     reference_crops: int = 1
+    cls_tokens: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
@@ -497,7 +525,7 @@ def encoder_flops(shape: VisionShape, crops: int = 0, grids: Any = ()) -> float:
             raise ValueError(f"crops must be non-negative, got {crops}")
         n = shape.tokens_per_crop
         per_crop = (
-            (n - 1) * shape.patch_inputs * shape.width
+            (n - shape.cls_tokens) * shape.patch_inputs * shape.width
             + shape.layers * _encoder_layer_macs(shape, [n])
             + shape.projected_per_crop * sum(a * b for a, b in shape.projector)
         )

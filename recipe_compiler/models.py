@@ -2,7 +2,9 @@
 
 ``--model`` takes a registry alias (``llava-1.5-7b``), a hub id (``org/name``) or a local
 directory.  Weights come from the local directory or the local HF cache; the hub is only tried
-when ``HF_HUB_OFFLINE`` is not set, and every failure there is caught.  The registry is every
+when huggingface_hub is not in offline mode (``HF_HUB_OFFLINE``); an unreachable hub counts as
+"not cached", and a refusal (gated, authentication, no such repository) is a typed
+:class:`runtime.errors.HubError` saying which.  The registry is every
 family's aliases (:mod:`recipe_compiler.families`), each with its full ``config.json`` embedded,
 so ``random_weights=True`` builds the real architecture without reading any weights; a family
 also builds its offline processor.  The built-in tiny models (``tiny-llava``, …) are small, seeded,
@@ -20,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ import torch
 from recipe_compiler.errors import ModelNotFoundError
 from recipe_compiler.families import ALIASES, FAMILIES, ModelSpec, config_from_dict, family_of
 from recipe_compiler.families.base import image_token_id, pad_token_id
+from runtime import hub
+from runtime.errors import HubError, HubOfflineError
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
@@ -359,31 +362,11 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _hub_offline() -> bool:
-    truthy = {"1", "true", "yes", "on"}
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in truthy:
-            return True
-    return False
-
-
-def _hf_cache_dir() -> Path:
-    """The hub cache directory, read from the environment at call time."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    try:
-        from huggingface_hub import constants
-
-        return Path(constants.HF_HUB_CACHE).expanduser()
-    except Exception:  # noqa: BLE001
-        return Path("~/.cache/huggingface/hub").expanduser()
+    return hub.offline()
 
 
 def _repo_cache_folder(repo_id: str) -> Path:
-    return _hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    return hub.repo_cache_folder(repo_id)
 
 
 def _cached_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path | None:
@@ -392,7 +375,7 @@ def _cached_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> P
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(
-            repo_id, cache_dir=str(_hf_cache_dir()), local_files_only=True, allow_patterns=allow_patterns
+            repo_id, local_files_only=True, allow_patterns=allow_patterns
         )
     except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or unreadable cache
         return None
@@ -404,24 +387,29 @@ _PROCESSOR_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]
 
 
 def _download_snapshot(repo_id: str, *, weights: bool = True) -> Path | None:
-    """Fetch ``repo_id`` from the hub when allowed; ``None`` on any failure (offline, no network...).
+    """Fetch ``repo_id`` from the hub when allowed; ``None`` when the hub cannot be asked (offline, no network).
 
     ``weights=False`` fetches only the config and processor files.
+
+    Raises:
+        HubNotFoundError, HubGatedRepoError, HubAuthError: the hub answered, and refused (one line each).
     """
     if _hub_offline():
         return None
-    try:
-        from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
 
-        timeout = float(getattr(constants, "HF_HUB_ETAG_TIMEOUT", 10))
+    timeout = float(getattr(constants, "HF_HUB_ETAG_TIMEOUT", 10))
+    try:
         HfApi().model_info(repo_id, timeout=timeout)  # fail fast when the hub is unreachable
         path = snapshot_download(
             repo_id,
-            cache_dir=str(_hf_cache_dir()),
             etag_timeout=timeout,
             allow_patterns=_PROCESSOR_PATTERNS + (["*.safetensors"] if weights else []),
         )
-    except Exception:  # noqa: BLE001 - every hub error means "not available"
+    except Exception as exc:  # noqa: BLE001 - a refusal is typed; "cannot ask" means not available
+        error = hub.hub_error(exc, repo_id)
+        if isinstance(error, HubError) and not isinstance(error, HubOfflineError):
+            raise error from None
         return None
     path = Path(str(path))
     return path if (path / "config.json").is_file() else None
@@ -538,6 +526,7 @@ class ModelPlan:
 
         Raises:
             ModelNotFoundError: the checkpoint's weights are missing or unreadable, or cannot be fetched.
+            HubGatedRepoError, HubAuthError, HubNotFoundError: the hub refused a hub id (runtime.errors).
             ValueError: bad ``dtype``, or a ``device_map`` for built weights or without accelerate.
 
         Example:
@@ -614,6 +603,7 @@ def prepare_model(name: str, *, random_weights: bool = False) -> ModelPlan:
     Raises:
         ModelNotFoundError: Unknown name, not cached (and unreachable), no config or processor,
             or a non-supported checkpoint.
+        HubGatedRepoError, HubAuthError, HubNotFoundError: the hub refused a hub id (runtime.errors).
 
     Example:
         >>> plan = prepare_model("tiny-llava")
@@ -698,7 +688,7 @@ def load_model(
     Resolution order: (1) a registry alias (case-insensitive; ``tiny-llava`` is always built in);
     (2) an existing local directory with ``config.json``; (3) a hub id ``org/name`` (an alias
     maps to its hub id), looked up in the local HF cache, then on the hub only when
-    ``HF_HUB_OFFLINE`` is not set (short timeout, every error caught).
+    ``HF_HUB_OFFLINE`` is not set (short timeout; unreachable counts as not cached, a refusal is a typed HubError).
 
     Args:
         name: Alias, local directory or hub id.
@@ -717,6 +707,7 @@ def load_model(
 
     Raises:
         ModelNotFoundError: Unknown name, missing weights, or a non-LLaVA checkpoint.
+        HubGatedRepoError, HubAuthError, HubNotFoundError: the hub refused a hub id (runtime.errors).
         ValueError: Bad ``dtype``.
 
     Example:

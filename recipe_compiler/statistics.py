@@ -93,6 +93,8 @@ PRELLM_SCORES = (*dict.fromkeys(stage.statistic for stage in STAGES.values()), "
 def save_statistics(stats: Statistics, path) -> None:
     """Write statistics to a safetensors file (atomically) for reuse with ``--stats``.
 
+    The same statistics give the same bytes (sorted metadata and tensors, as recipes are written).
+
     Args:
         stats: what :func:`recipe_compiler.collect.collect_statistics` returned.
         path: destination file.
@@ -103,9 +105,7 @@ def save_statistics(stats: Statistics, path) -> None:
     Example:
         >>> save_statistics(stats, "stats.safetensors")   # doctest: +SKIP
     """
-    from safetensors.numpy import save
-
-    from runtime.recipe import write_atomic
+    from runtime.recipe import encode_safetensors, write_atomic
 
     from .errors import StatisticsError
 
@@ -118,7 +118,7 @@ def save_statistics(stats: Statistics, path) -> None:
     }
     arrays = {name: np.ascontiguousarray(getattr(stats, name)) for name in _ARRAYS}
     arrays.update({f"prellm_{name}": np.ascontiguousarray(value) for name, value in stats.prellm.items()})
-    data = save(arrays, metadata=metadata)
+    data = encode_safetensors(arrays, metadata)
     try:
         write_atomic(path, data)
     except OSError as exc:

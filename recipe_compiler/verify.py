@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from runtime.methods.scorers import SCORERS
 from runtime.recipe import Recipe
 
 from .calibration import CalibrationSet
@@ -133,10 +134,14 @@ def verify_recipe(
             tokens = np.repeat(real_tokens[:, None], shape.num_layers, axis=1)
             n_visual = (inputs["input_ids"] == handle.image_token_id).sum(dim=1).cpu().numpy()
             visual = np.repeat(n_visual[:, None].astype(np.float64), shape.num_layers, axis=1)
+        probe = np.zeros(tokens.shape[0])
+        scorer = SCORERS[recipe.scorer]
+        for layer in recipe.pruning_layers:  # the scorer's own work beyond the model's (e.g. PyramidDrop's q/k)
+            probe += 2.0 * np.asarray(scorer.probe_macs(shape, tokens[:, layer - 1], visual[:, layer - 1]), dtype=np.float64)
         log_p = torch.log_softmax(full_logits, dim=-1)
         log_q = torch.log_softmax(pruned_logits, dim=-1)
         mine.append((index, (
-            layer_flops(shape, tokens).sum(axis=1),
+            layer_flops(shape, tokens).sum(axis=1) + probe,
             layer_flops(shape, real_tokens) * shape.num_layers,
             visual,
             (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0).cpu().numpy(),

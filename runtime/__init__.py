@@ -8,8 +8,11 @@ Example:
     >>> model.generate(**inputs)                                  # doctest: +SKIP
     >>> handle.remove()                                           # doctest: +SKIP
 """
+from .compat import warn_if_untested
 from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, RecipeError, RecipeMismatchError, UnsupportedModelError
 from .recipe import Recipe, load
 
 __all__ = ["PruningUnsupportedError", "Recipe", "RecipeAlreadyAppliedError", "RecipeError", "RecipeMismatchError",
            "UnsupportedModelError", "load"]
+
+warn_if_untested()  # a transformers release outside the tested range (runtime.compat); reads metadata only

@@ -25,3 +25,27 @@ class PruningUnsupportedError(RuntimeError):
 
 class StageCannotRun(RuntimeError):
     """A pre-LLM stage cannot map this request's images to their tokens; the request passes through unpruned."""
+
+
+class HubError(RecipeError):
+    """The Hugging Face Hub could not give a file (a recipe, or a model's config or weights).
+
+    The subclass says what happened (raised bare only for other Hub failures, such as a server error),
+    and the one-line message names the repository and what to do. A ``RecipeError``, so code that handles a bad recipe handles these too.
+    """
+
+
+class HubOfflineError(HubError):
+    """The file is not in the local Hub cache, and the Hub cannot be asked (offline mode, or unreachable)."""
+
+
+class HubNotFoundError(HubError):
+    """The Hub has no such repository, revision or file (a private repository looks the same without a token)."""
+
+
+class HubGatedRepoError(HubError):
+    """The repository is gated and this account has not been granted access."""
+
+
+class HubAuthError(HubError):
+    """The Hub refused the credentials: an invalid token, or one without the permission the request needs."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,17 +27,27 @@ import torch
 from .errors import StageCannotRun
 from .families import FAMILIES, Encoded, View, family_for
 from .methods.stages import STAGES
+from .methods.stages._vision import VisionContext, projector
 from .state import PerThread
 
+_SIGNALS = ("attention", "features")  # the families' signals; anything else recorded is a stage's probe
 
-def _stage_reason(family: Any, stage: Any) -> str | None:
-    """Why ``family`` cannot give ``stage`` the signals it reads (``None``: it can)."""
+
+@dataclass
+class _Probed(Encoded):
+    """An :class:`Encoded` with the probing stages' tensors (``Stage.probes``), each ``(crops, 1 + P, ...)``."""
+
+    probes: dict = field(default_factory=dict)
+
+
+def _stage_reason(family: Any, stage: Any, model: Any = None) -> str | None:
+    """Why ``family`` cannot give ``stage`` the signals it reads, or ``model`` cannot run it (``None``: it can)."""
     for signal in stage.signals:
         if signal not in family.signals:
             return "it is not implemented for this family"
         if family.signals[signal] is not None:
             return family.signals[signal]
-    return None
+    return stage.model_reason(model, family) if model is not None else None
 
 
 def unsupported_reason(model: Any, method: str) -> str | None:
@@ -60,9 +71,9 @@ def unsupported_reason(model: Any, method: str) -> str | None:
         return f"pre-LLM stage {method!r} is not supported on model_type {model_type!r}: pre-LLM stages support model types {supported}"
     if method not in STAGES:
         return f"pre-LLM stage {method!r} is unknown; choose one of {', '.join(STAGES)}"
-    why = _stage_reason(family, STAGES[method])
+    why = _stage_reason(family, STAGES[method], model)
     if why is not None:
-        others = [name for name, stage in STAGES.items() if _stage_reason(family, stage) is None]
+        others = [name for name, stage in STAGES.items() if _stage_reason(family, stage, model) is None]
         return f"pre-LLM stage {method!r} is not supported on model_type {model_type!r} ({why}); use {STAGES.choices(others)}"
     return family.stage_precondition(model)
 
@@ -184,6 +195,8 @@ class PreLLMStage:
         self.capture = set(capture)
         self._family: Any = None
         self._model: Any = None
+        self._probers: list = []
+        self._project: Any = None
 
     def __deepcopy__(self, memo: dict) -> "PreLLMStage":
         return self  # shared with the handle that owns it (see PruningHandle._deepcopy_model)
@@ -219,6 +232,15 @@ class PreLLMStage:
         hooks.append(_Restore(base, "get_image_features", get_image_features))
         if self.capture:
             hooks.extend(family.signal_hooks(model, self.capture, self.feature_layer, self._record))
+        # Probing stages (VisionZip, VTC-CLS, PruMerge+) read encoder internals of their own; the
+        # calibration pass (no method) installs those of every stage the model supports.
+        candidates = [self.stage] if self.stage is not None else [
+            stage for name, stage in STAGES.items() if stage.probes and unsupported_reason(model, name) is None]
+        self._probers = [stage for stage in candidates if stage.probes]
+        for stage in self._probers:
+            params = self.params if stage is self.stage else stage.resolve({})
+            hooks.extend(stage.probe_hooks(model, family, params, self._record))
+        self._project = projector(model, family) if self._probers else None
         return hooks
 
     def _record(self, signal: str, value: torch.Tensor) -> None:
@@ -232,8 +254,9 @@ class PreLLMStage:
             return
         captured = self._signals
         cat = lambda name: torch.cat(captured[name]) if captured.get(name) else None  # noqa: E731
-        encoded = Encoded(blocks=_blocks(pooled), attention=cat("attention"), features=cat("features"),
-                          layout=self._family.image_layout(arguments))
+        encoded = _Probed(blocks=_blocks(pooled), attention=cat("attention"), features=cat("features"),
+                          layout=self._family.image_layout(arguments),
+                          probes={name: cat(name) for name in captured if name not in _SIGNALS})
         self._signals = {}
         self._encoded = (self._encoded + [encoded])[-_KEEP_ENCODED:]
         self._encode_count += 1
@@ -310,9 +333,28 @@ class PreLLMStage:
         """
         out = []
         for row, positions, encoded, index in self.images(roles):
-            out.extend(self._family.views(self._model, roles, row, positions, encoded, index,
-                                          functools.partial(self._signal, encoded)))
+            views = self._family.views(self._model, roles, row, positions, encoded, index,
+                                       functools.partial(self._signal, encoded))
+            if self._probers and getattr(encoded, "probes", None):
+                self._attach_sources(views, roles, row, positions, encoded, index)
+            out.extend(views)
         return out
+
+    def _attach_sources(self, views: list, roles: Any, row: int, positions: torch.Tensor, encoded: Any, index: int) -> None:
+        """Give each view its :class:`VisionContext`: which encoder patch each token is.
+
+        The family maps its ``"attention"`` signal (one value per encoder patch) to view tokens; fed
+        the patch numbers instead, the same mapping tells each token's source patch.
+        """
+        first = next(iter(encoded.probes.values()))
+        crops, patches = int(first.shape[0]), int(first.shape[1]) - 1
+        code = torch.arange(crops * patches, dtype=torch.float64).view(crops, patches)
+        coded = self._family.views(self._model, roles, row, positions, encoded, index,
+                                   lambda name: code if name == "attention" else None)
+        if len(coded) != len(views) or any(c.attention is None for c in coded):
+            raise StageCannotRun("the vision probes cannot be mapped to this image's tokens")
+        for view, twin in zip(views, coded):
+            view.vision = VisionContext(twin.attention.round().long(), encoded.probes, self._project)
 
     def _signal(self, encoded: Encoded, name: str) -> torch.Tensor | None:
         if name not in self.capture:
@@ -330,10 +372,12 @@ class PreLLMStage:
         for view in self.views(roles):
             n = view.positions.numel()
             entry = {"row": view.row, "positions": view.positions}
+            probed = getattr(view, "vision", None)
+            probes = set(probed.probes) if probed is not None else set()
             cols = view.grid[1] if view.grid is not None else n
             entry["grid_row"] = (torch.arange(n) // max(cols, 1)).float()
             for stage in STAGES.values():
-                if stage.statistic in entry or not set(stage.signals) <= self.capture:
+                if stage.statistic in entry or not set(stage.signals) <= self.capture or not set(stage.probes) <= probes:
                     continue
                 value = stage.scores(view, self._embeds, self.params)
                 if value is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -23,13 +22,12 @@ import torch
 from . import attention
 from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, StageCannotRun
 from .families import family_for
+from .log import logger
 from .methods.scorers import SCORERS
 from .methods.stages import NO_STAGE
 from .prellm_stage import PreLLMStage
 from .scoring import keep_top
 from .state import PerThread
-
-logger = logging.getLogger("runtime")
 
 
 @dataclass
@@ -62,6 +60,7 @@ class Policy:
 
     pruning_layers: tuple[int, ...] = ()
     probe_layers: tuple[int, ...] = ()
+    input_layers: tuple[int, ...] = ()  # layers whose inputs on_layer_input receives (prefill, before pruning)
     head_reduce: str = "max"
 
     def __deepcopy__(self, memo: dict) -> "Policy":
@@ -90,6 +89,13 @@ class Policy:
     def on_probe(self, layer: int, sums: torch.Tensor, roles: Roles) -> None:
         """Receive (B, G, L) attention row sums of ``layer`` for the current sequence."""
 
+    def on_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float, roles: Roles) -> bool:
+        """A probed layer's post-RoPE queries and keys; return True to skip the row sums (default False)."""
+        return False
+
+    def on_layer_input(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, roles: Roles) -> None:
+        """The hidden states and keyword arguments entering one of :attr:`input_layers` (prefill)."""
+
     def select(self, layer: int, roles: Roles) -> torch.Tensor:
         """(B, L) bool: the visual tokens that enter ``layer`` (a subset of ``roles.visual``)."""
         raise NotImplementedError
@@ -102,6 +108,10 @@ class Policy:
         """
         return hidden
 
+    def replay_rewrite(self, layer: int, roles: Roles, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`rewrite` while :meth:`PruningHandle.replay` forces the keep sets (default: nothing to write)."""
+        return hidden
+
 
 class RecipePolicy(Policy):
     """The production policy: per-layer keep counts from a recipe, top-k by the recipe's scorer.
@@ -111,14 +121,17 @@ class RecipePolicy(Policy):
     keep counts of the request in flight are per thread, so concurrent requests never mix.
     """
 
-    _scores = PerThread()
+    _state = PerThread(dict)  # the scorer's per-request state (its scores among them)
     _keep = PerThread()
 
     def __init__(self, recipe: Any) -> None:
         self.recipe = recipe
         self.scorer = SCORERS[recipe.scorer]
         in_llm = tuple(recipe.pruning_layers)
-        self.probe_layers = tuple(layer - 1 for layer in in_llm)
+        self.probe_layers = tuple(layer - 1 for layer in in_llm) if self.scorer.attention_probe else ()
+        self.input_layers = tuple(sorted({layer + offset for layer in in_llm for offset in self.scorer.input_offsets
+                                          if layer + offset >= 0}))
+        self._context: dict = {}
         self.stage = None
         method = (getattr(recipe, "pre_llm", None) or {}).get("method", NO_STAGE)
         if method != NO_STAGE:
@@ -130,6 +143,8 @@ class RecipePolicy(Policy):
         self._counts: dict[int, torch.Tensor] = {}  # visual tokens of a row -> keep counts per layer
 
     def attach(self, model: torch.nn.Module) -> list:
+        language_model = family_for(model).language_model(model)
+        self._context = {"final_norm": getattr(language_model, "norm", None)}
         return self.stage.attach(model) if self.stage is not None else []
 
     def _set_counts(self, n_visual: torch.Tensor, device: torch.device) -> None:
@@ -141,24 +156,34 @@ class RecipePolicy(Policy):
         self._keep = torch.stack(rows).to(device)
 
     def begin(self, roles: Roles) -> None:
+        self._state = {}
         self._set_counts(roles.n_visual_input, roles.valid.device)
 
     def on_inputs(self, embeds: torch.Tensor, roles: Roles) -> None:
         if self.stage is not None:
             self.stage.on_inputs(embeds)
+        self.scorer.on_inputs(self._state, embeds, roles)
 
     def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
         return self.scorer.groups(roles.text, roles.visual)
 
     def on_probe(self, layer: int, sums: torch.Tensor, roles: Roles) -> None:
-        self._scores = self.scorer.scores(sums, roles.text, roles.visual)
+        self._state["scores"] = self.scorer.scores(sums, roles.text, roles.visual)
+
+    def on_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float, roles: Roles) -> bool:
+        return self.scorer.on_attention(self._state, layer, query, key, mask, scaling, roles)
+
+    def on_layer_input(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, roles: Roles) -> None:
+        self.scorer.on_layer_input(self._state, layer, module, hidden, kwargs, roles, self._context)
 
     def select(self, layer: int, roles: Roles) -> torch.Tensor:
         if layer == 0 and self.stage is not None:
             kept = self.stage.keep(roles) & roles.visual
             self._set_counts(kept.sum(dim=1), roles.valid.device)  # the schedule is relative to survivors
             return kept
-        return keep_top(self._scores, roles.visual, self._keep[:, layer])
+        self._state["n_keep"] = self._keep[:, layer]  # a set-valued scorer (DART) needs the count it fills
+        scores = self.scorer.rank(self._state, layer, roles).to(roles.visual.device)
+        return keep_top(scores, roles.visual, self._keep[:, layer])
 
     def rewrite(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         writes = self.stage.writes() if layer == 0 and self.stage is not None else []
@@ -167,6 +192,13 @@ class RecipePolicy(Policy):
             for row, positions, features in writes:
                 hidden[row, positions.to(hidden.device)] = features.to(hidden.device, hidden.dtype)
         return hidden
+
+    def replay_rewrite(self, layer: int, roles: Roles, hidden: torch.Tensor) -> torch.Tensor:
+        # A feature-writing stage recomputes what it writes: the same images give the same features.
+        if layer != 0 or self.stage is None or not self.stage.stage.writes_features:
+            return hidden
+        self.stage.keep(roles)
+        return self.rewrite(0, hidden)
 
 
 @dataclass
@@ -245,7 +277,7 @@ class PruningHandle:
                 f"attention implementation {self._saved_impl!r} is not supported by the pruning runtime; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
-        self._policy_hooks = list(self.policy.attach(self.model))
+        self._policy_hooks = list(self.policy.attach(self.model)) + list(self.family.pruning_hooks(self.model, self._pruned_sequence))
         attention.register()
         self._config._attn_implementation = attention.WRAPPED[self._saved_impl]
         base = self.family.base_model(self.model)
@@ -254,7 +286,7 @@ class PruningHandle:
         self._hooks.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
         self._hooks.append(self.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
         self.model.__deepcopy__ = self._deepcopy_model  # copy.deepcopy looks it up on the instance
-        first = min(self.policy.pruning_layers, default=len(self.layers))
+        first = min((*self.policy.pruning_layers, *self.policy.input_layers), default=len(self.layers))
         for index in range(first, len(self.layers)):
             hook = self._make_layer_hook(index)
             self._hooks.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
@@ -262,6 +294,14 @@ class PruningHandle:
             module = self.layers[index].self_attn
             attention.set_probe(module, self._make_probe(index))
             self._probed.append(module)
+
+    def _pruned_sequence(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(prompt index, valid)`` of the prefill in flight once a layer pruned it, else ``None``
+        (what a family's :meth:`~runtime.families.Family.pruning_hooks` follow)."""
+        request = self._request
+        if request is None or not request.kept or not self._forward.get("prefill"):
+            return None
+        return request.roles.orig_index, request.roles.valid
 
     def remove(self) -> None:
         """Remove every hook and probe and restore the attention implementation. Idempotent.
@@ -353,7 +393,7 @@ class PruningHandle:
     def _on_language_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed it "cache"
         ids, self._input_ids = self._input_ids, None
         base_kwargs, self._base_kwargs = self._base_kwargs, {}
         self._forward = {"mask": mask, "cache": cache}
@@ -426,6 +466,8 @@ class PruningHandle:
             if request is None or not self._forward.get("prefill") or query.shape[2] != request.roles.valid.shape[1]:
                 return
             roles = request.roles
+            if self.policy.on_attention(layer, query, key, attention_mask, scaling, roles):
+                return
             weights = self.policy.row_groups(layer, roles).to(query.device)
             sums = attention.attention_row_sums(query, key, attention_mask, scaling, weights, self.policy.head_reduce)
             self.policy.on_probe(layer, sums.to(roles.valid.device), roles)  # layers may sit on other devices
@@ -434,12 +476,18 @@ class PruningHandle:
 
     def _make_layer_hook(self, layer: int):
         is_pruning = layer in set(self.policy.pruning_layers)
+        is_input = layer in set(self.policy.input_layers)
+        before_pruning = layer < min(self.policy.pruning_layers, default=len(self.layers))
 
         def hook(module, args, kwargs):
             request = self._request
             if request is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
+            if is_input and self._forward["prefill"] and hidden.shape[1] == request.roles.valid.shape[1]:
+                self.policy.on_layer_input(layer, module, hidden, {**kwargs, **request.carry}, request.roles)
+            if before_pruning:  # runs unpruned: nothing to carry or count yet
+                return None
             if is_pruning:
                 if self._forward["prefill"]:
                     try:
@@ -477,6 +525,7 @@ class PruningHandle:
             for row, positions in enumerate(wanted):
                 kept_visual[row] = torch.isin(roles.orig_index[row], positions.to(roles.orig_index.device))
             kept_visual &= roles.visual
+            hidden = self.policy.replay_rewrite(layer, roles, hidden)
         else:
             kept_visual = self.policy.select(layer, roles) & roles.visual
             hidden = self.policy.rewrite(layer, hidden)
@@ -521,14 +570,8 @@ class PruningHandle:
         else:
             head = mask2d[:, :prompt].bool().gather(1, orig_index.to(mask2d.device)) & valid.to(mask2d.device)
             pruned = torch.cat([head, mask2d[:, prompt:].bool()], dim=1)
-        return create_causal_mask(
-            config=self._config,
-            inputs_embeds=hidden,
-            attention_mask=pruned.to(hidden.device),
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=layer,
-        )
+        # The cache goes by position: transformers 5.24 renamed the parameter past_key_values -> cache.
+        return create_causal_mask(self._config, hidden, pruned.to(hidden.device), cache, position_ids=None, layer_idx=layer)
 
 
 def _grows_per_layer(cache: Any) -> bool:

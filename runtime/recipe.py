@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import re
 import os
 import stat
 import struct
@@ -45,7 +46,8 @@ class Recipe:
             name ("fitprune", "text-mean", "last-token").
         fingerprint: the model facts the recipe was compiled for (see :mod:`runtime.families`).
         head_reduce: how attention heads are combined when scoring, a
-            :data:`runtime.methods.heads.HEAD_REDUCTIONS` name ("max" as FitPrune, or "mean").
+            :data:`runtime.methods.heads.HEAD_REDUCTIONS` name ("max" as FitPrune, or "mean");
+            default (None): the scorer's own (:attr:`Scorer.head_reduce`: last-token → mean).
         pre_llm: the pre-LLM stage (tokens dropped on entry to layer 0; a
             :data:`runtime.methods.stages.STAGES` name, whose module validates its fields), a JSON-able dict:
             ``{"method": "none"}``; ``{"method": "g-prune", "keep_ratio": r, "params":
@@ -72,12 +74,17 @@ class Recipe:
     keep_count: np.ndarray
     scorer: str
     fingerprint: dict
-    head_reduce: str = "max"
+    head_reduce: str | None = None
     pre_llm: dict = field(default_factory=lambda: {"method": "none"})
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_count", np.asarray(self.keep_count, dtype=np.int32).copy())
+        if self.head_reduce is None:  # the scorer's own reduction is part of its definition
+            from .methods.scorers import SCORERS
+
+            if self.scorer in SCORERS:
+                object.__setattr__(self, "head_reduce", SCORERS[self.scorer].head_reduce)
         _validate(self)
 
     @classmethod
@@ -142,6 +149,12 @@ class Recipe:
                     f"recipe does not fit this model: {key} is {_short(self.fingerprint[key])} in the recipe "
                     f"but {actual[key]!r} in the model; compile a recipe for this model"
                 )
+        if self.pruning_layers:
+            from .methods.scorers import SCORERS
+
+            reason = SCORERS[self.scorer].unsupported_reason(model)
+            if reason:
+                raise RecipeMismatchError(f"recipe's scorer {self.scorer!r} cannot run on this model: {reason}")
         method = (self.pre_llm or {}).get("method", NO_STAGE)
         if method != NO_STAGE:
             from . import prellm_stage
@@ -185,9 +198,42 @@ class Recipe:
             _META_PREFIX + "pre_llm": _dumps(self.pre_llm),
             _META_PREFIX + "provenance": _dumps(self.provenance),
         }
-        return _encode_safetensors(
+        return encode_safetensors(
             {"keep_count": self.keep_count.astype("<i4"), "keep_ratio": self.keep_ratio.astype("<f4")}, metadata
         )
+
+    def push_to_hub(self, repo_id: str, *, filename: str = "recipe.safetensors", base_model: str | None = None,
+                    private: bool | None = None, token: str | None = None, revision: str | None = None,
+                    commit_message: str | None = None) -> str:
+        """Upload the recipe and a model card to a Hugging Face Hub model repository, in one commit.
+
+        The repository is created when missing. The card (``README.md``) names the model the recipe
+        fits, its budget, the verified FLOPs fraction, the fidelity figures and how to apply it;
+        ``runtime.load(repo_id)`` then gives back these exact bytes. Needs ``huggingface_hub``
+        (imported only here) and a write token (``hf auth login`` or ``HF_TOKEN``, or ``token=``).
+
+        Args:
+            repo_id: ``org/name``.
+            filename: the recipe's file in the repository.
+            base_model: the hub id of the model the recipe was compiled for (the card's ``base_model``).
+            private: create the repository private (only when it does not exist yet).
+            token: a Hub token; default: the logged-in one.
+            revision: the branch to commit to; default: the main branch.
+            commit_message: default ``"Add pruning recipe <filename>"``.
+
+        Returns:
+            The URL of the commit.
+
+        Raises:
+            HubAuthError, HubNotFoundError, HubGatedRepoError, HubOfflineError: one line each.
+
+        Example:
+            >>> recipe.push_to_hub("me/llava-1.5-7b-prune-045", base_model="llava-hf/llava-1.5-7b-hf")   # doctest: +SKIP
+        """
+        from .hub import push
+
+        return push(self, repo_id, filename=filename, base_model=base_model, private=private, token=token,
+                    revision=revision, commit_message=commit_message)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the recipe atomically: the file at ``path`` is either the old one or the whole new one.
@@ -306,11 +352,18 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def load(path: str | os.PathLike) -> Recipe:
-    """Read and validate a recipe file.
+def load(path: str | os.PathLike, *, filename: str | None = None, revision: str | None = None) -> Recipe:
+    """Read and validate a recipe: a local file, or a file of a Hugging Face Hub repository.
+
+    A local path wins when it exists. Otherwise a hub id (``org/name``) is fetched with
+    ``huggingface_hub.hf_hub_download`` (imported only then): its cache and offline mode
+    (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``) are honoured, so a recipe cached once loads offline.
 
     Args:
-        path: a ``.safetensors`` recipe written by ``recipe-compile`` or :meth:`Recipe.save`.
+        path: a ``.safetensors`` recipe written by ``recipe-compile`` or :meth:`Recipe.save`, or a
+            hub id.
+        filename: the file in the hub repository (default ``recipe.safetensors``).
+        revision: a branch, tag or commit of the hub repository (default: its main branch).
 
     Returns:
         The :class:`Recipe`.
@@ -318,11 +371,24 @@ def load(path: str | os.PathLike) -> Recipe:
     Raises:
         RecipeError: missing, unreadable, not a recipe, an unknown schema, or inconsistent values;
             the message names the file and the problem.
+        HubError: (a ``RecipeError``) the Hub could not give the file: ``HubNotFoundError``,
+            ``HubGatedRepoError``, ``HubAuthError`` or ``HubOfflineError``, each one line.
 
     Example:
         >>> recipe = load("recipe.safetensors")          # doctest: +SKIP
+        >>> recipe = load("user/llava-recipes", filename="r45.safetensors", revision="v1")   # doctest: +SKIP
         >>> handle = recipe.apply(model)                  # doctest: +SKIP
     """
+    if not os.path.lexists(os.fspath(path)) and _is_hub_id(os.fspath(path)):
+        from .hub import DEFAULT_FILENAME, download
+
+        path = download(os.fspath(path), filename or DEFAULT_FILENAME, revision=revision)
+    elif filename is not None or revision is not None:
+        raise RecipeError(
+            f"filename= and revision= name a file of a Hub repository, but {os.fspath(path)!r} "
+            + ("is a local path" if os.path.lexists(os.fspath(path)) else "is not a hub id (org/name)")
+            + "; pass the recipe file itself, or a hub id"
+        )
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -343,6 +409,14 @@ def load(path: str | os.PathLike) -> Recipe:
             raise
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise RecipeError(f"recipe file {path} cannot be read: {reason}") from None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _is_hub_id(text: str) -> bool:
+    """``org/name`` as the Hub spells repository ids; a ``.safetensors`` name is a file that is missing."""
+    return bool(_HUB_ID.match(text)) and ".." not in text and not text.endswith((".safetensors", ".", "-"))
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> Recipe:
@@ -668,13 +742,41 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _encode_safetensors(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    codes = {np.dtype("<f4"): "F32", np.dtype("<i4"): "I32"}
+_SAFETENSORS_DTYPES = {
+    "f2": "F16", "f4": "F32", "f8": "F64", "i1": "I8", "i2": "I16", "i4": "I32", "i8": "I64",
+    "u1": "U8", "u2": "U16", "u4": "U32", "u8": "U64", "b1": "BOOL",
+}
+
+
+def encode_safetensors(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """Safetensors bytes that depend only on the arrays and the metadata: the same input, the same bytes.
+
+    The safetensors library writes ``__metadata__`` in hash order, which differs from run to run;
+    here the metadata keys are sorted, and the tensors are laid out by descending item size, then
+    name (so every tensor stays aligned to its item size, as the library does), little-endian.
+
+    Args:
+        arrays: name -> numpy array (float16/32/64, int8..64, uint8..64 or bool).
+        metadata: string -> string.
+
+    Returns:
+        A complete safetensors file.
+
+    Example:
+        >>> data = encode_safetensors({"x": np.zeros(3, np.float32)}, {"b": "2", "a": "1"})
+        >>> data == encode_safetensors({"x": np.zeros(3, np.float32)}, {"a": "1", "b": "2"})
+        True
+    """
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    little = {name: np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")) for name, value in arrays.items()}
     offset, blobs = 0, []
-    for name in sorted(arrays):
-        blob = np.ascontiguousarray(arrays[name]).tobytes()
-        header[name] = {"dtype": codes[arrays[name].dtype], "shape": list(arrays[name].shape), "data_offsets": [offset, offset + len(blob)]}
+    for name in sorted(little, key=lambda n: (-little[n].dtype.itemsize, n)):
+        value = little[name]
+        code = _SAFETENSORS_DTYPES.get(f"{value.dtype.kind}{value.dtype.itemsize}")
+        if code is None:
+            raise TypeError(f"array {name} has dtype {value.dtype}, which safetensors cannot hold")
+        blob = value.tobytes()
+        header[name] = {"dtype": code, "shape": list(value.shape), "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
         blobs.append(blob)
     raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")

@@ -34,6 +34,9 @@ from typing import Any
 from .errors import RecipeError
 from .families import FAMILIES
 from .methods.stages import STAGES
+
+SERVED_STAGES = ("g-prune", "fopru-rank", "fopru-row")
+"""The pre-LLM stages whose selection the vLLM model classes compute (:mod:`runtime.vllm_models`)."""
 from .recipe import Recipe, load
 
 CONFIG_KEY = "recipe_compiler_recipe"
@@ -89,6 +92,12 @@ def overrides(recipe: str | os.PathLike | Recipe, *, in_llm_schedule: str = "ser
         raise RecipeError(
             f"pre-LLM stage {method!r} keeps a per-image count that depends on the image's content, so vLLM "
             f"cannot size the prompt before the encoder runs; compile with --pre-llm {'/'.join(fixed)}"
+        )
+    if method not in SERVED_STAGES:
+        raise RecipeError(
+            f"pre-LLM stage {method!r} is not served by the vLLM plugin (it computes the scores of "
+            f"{', '.join(SERVED_STAGES)} only); compile with --pre-llm {'/'.join(SERVED_STAGES)} to serve in vLLM, "
+            "or apply this recipe with the HF runtime"
         )
     served = architectures()
     if family not in served:

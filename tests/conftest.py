@@ -73,3 +73,20 @@ def run_cli(capsys, argv, main=None):
         code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def offline_hub(monkeypatch, cache) -> Path:
+    """huggingface_hub offline against the cache folder ``cache`` (created), for the rest of the test.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` once, when it is imported: set the
+    variables (for subprocesses and for a first import) and its constants (for this process).
+    """
+    import huggingface_hub.constants as constants
+
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache

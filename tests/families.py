@@ -25,6 +25,13 @@ def _next_views(n_tokens: int, config: Any) -> list[int]:
     return [side * side, n_tokens - side * side] if n_tokens > side * side else [n_tokens]
 
 
+def _tile_views(n_tokens: int, config: Any) -> list[int]:
+    """InternVL: one view per tile, (patches per side · downsample_ratio)² tokens each."""
+    side = int(config.vision_config.image_size[0]) // int(config.vision_config.patch_size[0])
+    per_tile = int(side * config.downsample_ratio) ** 2
+    return [per_tile] * (n_tokens // per_tile)
+
+
 @dataclass(frozen=True)
 class FamilyCase:
     """One built-in tiny model as the shared suites drive it.
@@ -70,6 +77,9 @@ FAMILIES: list[FamilyCase] = [
     FamilyCase("tiny-llava-next", "<image>", ((64, 64), (90, 60)), view_sizes=_next_views),
     FamilyCase("tiny-qwen2-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
     FamilyCase("tiny-qwen2.5-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
+    FamilyCase("tiny-internvl", "<IMG_CONTEXT>", ((128, 128), (192, 64)), view_sizes=_tile_views),
+    FamilyCase("tiny-llava-onevision", "<image>", ((64, 64), (160, 96)), view_sizes=_next_views),
+    FamilyCase("tiny-qwen3-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
 ]
 
 

@@ -36,6 +36,7 @@ from recipe_compiler.cli import compile_main
 from recipe_compiler.collect import check_inputs, model_inputs
 from recipe_compiler.compile import CompileConfig, compile_recipe
 from recipe_compiler.errors import CalibrationDataError
+from conftest import offline_hub  # noqa: E402
 
 SHIPPED = default_calibration_path().parent
 WORKS, LOADER, MODEL = "works", "refused by the loader", "refused before the forward"
@@ -323,8 +324,7 @@ def no_weights(monkeypatch, tmp_path):
     Offline with an empty HF cache, so an alias gets the built-in processor on every machine."""
     import recipe_compiler.models as models
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    offline_hub(monkeypatch, tmp_path / "hf-cache")
 
     def refuse(*args, **kwargs):
         raise WeightsLoaded("model weights were built or read before the prompts were checked")

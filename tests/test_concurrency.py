@@ -7,6 +7,7 @@ bit for bit, in every round.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 
 import numpy as np
@@ -15,8 +16,13 @@ import torch
 from PIL import Image
 
 from families import FamilyCase, family_params
-from runtime import Recipe
+from recipe_compiler.search import SEARCHES
+from runtime import Recipe, RecipeMismatchError
 from runtime.families import model_fingerprint
+from runtime.methods.stages import STAGES
+from runtime.prellm_stage import unsupported_reason
+
+PEER_STAGES = [name for name in ("visionzip", "divprune", "vtc-cls", "prumerge-plus") if name in STAGES]
 
 THREADS = 4
 ROUNDS = 6
@@ -38,13 +44,22 @@ def _requests(case: FamilyCase, loaded) -> list[dict]:
     return out
 
 
-def _recipe(model, stage: bool | None):
+def _recipe(model, stage: bool | str | None):
     if stage is None:  # the control: the unpatched model under the same threads
         return contextlib.nullcontext()
     fp = model_fingerprint(model)
     v, layers = fp["visual_tokens"], fp["num_layers"]
+    if isinstance(stage, str) and stage.startswith("method-"):  # an in-LLM peer at its paper defaults (per-request scorer state)
+        search = SEARCHES[stage[len("method-"):]]
+        return Recipe(keep_count=search.example(layers, v), scorer=search.scorer, fingerprint=fp).apply(model)
     counts = np.array([v, v] + [v // 2] * 2 + [v // 4] * (layers - 4))
-    spec = {"method": "g-prune", "keep_ratio": 0.75, "params": {}} if stage else {"method": "none"}
+    method = "g-prune" if stage is True else stage
+    if not stage:
+        spec = {"method": "none"}
+    elif STAGES[method].fixed_ratio:
+        spec = {"method": method, "keep_ratio": 0.75, "params": {}}
+    else:
+        spec = {"method": method, "params": {}}
     return Recipe(keep_count=counts, scorer="fitprune", fingerprint=fp, pre_llm=spec).apply(model)
 
 
@@ -52,11 +67,19 @@ def _same(a, b) -> bool:
     return torch.equal(a.sequences, b.sequences) and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
 
 
-@pytest.mark.parametrize("stage", [None, False, True], ids=["unpatched", "schedule", "stage+schedule"])
+_METHODS = [f"method-{name}" for name, search in SEARCHES.items() if search.is_method]
+
+
+@pytest.mark.parametrize("stage", [None, False, True, *PEER_STAGES, *_METHODS],
+                         ids=["unpatched", "schedule", "stage+schedule", *(f"{name}+schedule" for name in PEER_STAGES), *_METHODS])
 @pytest.mark.parametrize("case", family_params())
-def test_threads_sharing_one_patched_model_each_get_what_they_get_alone(case: FamilyCase, stage: bool | None):
+def test_threads_sharing_one_patched_model_each_get_what_they_get_alone(case: FamilyCase, stage: bool | str | None):
     loaded = case.load()
     model = loaded.model
+    if isinstance(stage, str) and stage in STAGES and unsupported_reason(model, stage):
+        with pytest.raises(RecipeMismatchError, match=re.escape(stage)):  # refused at apply, before any request
+            _recipe(model, stage)
+        return
     requests = _requests(case, loaded)
     with _recipe(model, stage), torch.no_grad():
         alone = [model.generate(**r, **GREEDY) for r in requests]

@@ -280,13 +280,34 @@ def test_cli_writes_the_pictures(tiny, tmp_path, capsys):
 
 # --------------------------------------------------------------------------------- lmms-eval
 def _lmms_python():
+    """An interpreter with lmms-eval and this package: $LMMS_EVAL_PYTHON (scripts/lmms-env.sh builds one), else this one.
+
+    ``None`` when neither has them (the test skips); a named interpreter that cannot import them fails the test,
+    so a CI step that sets the variable never passes on a skip.
+    """
     import os
     import subprocess
     import sys
 
-    python = os.environ.get("LMMS_EVAL_PYTHON", sys.executable)  # an interpreter with lmms-eval and this package
-    probe = subprocess.run([python, "-c", "import lmms_eval, recipe_compiler"], capture_output=True)
+    named = os.environ.get("LMMS_EVAL_PYTHON")
+    python = named or sys.executable
+    probe = subprocess.run([python, "-c", "import lmms_eval, recipe_compiler"], capture_output=True, text=True)
+    if probe.returncode != 0 and named:
+        last = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
+        pytest.fail(f"LMMS_EVAL_PYTHON={named} cannot import lmms_eval and recipe_compiler: {last}")
     return python if probe.returncode == 0 else None
+
+
+def _lmms_results(output_path, task):
+    """The results lmms-eval wrote for ``task`` under ``--output_path`` (its *_results.json), or ``None``."""
+    for path in sorted(Path(output_path).rglob("*results*.json")):
+        try:
+            results = json.loads(path.read_text()).get("results", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(results, dict) and isinstance(results.get(task), dict):
+            return results[task]
+    return None
 
 
 def test_lmms_eval_plugin_evaluates_a_pruned_tiny_llava_on_a_local_task(tiny, tmp_path):
@@ -295,7 +316,7 @@ def test_lmms_eval_plugin_evaluates_a_pruned_tiny_llava_on_a_local_task(tiny, tm
 
     python = _lmms_python()
     if python is None:
-        pytest.skip("lmms-eval is not installed (pip install lmms-eval, or set LMMS_EVAL_PYTHON to an interpreter that has it)")
+        pytest.skip("lmms-eval is not installed (scripts/lmms-env.sh builds an environment; set LMMS_EVAL_PYTHON to its python)")
     sys.path.insert(0, str(Path(__file__).parent / "lmms_task"))
     from make_task import make_task
 
@@ -310,8 +331,24 @@ def test_lmms_eval_plugin_evaluates_a_pruned_tiny_llava_on_a_local_task(tiny, tm
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
-    assert "recipe_llava: pruning active; visual tokens entering each layer [576, 100, 100" in log
-    assert "tiny_recipe" in log and "exact_match" in log
+    # lmms-eval exits 0 on some failures (an import error inside it, a task that did not load): the run counts
+    # only when the plugin pruned and the results file holds the task's metric for every question.
+    assert "recipe_llava: pruning active; visual tokens entering each layer [576, 100, 100" in log, log[-3000:]
+    results = _lmms_results(tmp_path / "out", "tiny_recipe")
+    assert results is not None, "lmms-eval wrote no results for tiny_recipe (exit 0 notwithstanding):\n" + log[-3000:]
+    scores = {key: value for key, value in results.items() if key.startswith("exact_match") and "stderr" not in key}
+    assert scores and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in scores.values()), results
+
+
+def test_an_lmms_eval_run_without_results_does_not_count_as_passing(tmp_path):
+    # The check the plugin test relies on when lmms-eval exits 0 after failing: no results file, no pass.
+    assert _lmms_results(tmp_path, "tiny_recipe") is None
+    (tmp_path / "recipe_llava").mkdir()
+    (tmp_path / "recipe_llava" / "20260101_results.json").write_text(json.dumps({"results": {"other_task": {"exact_match,none": 1.0}}}))
+    assert _lmms_results(tmp_path, "tiny_recipe") is None
+    (tmp_path / "recipe_llava" / "20260102_results.json").write_text(
+        json.dumps({"results": {"tiny_recipe": {"alias": "tiny_recipe", "exact_match,none": 0.0, "exact_match_stderr,none": 0.0}}}))
+    assert _lmms_results(tmp_path, "tiny_recipe")["exact_match,none"] == 0.0
 
 
 def test_recipe_inspect_prints_a_fitprune_preset(capsys):

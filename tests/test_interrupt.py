@@ -70,7 +70,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, entry, module
     mark = tmp_path / "fired"
     output = tmp_path / "r.safetensors"
     args = ARGS[entry] + (["-o", str(output)] if entry == "recipe-compile" else [])
-    env = {**os.environ, "PYTHONPATH": str(hooks), "RECIPE_TEST_SIGINT_ON": module, "RECIPE_TEST_SIGINT_MARK": str(mark),
+    env = {**os.environ, "PYTHONPATH": str(hooks) + os.pathsep + os.environ.get("PYTHONPATH", ""), "RECIPE_TEST_SIGINT_ON": module, "RECIPE_TEST_SIGINT_MARK": str(mark),
            "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(_script(entry) + args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert mark.exists(), f"{module} was never imported by {entry}: the interrupt did not land in start-up"
@@ -84,6 +84,6 @@ def test_the_hook_really_interrupts_an_unguarded_import(tmp_path):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(HOOK)
-    env = {**os.environ, "PYTHONPATH": str(hooks), "RECIPE_TEST_SIGINT_ON": "numpy", "RECIPE_TEST_SIGINT_MARK": str(tmp_path / "m")}
+    env = {**os.environ, "PYTHONPATH": str(hooks) + os.pathsep + os.environ.get("PYTHONPATH", ""), "RECIPE_TEST_SIGINT_ON": "numpy", "RECIPE_TEST_SIGINT_MARK": str(tmp_path / "m")}
     result = subprocess.run([sys.executable, "-c", "import numpy"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode in (-signal.SIGINT, 130) and "KeyboardInterrupt" in result.stderr

@@ -16,7 +16,9 @@ import torch
 
 from recipe_compiler.calibration import load_image
 from runtime import Recipe, RecipeMismatchError
+from runtime.log import LOGGER_NAME
 from runtime.families import family_for, model_fingerprint
+from conftest import offline_hub  # noqa: E402
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
 V_REF = 320  # 64x64 reference image: 64 base + 16x16 grid (its 16 newlines are not counted)
@@ -194,7 +196,7 @@ def test_several_images_in_one_prompt_are_pooled_in_order(nxt, calibration):
 
 def test_missing_layout_falls_back_to_every_image_token_and_says_so_once(nxt, batch, caplog):
     adapter = family_for(nxt.model)
-    with caplog.at_level(logging.INFO, logger="runtime"):
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
         first = adapter.prunable_visual_tokens(nxt.model, batch["input_ids"], {})
         adapter.prunable_visual_tokens(nxt.model, batch["input_ids"], {})
     assert torch.equal(first, batch["input_ids"] == nxt.model.config.image_token_id)
@@ -239,8 +241,7 @@ def test_llava_16_aliases_build_the_real_architecture_and_count_2880_tokens(alia
 
     from recipe_compiler.models import REGISTRY, load_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    offline_hub(monkeypatch, tmp_path / "hf-cache")
     hub_id, text_class, hidden, layers, heads, kv_heads, n_params, start = REAL[alias]
     spec = REGISTRY[alias]
     config = LlavaNextConfig(**spec.config)

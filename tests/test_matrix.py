@@ -31,6 +31,8 @@ from PIL import Image
 from families import FamilyCase, family_params
 from runtime import Recipe, RecipeMismatchError
 from runtime.families import family_for, model_fingerprint
+from recipe_compiler.search import SEARCHES
+from runtime.methods.scorers import SCORERS
 from runtime.methods.stages import STAGES
 from runtime.prellm import stage_count
 from runtime.prellm_stage import unsupported_reason
@@ -46,6 +48,7 @@ KINDS = (
     "schedule-random",
     *(f"stage-{method}" for method in STAGES.names()),
     "stage+schedule",
+    *(f"method-{name}" for name, search in SEARCHES.items() if search.is_method),  # the in-LLM peers, paper defaults
 )
 
 
@@ -103,8 +106,14 @@ def recipe_kinds(case: FamilyCase) -> dict:
         "schedule-random": Recipe(keep_count=schedule, scorer="random", fingerprint=fp, head_reduce="mean"),
         "stage+schedule": Recipe(keep_count=schedule, scorer="fitprune", fingerprint=fp, pre_llm={"method": "g-prune", **stage}),
     }
+    for name, search in SEARCHES.items():
+        if search.is_method:
+            out[f"method-{name}"] = Recipe(keep_count=search.example(layers, v), scorer=search.scorer, fingerprint=fp)
     for method in STAGES.names():
-        if method == "cls-inflection":
+        if not STAGES[method].fixed_ratio and method != "cls-inflection":  # a count of its own, no parameters
+            out[f"stage-{method}"] = Recipe(keep_count=np.full(layers, v), scorer="fitprune", fingerprint=fp,
+                                            pre_llm={"method": method, "params": {}})
+        elif method == "cls-inflection":
             k = 2
             counts = np.array([v] * k + [int(math.floor(STAGE_RATIO * v + 0.5))] * (layers - k))
             spec = {"method": method, "params": {"stage2_layer": k, "stage2_ratio": STAGE_RATIO}}
@@ -174,18 +183,45 @@ def _recompute_logits(model, inputs: dict, sequences: torch.Tensor) -> torch.Ten
     for key in ("pixel_values", "image_sizes", "image_grid_thw"):
         if key in inputs:
             kwargs[key] = inputs[key]
-    if repeat > 1 and "pixel_values" in kwargs and "image_grid_thw" not in kwargs:
-        kwargs["pixel_values"] = kwargs["pixel_values"].repeat_interleave(repeat, dim=0)
-        if "image_sizes" in kwargs:
-            kwargs["image_sizes"] = kwargs["image_sizes"].repeat_interleave(repeat, dim=0)
-    elif repeat > 1 and "image_grid_thw" in kwargs:  # Qwen: flat patches per image, images in row order
-        per_image = kwargs["image_grid_thw"].prod(-1).tolist()
-        chunks = torch.split(kwargs["pixel_values"], per_image)
-        kwargs["pixel_values"] = torch.cat([c for c in chunks for _ in range(repeat)])
-        kwargs["image_grid_thw"] = kwargs["image_grid_thw"].repeat_interleave(repeat, dim=0)
+    if repeat > 1 and "pixel_values" in kwargs:
+        kwargs.update(_expand_images(model, inputs, repeat))
     # Positions exactly as generate() builds them (M-RoPE rows for Qwen-VL, padding-aware for all).
     kwargs["position_ids"] = model._prepare_position_ids_for_generation(sequences, dict(kwargs))
     return model(**kwargs, use_cache=False).logits
+
+
+def _expand_images(model, inputs: dict, repeat: int) -> dict:
+    """The image inputs of ``inputs`` for its rows each repeated ``repeat`` times (as beam search
+    expands them): every row's whole group of images, tiles or patches repeated, row after row.
+
+    ``pixel_values`` rows are images (LLaVA, LLaVA-NeXT), equal-sized tiles (InternVL) or the
+    patches of each ``image_grid_thw`` image (Qwen-VL); ``image_sizes`` / ``image_grid_thw`` are per image.
+    """
+    placeholders = inputs["input_ids"] == family_for(model).image_token_id(model)
+    rows = placeholders.shape[0]
+    images = [len(_image_runs(row, placeholders)) for row in range(rows)]
+    pixels = inputs["pixel_values"]
+    if "image_grid_thw" in inputs:  # Qwen: flat patches per image
+        units, chunks = images, list(torch.split(pixels, inputs["image_grid_thw"].prod(-1).tolist()))
+    elif pixels.shape[0] == sum(images):  # one pixel_values row per image
+        units, chunks = images, list(pixels.split(1))
+    else:  # one row per tile, every tile the same number of placeholders
+        per_unit = int(placeholders.sum()) // pixels.shape[0]
+        units, chunks = [int(n) // per_unit for n in placeholders.sum(dim=1).tolist()], list(pixels.split(1))
+    assert sum(units) == len(chunks), "the image inputs do not split into the prompt's rows"
+
+    def grow(items: list, counts: list[int]) -> list:
+        out, start = [], 0
+        for count in counts:
+            out.extend(items[start:start + count] * repeat)
+            start += count
+        return out
+
+    out = {"pixel_values": torch.cat(grow(chunks, units))}
+    for key in ("image_sizes", "image_grid_thw"):
+        if key in inputs:
+            out[key] = torch.stack(grow(list(inputs[key]), images))
+    return out
 
 
 def _image_runs(row: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
@@ -209,7 +245,7 @@ def _expected_visual(case: FamilyCase, model, recipe: Recipe, inputs: dict, requ
         n = sum(per_image)
         if method == "none":
             survivors = n
-        elif method == "cls-inflection":  # the knee is per image and data-dependent: take the count kept
+        elif not STAGES[method].fixed_ratio:  # the count is per image and data-dependent: take the count kept
             survivors = int(request.visual_per_layer[0][row * beams])
             assert (0 < survivors <= n) if n else survivors == 0
         else:
@@ -276,6 +312,8 @@ def test_cell(case: FamilyCase, kind: str, shape_name: str):
     shape = SHAPES[shape_name]
     method = recipe.pre_llm.get("method", "none")
     reason = unsupported_reason(model, method) if method != "none" else None
+    if reason is None and recipe.pruning_layers and SCORERS[recipe.scorer].unsupported_reason(model) is not None:
+        reason, method = SCORERS[recipe.scorer].unsupported_reason(model), recipe.scorer  # a peer's scorer the family cannot run
     if reason is not None:  # the family cannot run this stage: refused at apply, nothing installed
         hooks_before = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
         with pytest.raises(RecipeMismatchError, match=method):

@@ -30,17 +30,17 @@ def _choices() -> dict:
 
 def test_cli_choices_are_the_registries_names():
     choices = _choices()
-    assert choices["scorer"] == list(SCORERS) == ["fitprune", "text-mean", "last-token", "random"]
+    assert choices["scorer"] == list(SCORERS) == ["fitprune", "text-mean", "last-token", "pdrop", "dart", "sparsevlm", "random"]
     assert choices["head_reduce"] == list(HEAD_REDUCTIONS) == ["max", "mean"]
-    assert choices["search"] == list(SEARCHES) == ["optimal", "gsearch", "psigmoid", "fitprune"]
-    assert choices["pre_llm"] == ["none", *STAGES, "auto"] == ["none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection", "random", "auto"]
+    assert choices["search"] == list(SEARCHES) == ["optimal", "gsearch", "psigmoid", "fitprune", "fastv", "pdrop", "dart", "sparsevlm"]
+    assert choices["pre_llm"] == ["none", *STAGES, "auto"] == ["none", "g-prune", "fopru-rank", "fopru-row", "cls-inflection", "divprune", "visionzip", "vtc-cls", "prumerge-plus", "random", "auto"]
     assert choices["inflection_detector"] == list(DETECTORS) == ["kneedle", "max-curvature"]
 
 
 def test_a_name_is_registered_once():
     with pytest.raises(ValueError, match="registered twice"):
         STAGES.register("g-prune", STAGES["g-prune"])
-    with pytest.raises(KeyError, match="unknown scorer 'nope'; choose one of fitprune, text-mean, last-token, random"):
+    with pytest.raises(KeyError, match="unknown scorer 'nope'; choose one of fitprune, text-mean, last-token, pdrop, dart, sparsevlm, random"):
         SCORERS["nope"]
 
 

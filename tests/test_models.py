@@ -30,13 +30,13 @@ from recipe_compiler.models import (  # noqa: E402
     resolve_spec,
 )
 from recipe_compiler.tokenizer import builtin_tokenizer  # noqa: E402
+from conftest import offline_hub  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _offline_empty_cache(monkeypatch, tmp_path):
     """Every test runs offline against an empty HF cache, whatever the machine has cached."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    offline_hub(monkeypatch, tmp_path / "hf-cache")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,8 @@ def test_every_embedded_config_builds_a_llava_config(alias):
     config = AutoConfig.for_model(spec.config["model_type"], **fields)  # the family's own config class
     assert config.model_type == spec.config["model_type"] in FAMILIES
     assert "{prompt}" in spec.prompt_template
-    assert "<image>" in spec.prompt_template or "<|image_pad|>" in spec.prompt_template  # Qwen2-VL's placeholder
+    placeholders = ("<image>", "<|image_pad|>", "<IMG_CONTEXT>")  # LLaVA's, Qwen-VL's, InternVL's
+    assert any(p in spec.prompt_template for p in placeholders)
     assert spec.description
 
 

@@ -40,6 +40,13 @@ def qwen25():
     return build_tiny_qwen2_5_vl(seed=0)
 
 
+@pytest.fixture(scope="module")
+def qwen3():
+    from recipe_compiler.models import load_model
+
+    return load_model("tiny-qwen3-vl", seed=0)
+
+
 def _gradient(width, height):
     """x in red, y in green (pixel centres, 0..255 across the image), blue 255 marks real content."""
     from PIL import Image
@@ -168,10 +175,11 @@ def test_llava_next_rectangles_hold_the_pixels_the_model_packed_into_each_token(
 
 
 @pytest.mark.parametrize("family, width, height", [("qwen", 90, 40), ("qwen", 40, 90), ("qwen", 200, 50), ("qwen", 20, 20),
-                                                   ("qwen", 128, 128), ("qwen", 300, 37), ("qwen25", 90, 40)])
+                                                   ("qwen", 128, 128), ("qwen", 300, 37), ("qwen25", 90, 40),
+                                                   ("qwen3", 90, 40), ("qwen3", 40, 90)])
 def test_qwen2_vl_rectangles_hold_the_pixels_the_encoder_merged_into_each_token(request, family, width, height):
     """Each merged token's patches (the processor's pixel_values rows, merge² per token) show the
-    part of the resized image that the picture puts under that token's rectangle (Qwen2.5-VL too)."""
+    part of the resized image that the picture puts under that token's rectangle (Qwen2.5-VL, Qwen3-VL too)."""
     qwen = request.getfixturevalue(family)
     vision = qwen.model.config.vision_config
     picture = _gradient(width, height)

@@ -264,7 +264,11 @@ def test_qwen_keep_all_stage_is_bit_identical(qwen, qwen_batch, method):
 def test_qwen_refuses_cls_inflection_at_apply_and_compile_in_one_line(qwen, tmp_path, capsys):
     from recipe_compiler.cli import compile_main
 
-    wanted = "pre-LLM stage 'cls-inflection' is not supported on model_type 'qwen2_vl' (its vision encoder has no CLS token); use g-prune, fopru-rank or fopru-row"
+    from runtime.methods.stages import STAGES
+    from runtime.prellm_stage import supported_methods
+
+    wanted = ("pre-LLM stage 'cls-inflection' is not supported on model_type 'qwen2_vl' (its vision encoder has no CLS token); "
+              f"use {STAGES.choices(supported_methods(qwen.model))}")
     with pytest.raises(RecipeMismatchError) as raised:
         _stage_recipe(qwen.model, "cls-inflection").apply(qwen.model)
     assert str(raised.value) == f"recipe's pre-LLM stage does not fit this model: {wanted}"
@@ -276,8 +280,10 @@ def test_qwen_refuses_cls_inflection_at_apply_and_compile_in_one_line(qwen, tmp_
     assert err.strip() == f"recipe-compile: error: {wanted}"
 
 
-def test_qwen_pre_llm_auto_lists_only_supported_stages_and_says_why(tmp_path, capsys):
+def test_qwen_pre_llm_auto_lists_only_supported_stages_and_says_why(qwen, tmp_path, capsys):
     from recipe_compiler.cli import compile_main
+    from runtime.methods.stages import STAGES
+    from runtime.prellm_stage import supported_methods, unsupported_reason
 
     out = tmp_path / "r.safetensors"
     code = compile_main(["--model", "tiny-qwen2-vl", "--samples", "3", "--quiet", "--budget", "0.4", "--pre-llm", "auto", "-o", str(out)])
@@ -285,12 +291,15 @@ def test_qwen_pre_llm_auto_lists_only_supported_stages_and_says_why(tmp_path, ca
     assert code == 0, err
     lines = stdout.strip().splitlines()
     skipped = [line for line in lines if "skipped" in line]
-    assert skipped == ["-cls-inflection skipped: pre-LLM stage 'cls-inflection' is not supported on model_type 'qwen2_vl' "
-                       "(its vision encoder has no CLS token); use g-prune, fopru-rank or fopru-row"]
-    for method in ("none", "g-prune", "fopru-rank", "fopru-row"):
+    refused = [m for m in STAGES if m not in supported_methods(qwen.model) and not STAGES[m].baseline]
+    assert "cls-inflection" in refused and "g-prune" not in refused
+    assert skipped == [f"-{m:<14} skipped: {unsupported_reason(qwen.model, m)}" for m in refused]
+    assert all("(its vision encoder has no CLS token)" in line for line in skipped)
+    candidates = [m for m in supported_methods(qwen.model) if not STAGES[m].baseline]  # auto never tries random keep
+    for method in ("none", *candidates):
         assert any(line[1:].startswith(method + " ") for line in lines[1:-1])
     recipe = load(out)
-    assert recipe.pre_llm["method"] in ("none", *QWEN_METHODS)
+    assert recipe.pre_llm["method"] in ("none", *supported_methods(qwen.model))
     assert recipe.provenance["flops_fraction"] <= 0.4 * (1 + 1e-9)
     if recipe.pre_llm["method"].startswith("fopru"):
         assert recipe.pre_llm["params"] == {"feature_layer": 2}  # the last of the tiny encoder's 2 blocks

@@ -338,3 +338,36 @@ def test_reading_statistics_from_a_fifo_raises_statistics_error_without_blocking
         pytest.fail("load_statistics blocked on a FIFO")
     assert out.returncode == 0, out.stderr
     assert f"statistics path {target} is a FIFO (named pipe), not a statistics file" in out.stdout
+
+
+_SAVE_STATS = """
+import sys
+import numpy as np
+from recipe_compiler.statistics import Statistics, save_statistics
+
+rng = np.random.default_rng(0)
+cross, self_attn, last = (rng.random((2, 3, 4), dtype=np.float32) for _ in range(3))
+prellm = {"gprune": rng.random((2, 4), dtype=np.float32), "view": np.zeros((2, 4), np.int64),
+          "grid_row": np.arange(8, dtype=np.int64).reshape(2, 4)}
+stats = Statistics(cross, self_attn, last, np.array([4, 3]), np.array([5, 6]), np.array([12, 11]), head_reduce="mean",
+                   model_fingerprint='{"model_type":"llava"}', calibration_fingerprint="abc", prellm=prellm,
+                   prellm_params='{"feature_layer":-2}')
+save_statistics(stats, sys.argv[1])
+"""
+
+
+def test_save_statistics_gives_the_same_bytes_for_the_same_statistics(tmp_path):
+    # The safetensors library writes its metadata in hash order, which changes from process to process:
+    # save in several processes, as several `--save-stats` runs would.
+    from recipe_compiler.statistics import load_statistics
+
+    paths = [tmp_path / f"s{i}.safetensors" for i in range(4)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", _SAVE_STATS, str(path)], check=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    first = paths[0].read_bytes()
+    assert all(path.read_bytes() == first for path in paths[1:])
+    again = load_statistics(paths[0])  # and the safetensors library still reads it
+    assert again.head_reduce == "mean" and again.calibration_fingerprint == "abc"
+    assert again.prellm["grid_row"].dtype == np.int64 and again.prellm["grid_row"].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert again.n_visual.tolist() == [4, 3] and again.cross.dtype == np.float32

@@ -9,6 +9,7 @@ import torch
 
 from conftest import make_inputs
 from runtime import Recipe, RecipeMismatchError
+from runtime.log import LOGGER_NAME
 from runtime.families import model_fingerprint
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -129,12 +130,13 @@ def test_text_only_prompt_passes_through_unpruned_and_says_so_once(tiny, caplog)
     inputs = tiny.processor.tokenizer(["USER: hello there ASSISTANT:"], return_tensors="pt")
     with torch.no_grad():
         reference = model.generate(**inputs, **GREEDY)
-        with caplog.at_level(logging.INFO, logger="runtime"), _pruned_recipe(model).apply(model):
+        with caplog.at_level(logging.INFO, logger=LOGGER_NAME), _pruned_recipe(model).apply(model):
             first = model.generate(**inputs, **GREEDY)
             second = model.generate(**inputs, **GREEDY)
     assert torch.equal(first.sequences, reference.sequences) and torch.equal(second.sequences, reference.sequences)
-    messages = [r.getMessage() for r in caplog.records if "no image tokens" in r.getMessage()]
+    messages = [r for r in caplog.records if "no image tokens" in r.getMessage()]
     assert len(messages) == 1
+    assert messages[0].name == "recipe_compiler.runtime"  # named after the package, not the generic "runtime"
 
 
 def test_remove_restores_the_model_exactly(tiny, calibration):

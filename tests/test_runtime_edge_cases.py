@@ -15,6 +15,7 @@ import torch
 from conftest import make_inputs
 from recipe_compiler.calibration import load_image
 from runtime import Recipe
+from runtime.log import LOGGER_NAME
 from runtime.families import model_fingerprint
 from runtime import RecipeAlreadyAppliedError
 
@@ -36,7 +37,7 @@ def _hooks(model):
 
 
 def _said(caplog, fragment):
-    return [r.getMessage() for r in caplog.records if r.name == "runtime" and fragment in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER_NAME and fragment in r.getMessage()]
 
 
 def _cache_lengths(cache):
@@ -77,7 +78,7 @@ def test_text_only_prompts_run_bit_identical_to_the_unpruned_model_and_say_so_on
     inputs = loaded.processor.tokenizer(TEXT_PROMPTS[:batch], return_tensors="pt", padding=True)
     with torch.no_grad():
         reference = model.generate(**inputs, **GREEDY)
-        with caplog.at_level(logging.INFO, logger="runtime"), _recipe(model).apply(model) as handle:
+        with caplog.at_level(logging.INFO, logger=LOGGER_NAME), _recipe(model).apply(model) as handle:
             runs = [model.generate(**inputs, **GREEDY) for _ in range(3)]
             assert handle.last_request is None
     for run in runs:
@@ -273,7 +274,7 @@ def test_static_cache_passes_through_bit_identical_to_unpruned_and_says_so_once(
 
     with torch.no_grad():
         reference = run()
-        with caplog.at_level(logging.INFO, logger="runtime"), _recipe(model).apply(model) as handle:
+        with caplog.at_level(logging.INFO, logger=LOGGER_NAME), _recipe(model).apply(model) as handle:
             patched = [run(), run()]
             assert handle.last_request is None
     for outputs in patched:
@@ -291,7 +292,7 @@ def test_chunked_prefill_that_splits_the_image_passes_through_bit_identical_and_
     chunk = int(image[0]) + 100  # the first chunk ends inside the image
     with torch.no_grad():
         reference = model.generate(**inputs, prefill_chunk_size=chunk, **GREEDY)
-        with caplog.at_level(logging.INFO, logger="runtime"), _recipe(model).apply(model):
+        with caplog.at_level(logging.INFO, logger=LOGGER_NAME), _recipe(model).apply(model):
             runs = [model.generate(**inputs, prefill_chunk_size=chunk, **GREEDY) for _ in range(2)]
     for run in runs:
         assert torch.equal(run.sequences, reference.sequences)
@@ -312,7 +313,7 @@ def test_chunked_prefill_after_the_image_prunes_per_recipe_and_equals_recomputin
     split = int(image[-1]) + 8  # the first chunk holds the whole image and a little text
     assert split < length - 1
     recipe = _recipe(model)
-    with caplog.at_level(logging.INFO, logger="runtime"), recipe.apply(model) as handle, torch.no_grad():
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME), recipe.apply(model) as handle, torch.no_grad():
         if how == "generate":
             generated = model.generate(**inputs, prefill_chunk_size=split, **GREEDY)
             selection = handle.last_request.selection

@@ -232,13 +232,17 @@ class LlavaNextCompilerFamily(LlavaCompilerFamily):
         if "image_sizes" not in inputs:
             return super().vision_flops_per_row(model, inputs, shape, image_token_id)
         is_image = (inputs["input_ids"] == image_token_id).cpu()
-        crops = [image_crops(model.config, h, w) for h, w in inputs["image_sizes"].cpu().tolist()]
+        crops = self.image_crop_counts(model.config, inputs)
         starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]  # first token of each run
         out, next_image = [], 0
         for runs in starts.sum(dim=1).tolist():
             out.append(encoder_flops(shape, crops=sum(crops[next_image:next_image + runs])))
             next_image += runs
         return np.array(out)
+
+    def image_crop_counts(self, config: Any, inputs: dict) -> list[int]:
+        """Crops the encoder runs for each image of the processor's ``inputs`` (from ``image_sizes``)."""
+        return [image_crops(config, h, w) for h, w in inputs["image_sizes"].cpu().tolist()]
 
     def picture_views(self, model: Any, inputs: dict, positions: np.ndarray) -> list[PictureView]:
         """Two views, each over the original image: the base view (the whole image squashed to one

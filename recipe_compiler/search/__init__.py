@@ -5,18 +5,22 @@
 
 Example:
     >>> SEARCHES.names()
-    ('optimal', 'gsearch', 'psigmoid', 'fitprune')
+    ('optimal', 'gsearch', 'psigmoid', 'fitprune', 'fastv', 'pdrop', 'dart', 'sparsevlm')
     >>> sorted(TABLE_SEARCHES)
     ['gsearch', 'optimal', 'psigmoid']
 """
-from recipe_compiler.search.base import SEARCHES, Search, register_search
+from recipe_compiler.search.base import SEARCHES, Param, Search, register_search
 
 from recipe_compiler.search import optimal  # noqa: F401
 from recipe_compiler.search import gsearch  # noqa: F401
 from recipe_compiler.search import psigmoid  # noqa: F401
 from recipe_compiler.search import fitprune  # noqa: F401
+from recipe_compiler.search import fastv  # noqa: F401
+from recipe_compiler.search import pdrop  # noqa: F401
+from recipe_compiler.search import dart  # noqa: F401
+from recipe_compiler.search import sparsevlm  # noqa: F401
 
-TABLE_SEARCHES = {name: search.schedule for name, search in SEARCHES.items() if not search.in_the_loop}
-"""name → ``schedule(table, cost, budget_flops)`` of every table search."""
+TABLE_SEARCHES = {name: search.schedule for name, search in SEARCHES.items() if not search.in_the_loop and not search.is_method}
+"""name → ``schedule(table, cost, budget_flops)`` of every table search (the peer methods' searches are apart)."""
 
-__all__ = ["SEARCHES", "TABLE_SEARCHES", "Search", "register_search"]
+__all__ = ["SEARCHES", "TABLE_SEARCHES", "Param", "Search", "register_search"]

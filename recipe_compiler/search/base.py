@@ -9,7 +9,7 @@ schedule, its provenance parameters and details. One module per search registers
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from runtime.registry import Registry
@@ -30,6 +30,14 @@ class Search:
             budget, v_ref, progress=, pre_llm=, **common) -> (keep, search_params, details)``.
         title: how messages name it (e.g. ``FitPrune``).
         passes: model passes over the calibration set it makes (progress bars).
+        scorer: a peer method's search (FastV, PyramidDrop, …): the run-time scorer its recipes
+            use (the method's own ranking). Its ``schedule(table, cost, budget_flops, extra=,
+            **params)`` returns ``(keep, found)``: ``extra(keep)`` is the mean FLOPs the scorer's
+            own probes add to a schedule (the FLOPs model counts them), ``found`` what it chose
+            (recorded in the recipe's ``search_params``).
+        params: a peer method's settings (``--search-param NAME=VALUE``): name → :class:`Param`.
+        example: a peer method's paper-default schedule, ``example(num_layers, v_ref) -> keep``
+            (budget-free; the production matrix runs it).
     """
 
     name: str
@@ -38,11 +46,73 @@ class Search:
     run: Callable | None = None
     title: str = ""
     passes: int = 0
+    scorer: str | None = None
+    params: dict = field(default_factory=dict)
+    example: Callable | None = None
 
     @property
     def in_the_loop(self) -> bool:
         """Whether it runs the model (and so takes one fixed-ratio pre-LLM stage at a fixed ratio)."""
         return self.schedule is None
+
+    @property
+    def is_method(self) -> bool:
+        """Whether it is a peer method's search (fixed scorer, schedule of the method's form)."""
+        return self.scorer is not None
+
+    def resolve_params(self, given: dict | None) -> dict:
+        """Every setting of a peer method, ``given`` over the defaults; ValueError names a bad one.
+
+        Example:
+            >>> from recipe_compiler.search import SEARCHES
+            >>> SEARCHES["fastv"].resolve_params({"layer": 3})["layer"]
+            3
+        """
+        given = dict(given or {})
+        if given and not self.params:
+            raise ValueError(f"--search {self.name} takes no --search-param (got {', '.join(sorted(given))})")
+        unknown = sorted(set(given) - set(self.params))
+        if unknown:
+            raise ValueError(f"--search {self.name} has no parameter {unknown[0]!r}; it takes {', '.join(self.params)}")
+        out = {}
+        for name, param in self.params.items():
+            value = given.get(name, param.default)
+            if name in given and not param.check(value):
+                raise ValueError(f"--search-param {name}={value!r} is out of range for --search {self.name}: {param.expected}")
+            out[name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class Param:
+    """One setting of a peer method's search.
+
+    Attributes:
+        default: the reference's default (``None``: found by the search to meet the budget).
+        check: ``check(value) -> bool``.
+        expected: what a valid value is, for messages.
+        help: one line for ``--help``.
+    """
+
+    default: Any
+    check: Callable[[Any], bool]
+    expected: str
+    help: str = ""
+
+
+def is_int_in(low: int, high: int | None = None) -> Callable[[Any], bool]:
+    """``check`` for an integer in ``[low, high]`` (no upper bound with ``high=None``)."""
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+
+
+def is_number_in(low: float, high: float, low_open: bool = False) -> Callable[[Any], bool]:
+    """``check`` for a number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    def check(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            return False
+        return (v > low if low_open else v >= low) and v <= high
+
+    return check
 
 
 def register_search(name: str, **attributes: Any) -> Callable[[Callable], Callable]:

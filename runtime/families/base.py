@@ -142,7 +142,10 @@ class Family:
     """Vision signals pre-LLM stages may read: name → ``None`` (the family provides it) or why not.
 
     ``"attention"``: each patch's significance from the encoder's attention at a feature layer;
-    ``"features"``: the CLS and patch hidden states of the model's feature layer.
+    ``"features"``: the CLS and patch hidden states of the model's feature layer;
+    ``"encoder_patches"``: each language-model image token is one encoder patch and the projector
+    maps encoder features to token embeddings one to one, so a stage may read the encoder's own
+    layers per patch and write merged encoder features through the projector (VisionZip).
     """
 
     # ------------------------------------------------------------------ where things are
@@ -194,6 +197,23 @@ class Family:
         reason = self.unsupported_reason(model)
         if reason is not None:
             raise UnsupportedModelError(reason)
+
+    def pruning_hooks(self, model: Any, pruned: Callable[[], "tuple[torch.Tensor, torch.Tensor] | None"]) -> list:
+        """Hooks the family needs beside the pruner's own while a recipe prunes ``model``.
+
+        For models whose forward indexes token positions outside the decoder layers (Qwen3-VL's
+        deepstack); the default installs none.
+
+        Args:
+            model: the VLM the pruner is on.
+            pruned: ``pruned()`` gives the current prefill's sequence once a layer has pruned it,
+                ``(prompt index, valid)``, both (B, L'); ``None`` otherwise (nothing pruned yet,
+                a decode step, a request passing through).
+
+        Returns:
+            Removable handles (removed with the recipe's handle).
+        """
+        return []
 
     # ------------------------------------------------------------------ visual tokens
     def reference_visual_tokens(self, config: Any) -> int:

@@ -29,7 +29,7 @@ class LlavaFamily(Family):
     """LLaVA-1.5: one contiguous run of image tokens per image, CLIP vision tower."""
 
     pre_llm = True
-    signals = {"attention": None, "features": None}
+    signals = {"attention": None, "features": None, "encoder_patches": None}
     vllm_architecture = "RecipePrunedLlavaForConditionalGeneration"
 
     def reference_visual_tokens(self, config: Any) -> int:

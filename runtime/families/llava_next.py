@@ -33,17 +33,16 @@ the ``get_image_features`` call (``generate()`` drops them from the prefill call
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import torch
 
 from .. import prellm
 from ..errors import StageCannotRun
+from ..log import logger
 from .base import Encoded, Signal, View, register_family
 from .llava import LlavaFamily
 
-logger = logging.getLogger("runtime")
 _said: set = set()
 
 
@@ -216,7 +215,7 @@ class LlavaNextFamily(LlavaFamily):
             source = "the encoded image features"
         elif image_sizes is not None:
             sizes = image_sizes.tolist() if hasattr(image_sizes, "tolist") else list(image_sizes)
-            masks = [_newline_mask(*image_layout(model.config, int(h), int(w))) for h, w in sizes]
+            masks = self.newline_masks(model.config, sizes, base_kwargs)
             found = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
             source = "image_sizes"
         else:
@@ -228,6 +227,10 @@ class LlavaNextFamily(LlavaFamily):
                       "image placeholders; every placeholder is treated as prunable")
             return None
         return found
+
+    def newline_masks(self, config: Any, sizes: list, base_kwargs: dict) -> list[torch.Tensor]:
+        """Per image of ``sizes`` (``image_sizes`` rows), bool over its placeholders: True at its newlines."""
+        return [_newline_mask(*image_layout(config, int(h), int(w))) for h, w in sizes]
 
     # ------------------------------------------------------------------ pre-LLM stages
     def image_layout(self, arguments: dict) -> list | None:

@@ -60,7 +60,11 @@ class Qwen2VLFamily(Family):
     layer_kinds_hint = "use_sliding_window=True; released Qwen2-VL / Qwen2.5-VL checkpoints have none"
 
     pre_llm = True
-    signals = {"attention": None, "features": "its vision encoder has no CLS token"}
+    signals = {
+        "attention": None,
+        "features": "its vision encoder has no CLS token",
+        "encoder_patches": "its patch merger folds 2×2 encoder patches into one token",
+    }
     vllm_refusal = (
         "Qwen2-VL is not served by the vLLM plugin yet: its kept tokens need their original M-RoPE (t, h, w) positions, "
         "and vLLM 0.32's in-tree hook for pruned positions (SupportsMultiModalPruning.recompute_mrope_positions) is never "

@@ -7,9 +7,24 @@ into one score per key (:meth:`Scorer.scores`); higher scores survive, ties go b
 Offline, the same ranking is approximated from the calibration statistics
 (:meth:`Scorer.from_statistics`), so the search plans with what the runtime will do.
 
-A scorer that needs no attention rows (e.g. key norms, issue 16) would add a ``probe = False``
-attribute and a method scoring from the pruning layer's own inputs; ``RecipePolicy`` then installs
-no probe for it and calls that method where it now reads the probe's sums.
+A scorer's head reduction is part of its definition (:attr:`Scorer.head_reduce`, the reference's
+own: FitPrune max, FastV / PyramidDrop mean); a recipe records it, and an explicit
+``--head-reduce`` overrides it.
+
+Scorers of the peer methods read more than attention row sums. Three optional hooks cover them
+(the default of each does nothing), all called by ``RecipePolicy`` with a per-request ``state``
+dict that is kept per thread (scorer instances are shared and stateless):
+
+* :meth:`Scorer.on_inputs` sees the language model's input embeddings (SparseVLM's raters);
+* :meth:`Scorer.on_attention` sees a probed layer's post-RoPE queries and keys (DART's key
+  norms, SparseVLM's per-head rater attention) instead of the default row sums;
+* :meth:`Scorer.on_layer_input` sees the hidden states and keyword arguments entering a layer
+  (:attr:`Scorer.input_offsets` says which, relative to each pruning layer): PyramidDrop's
+  own-layer q/k probe, DART's normed hidden states, SparseVLM's RoPE tables.
+
+``attention_probe = False`` installs no attention probe at all. Work a scorer does that the
+model itself does not (PyramidDrop recomputes projections) is declared by :meth:`Scorer.probe_macs`
+so the FLOPs model counts it.
 """
 from __future__ import annotations
 
@@ -43,6 +58,56 @@ class Scorer:
     """
 
     name = ""
+    method: str | None = None
+    """A peer method's own scorer: the name of the compiler search (``--search``) that plans its schedule."""
+    head_reduce = "max"
+    """The head reduction the scorer's reference uses (a ``HEAD_REDUCTIONS`` name): the default."""
+    attention_probe = True
+    """Whether the attention of layer ``l − 1`` is probed for a pruning layer ``l``."""
+    input_offsets: tuple = ()
+    """Layers, relative to each pruning layer (0: the pruning layer itself, −1: the probed one),
+    whose inputs :meth:`on_layer_input` receives."""
+
+    def unsupported_reason(self, model) -> str | None:
+        """Why this scorer cannot run on ``model`` (one line naming the missing part), or None."""
+        return None
+
+    def on_inputs(self, state: dict, embeds: torch.Tensor, roles) -> None:
+        """The (B, L, D) language-model input embeddings of a prefill (after the per-request reset)."""
+
+    def on_attention(self, state: dict, layer: int, query: torch.Tensor, key: torch.Tensor, mask, scaling: float, roles) -> bool:
+        """Probed layer ``layer``'s post-RoPE query (B, H, L, hd) and keys (B, KV, L, hd).
+
+        Return True when handled (``state["scores"]`` set or what the scorer needs kept); False
+        (the default) lets the runtime compute the :meth:`groups` row sums and call :meth:`scores`.
+        """
+        return False
+
+    def on_layer_input(self, state: dict, layer: int, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, roles,
+                       context: dict) -> None:
+        """The hidden states (B, L, D) and keyword arguments (``position_embeddings``, …) entering
+        decoder layer ``layer`` (one of :attr:`input_offsets` from a pruning layer), before it is pruned.
+
+        ``context`` holds model parts the policy found at apply time (``final_norm``).
+        """
+
+    def rank(self, state: dict, layer: int, roles) -> torch.Tensor:
+        """(B, L) scores for the pruning layer ``layer``; higher survive. Default: the probe's."""
+        return state["scores"]
+
+    def probe_macs(self, shape, n_tokens: float, n_visual: float) -> float:
+        """Multiply-adds a pruning layer's scoring adds beyond the model's own work.
+
+        Args:
+            shape: an object with ``hidden``, ``num_heads``, ``num_kv_heads``, ``head_dim``
+                (``recipe_compiler.flops.LMShape``).
+            n_tokens, n_visual: real and visual tokens of the row entering the pruning layer,
+                before it prunes.
+
+        Default 0: reading the attention the layer computes anyway (FastV, FitPrune) is free in
+        the FLOPs model, like the references, which take it from the attention weights.
+        """
+        return 0.0
 
     def groups(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """(B, G, L) weights of the query rows to sum, for the current sequence's role masks.

@@ -9,6 +9,8 @@ from .base import Scorer, register_scorer
 
 @register_scorer("last-token")
 class LastToken(Scorer):
+    head_reduce = "mean"  # FastV modeling_llama.py and PyramidDrop average the heads
+
     def groups(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         last = torch.zeros_like(text, dtype=torch.float32)
         last[:, -1] = 1.0  # the last prompt token is always the last row (padding is on the left)

@@ -26,5 +26,7 @@ class RandomScorer(Scorer):
         return torch.rand(length, generator=generator).to(sums.device).expand(batch, length)
 
     def from_statistics(self, cross: np.ndarray, self_attn: np.ndarray, last: np.ndarray, n_text: np.ndarray) -> np.ndarray:
-        scores = np.random.default_rng(0).random(np.shape(cross))
+        # One seeded draw per visual position, the same at every layer and sample: the tables are built
+        # from slices of layers in chunks, and a draw shaped like the slice would change with the chunking.
+        scores = np.broadcast_to(np.random.default_rng(0).random(np.shape(cross)[-1]), np.shape(cross))
         return np.where(np.isnan(cross), np.nan, scores)  # absent tokens stay absent

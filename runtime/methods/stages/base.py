@@ -70,6 +70,10 @@ class Stage:
         selection_params: the parameters that act only on the selection from those scores.
         own_schedule: the stage's parameters fix the in-LLM schedule too (CLS-inflection's stage 2),
             so no schedule search applies to it.
+        probes: encoder internals the stage reads beyond the families' signals (installed by
+            :meth:`probe_hooks`; each view then carries a :class:`._vision.VisionContext` as
+            ``view.vision``).
+        writes_features: :meth:`select` returns new input embeddings for the kept tokens.
         baseline: a reference point (random keep), not a method: ``--pre-llm auto`` never picks it.
     """
 
@@ -81,6 +85,8 @@ class Stage:
     score_params: tuple[str, ...] = ()
     selection_params: tuple[str, ...] = ()
     own_schedule = False
+    probes: tuple[str, ...] = ()
+    writes_features = False
     baseline = False
 
     # ------------------------------------------------------------------ the recipe's parameters
@@ -119,6 +125,14 @@ class Stage:
                 return (f"the saved statistics hold {self.name} scores for {key}={recorded.get(key, 'unknown')!r}, "
                         f"not {wanted[key]!r}; recollect them without --stats")
         return None
+
+    def model_reason(self, model: Any, family: Any) -> str | None:
+        """Why ``model`` cannot run the stage beyond the signals its family gives (``None``: it can)."""
+        return None
+
+    def probe_hooks(self, model: Any, family: Any, params: dict, record: Callable[[str, torch.Tensor], None]) -> list:
+        """Install the hooks that ``record(probe, value)`` each vision forward's :attr:`probes`; return their handles."""
+        return []
 
     def describe(self, spec: dict) -> str:
         """What the stage of a recipe's ``pre_llm`` keeps, for people (``recipe-inspect``)."""

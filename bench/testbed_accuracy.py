@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         entries = [e for e in entries if e.budget is not None]
     # The lines that matter most first, so an interrupted run still has them at every budget.
     priority = ["keep-all", "optimal", "random", "fitprune", "random (in-LLM)", "gsearch", "psigmoid", "g-prune",
-                "fopru-rank", "fopru-row", "cls-inflection"]
+                "fopru-rank", "fopru-row", "cls-inflection", "divprune", "visionzip", "vtc-cls", "prumerge-plus"]
     entries.sort(key=lambda e: priority.index(e.method) if e.method in priority else len(priority))
     for entry in entries:
         t0 = time.perf_counter()

@@ -35,8 +35,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cls-inflection", action="store_true")
     parser.add_argument("--no-random-scorer", action="store_true")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-reference", action="store_true", help="skip keep-all and no-image (a second shard)")
+    parser.add_argument("--merge", nargs="+", help="merge shard JSON files into --out (and plot) instead of measuring")
     parser.add_argument("--out", default="bench/results/testbed-accuracy.json")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
 
     import torch
 
@@ -73,10 +77,17 @@ def main(argv=None) -> int:
              "calibration_samples": len(calib), "questions": len(heldout), "budgets": budgets, "rows": rows,
              "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other sessions, torch 1 thread",
              "torch": torch.__version__}
-    t0 = time.perf_counter()
-    m = measure_without_image(loaded, heldout.samples, args.batch_size)
-    rows.append({"method": "no image", "budget": None, **m, "eval_s": round(time.perf_counter() - t0, 1)})
-    log(f"        no image: acc {100 * m['accuracy']:.1f}% ({rows[-1]['eval_s']}s)")
+    if not args.no_reference:
+        t0 = time.perf_counter()
+        m = measure_without_image(loaded, heldout.samples, args.batch_size)
+        rows.append({"method": "no image", "budget": None, **m, "eval_s": round(time.perf_counter() - t0, 1)})
+        log(f"        no image: acc {100 * m['accuracy']:.1f}% ({rows[-1]['eval_s']}s)")
+    else:
+        entries = [e for e in entries if e.budget is not None]
+    # The lines that matter most first, so an interrupted run still has them at every budget.
+    priority = ["keep-all", "optimal", "random", "fitprune", "random (in-LLM)", "gsearch", "psigmoid", "g-prune",
+                "fopru-rank", "fopru-row", "cls-inflection", "divprune", "visionzip", "vtc-cls", "prumerge-plus"]
+    entries.sort(key=lambda e: priority.index(e.method) if e.method in priority else len(priority))
     for entry in entries:
         t0 = time.perf_counter()
         m = measure(loaded.model, batches, refs, entry.recipe)
@@ -90,6 +101,27 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(table, indent=1, sort_keys=False) + "\n")  # partial results survive an interruption
     plot_table(table, out.with_suffix(".png"))
     log(f"wrote {out} and {out.with_suffix('.png')} in {time.perf_counter() - t_all:.0f}s")
+    return 0
+
+
+def merge(paths, out: Path) -> int:
+    """One table from shards run on the same model and data (rows concatenated, keep-all first)."""
+    from recipe_compiler.testbed.table import plot_table
+
+    shards = [json.loads(Path(p).read_text()) for p in paths]
+    table = dict(shards[0])
+    for key in ("source", "heldout_seed", "calib_seed", "questions"):
+        if any(s[key] != table[key] for s in shards):
+            raise SystemExit(f"shards differ in {key}; run them on the same model and data")
+    table["budgets"] = sorted({b for s in shards for b in s["budgets"]}, reverse=True)
+    rows = [r for s in shards for r in s["rows"]]
+    table["rows"] = sorted(rows, key=lambda r: (r["budget"] is not None, -(r["budget"] or 0)))
+    table["wall_s"] = [s.get("wall_s") for s in shards]
+    table["shards"] = len(shards)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    plot_table(table, out.with_suffix(".png"))
+    print(f"wrote {out} ({len(rows)} rows) and {out.with_suffix('.png')}")
     return 0
 
 

@@ -88,8 +88,11 @@ def build_entries(loaded: Any, calibration: Any, budgets: Sequence[float], *, lo
             compiled(search, budget, search=search)
         for stage in stages:
             ratio = stage_ratio_for_budget(shape, n_other, v, budget)
-            entries.append(Entry(stage, budget, Recipe(keep_count=np.full(layers, v, dtype=np.int64), scorer="fitprune",
-                                                       fingerprint=fp, pre_llm={"method": stage, "keep_ratio": ratio, "params": {}})))
+            try:
+                entries.append(Entry(stage, budget, Recipe(keep_count=np.full(layers, v, dtype=np.int64), scorer="fitprune",
+                                                           fingerprint=fp, pre_llm={"method": stage, "keep_ratio": ratio, "params": {}})))
+            except Exception as exc:  # noqa: BLE001 - a stage that takes no fixed ratio is reported, not fatal
+                log(f"  {stage} @ {budget}: no fixed-ratio recipe ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
         if cls_inflection:
             compiled("cls-inflection", budget, pre_llm="cls-inflection")
         if random_scorer:

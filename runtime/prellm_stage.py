@@ -28,7 +28,7 @@ from .errors import StageCannotRun
 from .families import FAMILIES, Encoded, View, family_for
 from .methods.stages import STAGES
 from .methods.stages._vision import VisionContext, projector
-from .state import PerThread
+from .state import InstancePatch, PerThread
 
 _SIGNALS = ("attention", "features")  # the families' signals; anything else recorded is a stage's probe
 
@@ -123,24 +123,6 @@ def view_keep(method: str, scores: torch.Tensor, keep_ratio: float | None, grid:
     return STAGES[method].keep(scores, keep_ratio, grid, {"inflection_detector": detector})
 
 
-class _Restore:
-    """Installs an instance-attribute wrapper; ``remove()`` puts back what was there (same API as a hook handle)."""
-
-    def __init__(self, owner: Any, name: str, wrapper: Any) -> None:
-        self.owner, self.name, self.wrapper = owner, name, wrapper
-        self._missing = object()
-        self.previous = owner.__dict__.get(name, self._missing)  # another patch already there is put back
-        setattr(owner, name, wrapper)
-
-    def remove(self) -> None:
-        if self.owner.__dict__.get(self.name) is not self.wrapper:
-            return
-        if self.previous is self._missing:
-            del self.owner.__dict__[self.name]
-        else:
-            self.owner.__dict__[self.name] = self.previous
-
-
 _KEEP_ENCODED = 4  # encodings remembered per thread: generate() encodes once, then prefills
 
 
@@ -229,7 +211,7 @@ class PreLLMStage:
             self._remember(output, signature.bind_partial(*args, **kwargs).arguments)
             return output
 
-        hooks.append(_Restore(base, "get_image_features", get_image_features))
+        hooks.append(InstancePatch(base, "get_image_features", get_image_features))
         if self.capture:
             hooks.extend(family.signal_hooks(model, self.capture, self.feature_layer, self._record))
         # Probing stages (VisionZip, VTC-CLS, PruMerge+) read encoder internals of their own; the

@@ -56,3 +56,21 @@ class PerThread:
 
     def __set__(self, obj: Any, value: Any) -> None:
         setattr(self._local(obj), self.name, value)
+
+
+class InstancePatch:
+    """Installs an instance-attribute wrapper; ``remove()`` puts back what was there (same API as a hook handle)."""
+
+    def __init__(self, owner: Any, name: str, wrapper: Any) -> None:
+        self.owner, self.name, self.wrapper = owner, name, wrapper
+        self._missing = object()
+        self.previous = owner.__dict__.get(name, self._missing)  # another patch already there is put back
+        setattr(owner, name, wrapper)
+
+    def remove(self) -> None:
+        if self.owner.__dict__.get(self.name) is not self.wrapper:
+            return
+        if self.previous is self._missing:
+            del self.owner.__dict__[self.name]
+        else:
+            self.owner.__dict__[self.name] = self.previous

@@ -25,30 +25,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..state import InstancePatch
 from .base import register_family
 from .qwen2_vl import Qwen2VLFamily
-
-
-class _Wrapper:
-    """Sets ``owner.name = wrapper`` (an instance attribute); ``remove()`` puts back what was there.
-
-    Same API as the pre-LLM stage's wrapper (``owner``, ``name``, ``wrapper``, ``remove``), so a
-    deep-copied model is cleaned of it like of that one.
-    """
-
-    def __init__(self, owner: Any, name: str, wrapper: Any) -> None:
-        self.owner, self.name, self.wrapper = owner, name, wrapper
-        self._missing = object()
-        self.previous = owner.__dict__.get(name, self._missing)
-        setattr(owner, name, wrapper)
-
-    def remove(self) -> None:
-        if self.owner.__dict__.get(self.name) is not self.wrapper:
-            return
-        if self.previous is self._missing:
-            del self.owner.__dict__[self.name]
-        else:
-            self.owner.__dict__[self.name] = self.previous
 
 
 def follow_kept(visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor, index: torch.Tensor,
@@ -106,4 +85,4 @@ class Qwen3VLFamily(Qwen2VLFamily):
             mask, rows = follow_kept(visual_pos_masks, visual_embeds, index, valid)
             return original(hidden_states, mask, rows)
 
-        return [_Wrapper(language_model, "_deepstack_process", deepstack_process)]
+        return [InstancePatch(language_model, "_deepstack_process", deepstack_process)]

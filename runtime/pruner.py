@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from . import attention
-from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, StageCannotRun
+from .errors import PruningUnsupportedError, RecipeAlreadyAppliedError, RecipeMismatchError, StageCannotRun
 from .families import family_for
 from .log import logger
 from .methods.scorers import SCORERS
@@ -209,6 +209,7 @@ class _Request:
     roles: Roles
     kept: dict = field(default_factory=dict)  # pruning layer -> (prompt index, valid), both (B, L')
     carry: dict = field(default_factory=dict)  # kwargs that later layers must receive
+    masks: dict = field(default_factory=dict)  # layer kind -> the mask its layers get after the latest cut
     tokens_per_layer: list = field(default_factory=list)  # (B,) real tokens entering each layer
     visual_per_layer: list = field(default_factory=list)  # (B,) visual tokens entering each layer
     kept_visual: dict = field(default_factory=dict)  # layer -> (prompt index, kept-visual mask), (B, L)
@@ -254,6 +255,9 @@ class PruningHandle:
         self.language_model = self.family.language_model(model)
         self.layers = self.family.layers(model)
         self.image_token_id = self.family.image_token_id(model)
+        self._kinds = self.family.layer_kinds_of(model)
+        self._attention_layers = self.family.attention_layers(model)
+        _check_probes(self.policy, self._kinds, self._attention_layers)
         self._hooks: list = []
         self._policy_hooks: list = []
         self._probed: list = []
@@ -405,6 +409,7 @@ class PruningHandle:
                 self._on_continuation(ids, embeds)
             if self._request is not None:
                 self._request.carry = {}  # decode rows keep their own positions; only masks change
+                self._request.masks = {}
             return
         self._forward["prefill"] = True
         self._request = None
@@ -478,6 +483,7 @@ class PruningHandle:
         is_pruning = layer in set(self.policy.pruning_layers)
         is_input = layer in set(self.policy.input_layers)
         before_pruning = layer < min(self.policy.pruning_layers, default=len(self.layers))
+        kind = self._kinds[layer]
 
         def hook(module, args, kwargs):
             request = self._request
@@ -498,10 +504,12 @@ class PruningHandle:
                         self._request = None
                         self._say_once(str(exc))
                         return None
-                request.carry["attention_mask"] = self._rebuild_mask(layer, request, hidden)
+                request.masks = self._rebuild_mask(layer, request, hidden)
             elif self._forward["prefill"]:
                 self._count(request)
             kwargs.update(request.carry)
+            if request.masks:  # each kind of layer gets the mask of its kind
+                kwargs["attention_mask"] = request.masks[kind]
             if args:
                 return (hidden,) + tuple(args[1:]), kwargs
             kwargs["hidden_states"] = hidden
@@ -555,23 +563,55 @@ class PruningHandle:
         self.last_request = request
         return hidden
 
-    def _rebuild_mask(self, layer: int, request: _Request, hidden: torch.Tensor) -> Any:
-        from transformers.masking_utils import create_causal_mask
+    def _rebuild_mask(self, layer: int, request: _Request, hidden: torch.Tensor) -> dict:
+        """The mask of each layer kind for the layers from ``layer`` (a pruning layer) on.
+
+        Full attention: ``create_causal_mask`` over the pruned 2D mask, sized from the first
+        full-attention layer at or after ``layer`` (every such layer up to the next cut holds the
+        same pruned length; a linear-attention layer has no KV length to size it from). Linear
+        attention: the 2D padding mask of this forward's tokens (``create_recurrent_attention_mask``:
+        ``None`` without padding and for one-token steps), by which the layer zeroes re-padding dummies.
+        """
+        from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
         mask2d, cache = self._forward["mask"], self._forward["cache"]
         prompt = request.prompt_len
         orig_index, valid = request.kept[layer]
+        sized = next((i for i in self._attention_layers if i >= layer), None)  # the layer the KV length is read from
         if mask2d is None:  # no padding anywhere: the prompt part is the dummy mask, new tokens are real
-            # Tokens after the prompt, this forward's included, from this layer's own cache (it holds
+            # Tokens after the prompt, this forward's included, from that layer's own cache (it holds
             # the pruned prompt): layer 0's length is wrong when layer 0 itself prunes (a pre-LLM stage).
-            new = 0 if self._forward["prefill"] else cache.get_seq_length(layer) - valid.shape[1] + hidden.shape[1]
+            new = 0 if self._forward["prefill"] or sized is None else cache.get_seq_length(sized) - valid.shape[1] + hidden.shape[1]
             tail = torch.ones(valid.shape[0], new, dtype=torch.bool, device=valid.device)
             pruned = torch.cat([valid, tail], dim=1)
         else:
             head = mask2d[:, :prompt].bool().gather(1, orig_index.to(mask2d.device)) & valid.to(mask2d.device)
             pruned = torch.cat([head, mask2d[:, prompt:].bool()], dim=1)
-        # The cache goes by position: transformers 5.24 renamed the parameter past_key_values -> cache.
-        return create_causal_mask(self._config, hidden, pruned.to(hidden.device), cache, position_ids=None, layer_idx=layer)
+        pruned = pruned.to(hidden.device)
+        masks = {}
+        for kind in set(self._kinds[layer:]):
+            if kind == "linear_attention":
+                if not self._forward["prefill"] and mask2d is None:
+                    masks[kind] = None  # a decode step's tokens are never padding
+                else:
+                    masks[kind] = create_recurrent_attention_mask(self._config, hidden, pruned.long(), cache)
+            elif sized is not None:
+                # The cache goes by position: transformers 5.24 renamed the parameter past_key_values -> cache.
+                masks[kind] = create_causal_mask(self._config, hidden, pruned, cache, position_ids=None, layer_idx=sized)
+        return masks
+
+
+def _check_probes(policy: Policy, kinds: tuple, attention_layers: tuple) -> None:
+    """Refuse a policy that would read attention rows of a layer that has none (e.g. linear attention)."""
+    allowed = set(attention_layers)
+    for layer in policy.probe_layers:
+        if layer not in allowed:
+            cuts = ", ".join(str(i + 1) for i in attention_layers if i + 1 < len(kinds))
+            raise RecipeMismatchError(
+                f"the recipe prunes on entry to layer {layer + 1}, whose scores come from layer {layer}, a {kinds[layer]} "
+                f"layer with no attention rows to rank visual tokens by; on this model a scoring cut may only enter "
+                f"layers {cuts} (after a full-attention layer): recompile the recipe for this model"
+            )
 
 
 def _grows_per_layer(cache: Any) -> bool:
@@ -580,6 +620,8 @@ def _grows_per_layer(cache: Any) -> bool:
     Pruned layers store fewer tokens than unpruned ones; fixed-size (static, sliding-window) or
     quantised layers would misplace them or mask the wrong slots.
     """
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", ()))
+    # A linear-attention layer keeps a fixed-size conv and recurrent state and no per-token KV: after a
+    # pruned prefill it holds the state of the pruned sequence, which is what the model computes on it.
+    return all(type(layer) in (DynamicLayer, LinearAttentionLayer) for layer in getattr(cache, "layers", ()))

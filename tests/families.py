@@ -80,6 +80,7 @@ FAMILIES: list[FamilyCase] = [
     FamilyCase("tiny-internvl", "<IMG_CONTEXT>", ((128, 128), (192, 64)), view_sizes=_tile_views),
     FamilyCase("tiny-llava-onevision", "<image>", ((64, 64), (160, 96)), view_sizes=_next_views),
     FamilyCase("tiny-qwen3-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
+    FamilyCase("tiny-qwen3.5", _QWEN_IMAGE, ((64, 64), (88, 56))),
 ]
 
 

@@ -85,9 +85,14 @@ SHAPES = {
 # ------------------------------------------------------------------------------------- recipes
 
 
-def _counts(v: int, layers: int, ratios=SCHEDULE) -> np.ndarray:
+def _counts(v: int, layers: int, ratios=SCHEDULE, cuts=None) -> np.ndarray:
+    """The schedule's counts; a layer a scoring cut may not enter (``cuts``: the family's) keeps the count before it."""
     ratios = [ratios[min(i, len(ratios) - 1)] for i in range(layers)]
-    return np.array([int(math.floor(r * v + 0.5)) for r in ratios])
+    counts = [int(math.floor(r * v + 0.5)) for r in ratios]
+    for layer in range(1, layers):
+        if cuts is not None and layer not in cuts:
+            counts[layer] = counts[layer - 1]
+    return np.array(counts)
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +101,8 @@ def recipe_kinds(case: FamilyCase) -> dict:
     model = case.load().model
     fp = model_fingerprint(model)
     v, layers = fp["visual_tokens"], fp["num_layers"]
-    schedule = _counts(v, layers)
+    cuts = set(family_for(model).cut_layers(model))  # layers after an attention layer (all but 0 for most families)
+    schedule = _counts(v, layers, cuts=cuts)
     stage = {"keep_ratio": STAGE_RATIO, "params": {}}
     out = {
         "keep-all": Recipe.keep_all(fp),
@@ -267,6 +273,10 @@ def _check_counts_and_cache(case, model, recipe, inputs, request, output, beams)
     n = request.roles.n_visual_input.tolist()
     first = min(recipe.pruning_layers + ([0] if recipe.pre_llm.get("method", "none") != "none" else []))
     for layer, cache_layer in enumerate(output.past_key_values.layers):
+        if getattr(cache_layer, "keys", None) is None:  # a linear-attention layer: fixed-size state, no per-token KV
+            assert type(cache_layer).__name__ == "LinearAttentionLayer", f"layer {layer}: {type(cache_layer).__name__} has no keys"
+            assert all(state is not None for state in cache_layer.recurrent_states.values())
+            continue
         if layer < first:
             width = prompt
         else:
@@ -314,6 +324,9 @@ def test_cell(case: FamilyCase, kind: str, shape_name: str):
     reason = unsupported_reason(model, method) if method != "none" else None
     if reason is None and recipe.pruning_layers and SCORERS[recipe.scorer].unsupported_reason(model) is not None:
         reason, method = SCORERS[recipe.scorer].unsupported_reason(model), recipe.scorer  # a peer's scorer the family cannot run
+    attention = set(family_for(model).attention_layers(model))
+    if reason is None and SCORERS[recipe.scorer].attention_probe and any(layer - 1 not in attention for layer in recipe.pruning_layers):
+        reason, method = "a probe on a layer without attention", "no attention rows"  # e.g. a paper's layer on Qwen3.5
     if reason is not None:  # the family cannot run this stage: refused at apply, nothing installed
         hooks_before = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
         with pytest.raises(RecipeMismatchError, match=method):

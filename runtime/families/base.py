@@ -198,6 +198,25 @@ class Family:
         if reason is not None:
             raise UnsupportedModelError(reason)
 
+    def layer_kinds_of(self, model: Any) -> tuple[str, ...]:
+        """Each decoder layer's kind (``text_config.layer_types``; all ``"full_attention"`` without one)."""
+        text = self.text_config(model)
+        kinds = tuple(getattr(text, "layer_types", None) or ())
+        return kinds or ("full_attention",) * int(text.num_hidden_layers)
+
+    def attention_layers(self, model: Any) -> tuple[int, ...]:
+        """The decoder layers with attention rows a probe can read (default: every layer).
+
+        A scoring cut on entry to layer ``l`` reads layer ``l − 1``; families with attention-free
+        layers (Qwen3.5's linear attention) narrow this, and the pruner refuses a recipe that
+        would probe elsewhere.
+        """
+        return tuple(range(int(self.text_config(model).num_hidden_layers)))
+
+    def cut_layers(self, model: Any) -> tuple[int, ...]:
+        """The layers ``l >= 1`` on whose entry a scoring recipe may prune: those after an attention layer."""
+        return tuple(layer + 1 for layer in self.attention_layers(model) if layer + 1 < int(self.text_config(model).num_hidden_layers))
+
     def pruning_hooks(self, model: Any, pruned: Callable[[], "tuple[torch.Tensor, torch.Tensor] | None"]) -> list:
         """Hooks the family needs beside the pruner's own while a recipe prunes ``model``.
 

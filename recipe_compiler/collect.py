@@ -30,8 +30,10 @@ from .statistics import PRELLM_SCORES, Statistics
 class StatisticsPolicy(Policy):
     """Prunes nothing; at every layer records cross, self and last-row attention per visual token."""
 
-    def __init__(self, num_layers: int, head_reduce: str = "max", prellm: bool | set = False, prellm_params: dict | None = None) -> None:
-        self.probe_layers = tuple(range(num_layers))
+    def __init__(self, num_layers: int, head_reduce: str = "max", prellm: bool | set = False, prellm_params: dict | None = None,
+                 attention_layers: tuple | None = None) -> None:
+        # Only layers with attention rows are probed; the others' statistics stay NaN (Qwen3.5's linear attention).
+        self.probe_layers = tuple(range(num_layers)) if attention_layers is None else tuple(attention_layers)
         self.head_reduce = head_reduce
         self.num_layers = num_layers
         self.rows: list[dict] = []
@@ -136,7 +138,8 @@ def collect_statistics(
         params["feature_layer"] = family.resolve_feature_layer(model, params.get("feature_layer"))
     else:
         params.pop("feature_layer", None)
-    policy = StatisticsPolicy(num_layers, head_reduce, prellm=prellm, prellm_params=params)
+    policy = StatisticsPolicy(num_layers, head_reduce, prellm=prellm, prellm_params=params,
+                              attention_layers=family.attention_layers(model))
     mine = []
     with PruningHandle(model, policy), torch.no_grad():
         for index, (_, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
@@ -270,7 +273,9 @@ def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp:
     arrays = {name: np.full((samples, layers, width), np.nan, dtype=np.float32) for name in ("cross", "self", "last")}
     for s, row in enumerate(rows):
         for name in arrays:
-            arrays[name][s, :, : row["n_visual"]] = np.stack(row[name])
+            for layer, values in enumerate(row[name]):
+                if values is not None:  # None: a layer without attention, left NaN
+                    arrays[name][s, layer, : row["n_visual"]] = values
     prellm = {}
     if all("prellm" in r for r in rows):
         for name in [n for n in PRELLM_SCORES if all(n in r["prellm"] for r in rows)]:

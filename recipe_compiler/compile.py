@@ -245,6 +245,12 @@ def compile_recipe(
     timings["calibrate"] = time.perf_counter() - started
 
     search = SEARCHES[config.search]
+    cuts = family_for(model).cut_layers(model)
+    if len(cuts) < shape.num_layers - 1 and search.in_the_loop:
+        raise ValueError(
+            f"--search {config.search} cannot run on this model: it probes and prunes at every layer, but only layers "
+            f"{', '.join(map(str, cuts))} follow a layer with attention rows; use a table search (--search optimal)"
+        )
     smallest = min_feasible_budget(shape, statistics.n_other, statistics.n_visual, v_ref)
     if config.pre_llm != NO_STAGE and not search.in_the_loop:
         return _compile_with_stage(
@@ -266,17 +272,19 @@ def compile_recipe(
         macs = SCORERS[config.scorer].probe_macs
         extra = lambda k: probe_flops(shape, statistics.n_other, statistics.n_visual, k, v_ref, macs)  # noqa: E731
         keep, found = search.schedule(table, costs, budget_flops, extra=extra, **config.search_params)
+        _check_cuts(search.title, keep, cuts)
         search_params = {"method": search.provenance, **found}
     elif not search.in_the_loop:
         costs = cost_table(shape, statistics.n_other, statistics.n_visual, v_ref)
         # The unpruned cost from the same table the search sums, so budget 1.0 admits keep-all exactly.
         budget_flops = config.budget * float(np.sum(costs[:, v_ref]))
+        schedule = cut_only_at(search.schedule, cuts, shape.num_layers)
         try:
-            keep = search.schedule(table, costs, budget_flops)
+            keep = schedule(table, costs, budget_flops)
         except BudgetError:
             # The floor check above passed, so the budget is at the floor within the stated tolerance;
             # the search's own sum may differ from it in the last bits.
-            keep = search.schedule(table, costs, budget_flops * (1 + BUDGET_RTOL))
+            keep = schedule(table, costs, budget_flops * (1 + BUDGET_RTOL))
         search_params = {"method": search.provenance, "grid": int(v_ref) + 1}
     else:
         if config.pre_llm != NO_STAGE:
@@ -313,6 +321,43 @@ def compile_recipe(
     return CompileResult(recipe, statistics, verification, float(divergence), float(equivalent), timings, details, float(nested))
 
 
+def cut_only_at(schedule: Callable, cuts: tuple, num_layers: int) -> Callable:
+    """A table search that may change the count only on entry to layers ``cuts`` (and keeps layer 0 whole).
+
+    Layers between two cuts form one segment whose divergence and cost rows are summed; the search
+    runs on the segments (exact for additive searches: ``optimal`` stays optimal under the constraint)
+    and each segment's count is repeated over its layers. With every layer a cut it is ``schedule`` itself.
+
+    Example:
+        >>> import numpy as np
+        >>> pick = lambda table, cost, budget: np.array([1] + [0] * (len(table) - 1))
+        >>> cut_only_at(pick, (2,), 4)(np.zeros((4, 2)), np.zeros((4, 2)), 1.0).tolist()
+        [1, 1, 0, 0]
+    """
+    starts = [0, *sorted(c for c in cuts if 0 < c < num_layers)]
+    if len(starts) == num_layers:
+        return schedule
+    bounds = starts + [num_layers]
+
+    def constrained(table: Any, cost: Any, budget_flops: float, **kwargs: Any) -> np.ndarray:
+        fold = lambda t: np.stack([np.sum(np.asarray(t)[a:b], axis=0) for a, b in zip(bounds[:-1], bounds[1:])])  # noqa: E731
+        keep = np.asarray(schedule(fold(table), fold(cost), budget_flops, **kwargs))
+        return np.repeat(keep, np.diff(bounds)).astype(np.int64)
+
+    return constrained
+
+
+def _check_cuts(title: str, keep: Any, cuts: tuple) -> None:
+    """Refuse a peer method's schedule that cuts on entry to a layer after a layer without attention."""
+    keep = np.asarray(keep)
+    bad = [int(l) for l in np.nonzero(np.diff(keep) < 0)[0] + 1 if int(l) not in set(cuts)]
+    if bad:
+        raise ValueError(
+            f"{title}'s schedule prunes on entry to layer {bad[0]}, after a layer without attention rows to score by; "
+            f"on this model it may prune only entering layers {', '.join(map(str, cuts))} (set its layer with --search-param)"
+        )
+
+
 def _fixed_stage(config: CompileConfig, statistics: Statistics) -> tuple[dict, np.ndarray]:
     """The fixed-ratio stage a model-in-the-loop search runs first, as a recipe records it, and its survivors."""
     alive = prellm_search.survivors(statistics, config.pre_llm, config.pre_llm_ratio)
@@ -331,7 +376,8 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
             candidates.append(prellm_search.skipped(method, reason))
             continue
         found = prellm_search.evaluate(
-            statistics, shape, v_ref, config.budget, method, config.scorer, SEARCHES[config.search].schedule,
+            statistics, shape, v_ref, config.budget, method, config.scorer,
+            cut_only_at(SEARCHES[config.search].schedule, family_for(model).cut_layers(model), shape.num_layers),
             keep_ratio=config.pre_llm_ratio, detector=config.inflection_detector or "kneedle",
         )
         if method != NO_STAGE and STAGES[method].own_schedule:  # one line per stage: its best own schedule, else its cheapest

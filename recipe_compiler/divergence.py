@@ -84,15 +84,32 @@ def ranking_scores(stats: Statistics, scorer: str) -> np.ndarray:
     _check_scorer(scorer)
     S, L, V = stats.cross.shape
     out = np.empty((S, L, V), dtype=np.float64)
-    out[:, 1:] = _base_scores(stats, scorer, slice(0, L - 1))
+    out[:, 1:] = _base_scores(stats, scorer, _ranking_layers(stats)[1:])
     valid = np.arange(V)[None, :] < np.asarray(stats.n_visual)[:, None]  # [S, V]
     out[:, 0] = np.where(valid, np.inf, np.nan)
     return out
 
 
-def _base_scores(stats: Statistics, scorer: str, layers: slice) -> np.ndarray:
+def _base_scores(stats: Statistics, scorer: str, layers: Any) -> np.ndarray:
     """The scorer's value from the statistics of ``layers`` (float64 [S, len(layers), V])."""
     return SCORERS[scorer].from_statistics(stats.cross[:, layers], stats.self_attn[:, layers], stats.last[:, layers], stats.n_text)
+
+
+def _ranking_layers(stats: Statistics) -> np.ndarray:
+    """int [L]: for each layer ``l >= 1``, the layer whose statistics rank the cut entering it.
+
+    ``l − 1``, or the last earlier layer with statistics where ``l − 1`` has none (a layer without
+    attention rows, e.g. Qwen3.5's linear attention: its statistics are all NaN, and it contributes
+    no divergence of its own). Entry 0 is unused (0).
+    """
+    measured = ~np.all(np.isnan(stats.cross), axis=(0, 2))
+    source = np.zeros(stats.cross.shape[1], dtype=np.int64)
+    last = 0
+    for layer in range(1, source.size):
+        if measured[layer - 1]:
+            last = layer - 1
+        source[layer] = last
+    return source
 
 
 def _normalised(values: np.ndarray) -> np.ndarray:
@@ -175,13 +192,14 @@ def divergence_table(
         return table
 
     ks = scale_counts(np.arange(grid + 1)[None, :], n_post[:, None], grid)  # [S, G+1], each <= n_post[s]
+    source = _ranking_layers(stats)
     # Layers in chunks of about 2^20 entries: fast (cache-sized) and light on memory.
     step = max(1, (1 << 20) // max(1, S * V))
     for start in range(1, L, step):
         stop = min(L, start + step)
         n = stop - start
-        # The cut entering layer l is ranked by layer l-1's statistics.
-        scores = _base_scores(stats, scorer, slice(start - 1, stop - 1))  # [S, n, V]
+        # The cut entering layer l is ranked by layer l-1's statistics (the last layer with attention before l).
+        scores = _base_scores(stats, scorer, source[start:stop])  # [S, n, V]
         valid = positions[None, None, :] < n_visual[:, None, None]
         # Dropped last: positions beyond the sample's count (never kept, no mass) and NaN scores.
         key = np.where(valid & alive[:, None, :] & ~np.isnan(scores), -scores, np.inf)
@@ -298,7 +316,7 @@ def nested_keep_sets(
     out[:, 0] = alive
     for l in range(1, L):
         if keep[l] < keep[l - 1]:
-            scores = _base_scores(stats, scorer, slice(l - 1, l))[:, 0]  # [S, V]
+            scores = _base_scores(stats, scorer, _ranking_layers(stats)[l:l + 1])[:, 0]  # [S, V]
             key = np.where(alive, -np.nan_to_num(scores, nan=-np.inf), np.inf)
             order = order_best_first(key)
             rank = np.empty_like(order)

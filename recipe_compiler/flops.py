@@ -9,6 +9,16 @@ Pure numpy. Conventions (DESIGN.md §4):
   weighted values ``AV`` each cost ``h·hd·n(n+1)/2`` multiply-adds for ``n`` tokens.
 * RMSNorms, activations, RoPE, softmax, residual adds, embeddings and the LM head are ignored: they
   are linear in ``n`` and well under 1 % of a 7B layer.
+* A gated attention output (Qwen3.5's ``attn_output_gate``) doubles the q projection (query + gate).
+* **Linear-attention layers** (Qwen3.5's Gated DeltaNet, ``layer_types == "linear_attention"``), with
+  ``Hk`` key heads of ``dk``, ``Hv`` value heads of ``dv`` and a ``K``-tap conv, per token:
+  projections ``d·(2·Hk·dk + Hv·dv)`` (q, k, v), ``d·Hv·dv`` (output gate z), ``2·d·Hv`` (β and the
+  decay ``a``), the depthwise causal conv ``(2·Hk·dk + Hv·dv)·K``, the delta-rule state update on a
+  ``dk × dv`` state per value head, ``3·Hv·dk·dv`` (read ``kᵀS``, the rank-one write ``k ⊗ β(v − kᵀS)``,
+  the output ``qᵀS``; the state's decay is elementwise and ignored like the norms), the output
+  projection ``Hv·dv·d`` and the same gated MLP. No term grows with ``n²``: pruning before such a
+  layer saves its compute linearly, and it holds no per-token KV. This is the recurrent form's
+  count; the chunked kernel HF runs at prefill does the same products regrouped into chunks.
 
 Visual-token counts in schedules are given for a reference count ``v_ref`` (the recipe is a ratio);
 a sample with ``n_visual`` visual tokens keeps ``round_half_up(k · n_visual / v_ref)`` of them
@@ -20,14 +30,19 @@ the visual-token-only fraction (:func:`visual_token_fraction`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+LAYER_KINDS = ("full_attention", "linear_attention")
+"""Decoder layer kinds the FLOPs model counts (sliding-window layers are counted as full attention)."""
+
 __all__ = [
     "LMShape",
+    "LAYER_KINDS",
     "layer_flops",
+    "stack_flops",
     "prefill_flops",
     "scale_counts",
     "cost_table",
@@ -66,6 +81,15 @@ class LMShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    layer_kinds: tuple = field(default=(), repr=False)
+    """Each layer's kind (``"full_attention"`` or ``"linear_attention"``); empty: all full attention."""
+    gated_attention: bool = field(default=False, repr=False)
+    """A gated attention output: the q projection also produces the gate (width ``2·h·hd``)."""
+    linear_key_heads: int = field(default=0, repr=False)
+    linear_value_heads: int = field(default=0, repr=False)
+    linear_key_dim: int = field(default=0, repr=False)
+    linear_value_dim: int = field(default=0, repr=False)
+    linear_conv_kernel: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden", "intermediate", "num_heads", "num_kv_heads", "head_dim"):
@@ -73,6 +97,19 @@ class LMShape:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"LMShape.{name}={value!r} is invalid; it must be a positive integer")
             object.__setattr__(self, name, int(value))
+        kinds = tuple(str(k) for k in self.layer_kinds)
+        unknown = sorted(set(kinds) - set(LAYER_KINDS))
+        if unknown or (kinds and len(kinds) != self.num_layers):
+            raise ValueError(f"LMShape.layer_kinds must hold one of {', '.join(LAYER_KINDS)} per layer ({self.num_layers}), got {kinds!r}")
+        object.__setattr__(self, "layer_kinds", kinds)
+        linear = ("linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim", "linear_conv_kernel")
+        for name in linear:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"LMShape.{name}={value!r} is invalid; it must be a non-negative integer")
+            object.__setattr__(self, name, int(value))
+        if "linear_attention" in kinds and min(getattr(self, n) for n in linear) < 1:
+            raise ValueError("LMShape has linear_attention layers but no linear-attention sizes; set " + ", ".join(linear))
 
     @classmethod
     def from_config(cls, text_config: Any) -> "LMShape":
@@ -110,6 +147,9 @@ class LMShape:
         kv = getattr(text_config, "num_key_value_heads", None)
         head_dim = getattr(text_config, "head_dim", None)
         hidden = int(text_config.hidden_size)
+        kinds = tuple(getattr(text_config, "layer_types", None) or ())
+        hybrid = "linear_attention" in kinds
+        linear = lambda name: int(getattr(text_config, name, 0) or 0) if hybrid else 0  # noqa: E731
         return cls(
             num_layers=int(text_config.num_hidden_layers),
             hidden=hidden,
@@ -117,19 +157,57 @@ class LMShape:
             num_heads=heads,
             num_kv_heads=int(kv) if kv is not None else heads,
             head_dim=int(head_dim) if head_dim is not None else hidden // heads,
+            layer_kinds=kinds if hybrid else (),  # sliding windows are counted as full attention
+            gated_attention=bool(getattr(text_config, "attn_output_gate", False)) and hybrid,
+            linear_key_heads=linear("linear_num_key_heads"),
+            linear_value_heads=linear("linear_num_value_heads"),
+            linear_key_dim=linear("linear_key_head_dim"),
+            linear_value_dim=linear("linear_value_head_dim"),
+            linear_conv_kernel=linear("linear_conv_kernel_dim"),
         )
 
     @property
     def projection_macs_per_token(self) -> int:
         """Multiply-adds per token of the q/k/v/o projections and the gated MLP of one layer."""
         d, qd, kvd = self.hidden, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return d * qd + 2 * d * kvd + qd * d + 3 * d * self.intermediate
+        q_width = 2 * qd if self.gated_attention else qd
+        return d * q_width + 2 * d * kvd + qd * d + 3 * d * self.intermediate
+
+    @property
+    def linear_macs_per_token(self) -> int:
+        """Multiply-adds per token of one linear-attention (Gated DeltaNet) layer, its MLP included.
+
+        ``d·(2·Hk·dk + Hv·dv) + d·Hv·dv + 2·d·Hv + (2·Hk·dk + Hv·dv)·K + 3·Hv·dk·dv + Hv·dv·d + 3·d·m``
+        (see the module docstring).
+        """
+        d, m = self.hidden, self.intermediate
+        hk, hv, dk, dv, k = (self.linear_key_heads, self.linear_value_heads, self.linear_key_dim,
+                             self.linear_value_dim, self.linear_conv_kernel)
+        conv = 2 * hk * dk + hv * dv
+        return d * conv + d * hv * dv + 2 * d * hv + conv * k + 3 * hv * dk * dv + hv * dv * d + 3 * d * m
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Each layer's kind (all ``"full_attention"`` when :attr:`layer_kinds` is empty)."""
+        return self.layer_kinds or ("full_attention",) * self.num_layers
 
     def _coefficients(self) -> tuple[float, float]:
-        """``(a, b)`` with ``layer_flops(n) = a·n + b·n²`` (FLOPs, float64)."""
+        """``(a, b)`` with ``layer_flops(n) = a·n + b·n²`` for a full-attention layer (FLOPs, float64)."""
         qd = self.num_heads * self.head_dim
         # 2 FLOPs/MAC × (projections·n + 2 matmuls × qd·n(n+1)/2)
         return 2.0 * (self.projection_macs_per_token + qd), 2.0 * qd
+
+    def layer_coefficients(self) -> tuple[np.ndarray, np.ndarray]:
+        """float64 ``[num_layers]`` each, ``(a, b)``: layer ``l`` costs ``a[l]·n + b[l]·n²`` FLOPs on ``n`` tokens.
+
+        Example:
+            >>> LMShape(2, 2, 3, 1, 1, 2).layer_coefficients()[1].tolist()
+            [4.0, 4.0]
+        """
+        full_a, full_b = self._coefficients()
+        linear = np.array([kind == "linear_attention" for kind in self.kinds])
+        a = np.where(linear, 2.0 * self.linear_macs_per_token, full_a) if linear.any() else np.full(self.num_layers, full_a)
+        return a.astype(np.float64), np.where(linear, 0.0, full_b).astype(np.float64)
 
 
 def _as_counts(values: Any, name: str) -> np.ndarray:
@@ -145,7 +223,9 @@ def _as_counts(values: Any, name: str) -> np.ndarray:
 
 
 def layer_flops(shape: LMShape, n_tokens: Any) -> np.ndarray | float:
-    """Exact prefill FLOPs of one decoder layer processing ``n_tokens`` tokens.
+    """Exact prefill FLOPs of one full-attention decoder layer processing ``n_tokens`` tokens.
+
+    For a stack with layers of other kinds use :func:`stack_flops` (each layer by its kind).
 
     Args:
         shape: the model sizes.
@@ -169,6 +249,31 @@ def layer_flops(shape: LMShape, n_tokens: Any) -> np.ndarray | float:
     return float(out) if out.ndim == 0 else out
 
 
+def stack_flops(shape: LMShape, tokens_per_layer: Any) -> np.ndarray:
+    """FLOPs of each layer of the stack on the tokens entering it, each layer by its own kind.
+
+    Args:
+        shape: the model sizes.
+        tokens_per_layer: token counts ``[..., num_layers]`` (the last axis is the layer).
+
+    Returns:
+        float64 of the same shape.
+
+    Example:
+        >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> stack_flops(s, [1, 1]).tolist()
+        [76.0, 76.0]
+    """
+    n = np.asarray(tokens_per_layer)
+    if n.dtype.kind == "b" or n.dtype.kind not in "iuf" or np.any(n < 0) or not np.all(np.isfinite(n)):
+        raise ValueError(f"tokens_per_layer must be non-negative finite numbers, got {tokens_per_layer!r}")
+    if n.ndim == 0 or n.shape[-1] != shape.num_layers:
+        raise ValueError(f"tokens_per_layer has shape {n.shape}; its last axis needs one count per layer ({shape.num_layers})")
+    n = n.astype(np.float64)
+    a, b = shape.layer_coefficients()
+    return a * n + b * n * n
+
+
 def prefill_flops(shape: LMShape, tokens_entering_each_layer: Any) -> float:
     """Prefill FLOPs of the whole decoder stack for one prompt.
 
@@ -189,7 +294,7 @@ def prefill_flops(shape: LMShape, tokens_entering_each_layer: Any) -> float:
         raise ValueError(
             f"tokens_entering_each_layer has shape {tokens.shape}; it needs one count per layer ({shape.num_layers},)"
         )
-    return float(np.sum(layer_flops(shape, tokens)))
+    return float(np.sum(stack_flops(shape, tokens)))
 
 
 def scale_counts(k: Any, n_visual: Any, v_ref: int) -> np.ndarray:
@@ -242,9 +347,8 @@ def cost_table(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int) -> np.nd
 
     Returns:
         float64 ``[num_layers, v_ref + 1]``: entry ``[l, k]`` is the mean over samples of
-        ``layer_flops(n_other[s] + scale_counts(k, n_visual[s], v_ref))``. Every row is the same
-        (a layer's cost does not depend on its index); the table keeps one row per layer so that
-        searches can index it like a divergence table.
+        the layer's FLOPs on ``n_other[s] + scale_counts(k, n_visual[s], v_ref)`` tokens. Rows of
+        layers of one kind are the same; a linear-attention layer's row is linear in ``k``.
 
     Example:
         >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
@@ -254,8 +358,9 @@ def cost_table(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int) -> np.nd
     v_ref = _check_v_ref(v_ref)
     other, visual = _check_samples(n_other, n_visual)
     ks = scale_counts(np.arange(v_ref + 1)[None, :], visual[:, None], v_ref)  # [S, v_ref+1]
-    row = np.mean(layer_flops(shape, other[:, None] + ks), axis=0)
-    return np.tile(row, (shape.num_layers, 1))
+    n = (other[:, None] + ks).astype(np.float64)
+    a, b = shape.layer_coefficients()
+    return a[:, None] * np.mean(n, axis=0)[None, :] + b[:, None] * np.mean(n * n, axis=0)[None, :]
 
 
 def _check_keep(keep_counts: Any, shape: LMShape, v_ref: int) -> np.ndarray:
@@ -269,7 +374,7 @@ def _check_keep(keep_counts: Any, shape: LMShape, v_ref: int) -> np.ndarray:
 
 def _schedule_mean_flops(shape: LMShape, other: np.ndarray, visual: np.ndarray, keep: np.ndarray, v_ref: int) -> float:
     ks = scale_counts(keep[None, :], visual[:, None], v_ref)  # [S, L]
-    per_sample = np.sum(layer_flops(shape, other[:, None] + ks), axis=1)
+    per_sample = np.sum(stack_flops(shape, other[:, None] + ks), axis=1)
     return float(np.mean(per_sample))
 
 
@@ -384,14 +489,14 @@ def visual_token_equivalent(
     keep = _check_keep(keep_counts, shape, v_ref)
     scaled = visual if n_survivors is None else _check_samples(n_other, n_survivors)[1]
     target = _schedule_mean_flops(shape, other, scaled, keep, v_ref)
-    a, b = shape._coefficients()
-    L = float(shape.num_layers)
+    layer_a, layer_b = shape.layer_coefficients()
+    a, b = float(np.sum(layer_a)), float(np.sum(layer_b))  # a constant count: the stack's coefficients add up
     o = other.astype(np.float64)
     r = visual.astype(np.float64) / v_ref
-    # mean_s L·[a(o + c r) + b(o + c r)²] = target  →  A c² + B c + C = 0, with C <= 0, B >= 0
-    A = L * b * float(np.mean(r * r))
-    B = L * (a * float(np.mean(r)) + 2.0 * b * float(np.mean(o * r)))
-    C = L * float(np.mean(a * o + b * o * o)) - target
+    # mean_s [a(o + c r) + b(o + c r)²] = target  →  A c² + B c + C = 0, with C <= 0, B >= 0
+    A = b * float(np.mean(r * r))
+    B = a * float(np.mean(r)) + 2.0 * b * float(np.mean(o * r))
+    C = float(np.mean(a * o + b * o * o)) - target
     if C >= 0.0 or (A == 0.0 and B == 0.0):
         return 0.0
     disc = max(B * B - 4.0 * A * C, 0.0)
@@ -591,10 +696,10 @@ def visual_token_fraction(shape: LMShape, visual_per_layer: Any, n_visual: Any) 
         raise ValueError(f"visual_per_layer has shape {visual.shape}; it needs [samples, num_layers] = [{full.size}, {shape.num_layers}]")
     if np.any(visual > full[:, None]):
         raise ValueError("visual_per_layer exceeds n_visual: counts after pruning cannot grow")
-    unpruned = float(np.mean(layer_flops(shape, full))) * shape.num_layers
+    unpruned = float(np.mean(np.sum(stack_flops(shape, np.repeat(full[:, None], shape.num_layers, axis=1)), axis=1)))
     if unpruned == 0.0:
         return 1.0
-    return float(np.mean(np.sum(layer_flops(shape, visual), axis=1))) / unpruned
+    return float(np.mean(np.sum(stack_flops(shape, visual), axis=1))) / unpruned
 
 
 def format_flops(value: float) -> str:

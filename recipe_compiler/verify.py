@@ -23,7 +23,7 @@ from .calibration import CalibrationSet
 from .collect import model_inputs
 from .distributed import SINGLE, Sharding, batches_of
 from .families import family_of, vision_shape
-from .flops import LMShape, layer_flops, visual_token_fraction
+from .flops import LMShape, stack_flops, visual_token_fraction
 from .statistics import Statistics
 
 
@@ -141,8 +141,8 @@ def verify_recipe(
         log_p = torch.log_softmax(full_logits, dim=-1)
         log_q = torch.log_softmax(pruned_logits, dim=-1)
         mine.append((index, (
-            layer_flops(shape, tokens).sum(axis=1) + probe,
-            layer_flops(shape, real_tokens) * shape.num_layers,
+            stack_flops(shape, tokens).sum(axis=1) + probe,
+            stack_flops(shape, np.repeat(np.asarray(real_tokens, dtype=np.float64)[:, None], shape.num_layers, axis=1)).sum(axis=1),
             visual,
             (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0).cpu().numpy(),
             (full_logits.argmax(-1) == pruned_logits.argmax(-1)).cpu().numpy(),

@@ -63,4 +63,9 @@ def test_language_model_linear_flops_equal_the_flop_counter(case: FamilyCase):
     counts = counter.get_flop_counts()["Global"]
     linear = sum(v for op, v in counts.items() if str(op).split(".")[1] in ("mm", "addmm"))
     attention = 2 * shape.num_heads * shape.head_dim * n * (n + 1)  # the causal score + value terms of layer_flops
-    assert linear == shape.num_layers * (layer_flops(shape, n) - attention)
+    # A linear-attention layer's matrix products by its weights: all its terms but the conv and the state update.
+    conv = (2 * shape.linear_key_heads * shape.linear_key_dim + shape.linear_value_heads * shape.linear_value_dim) * shape.linear_conv_kernel
+    state = 3 * shape.linear_value_heads * shape.linear_key_dim * shape.linear_value_dim
+    per_layer = [layer_flops(shape, n) - attention if kind == "full_attention" else 2 * n * (shape.linear_macs_per_token - conv - state)
+                 for kind in shape.kinds]
+    assert linear == sum(per_layer)

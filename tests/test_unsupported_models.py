@@ -1,7 +1,7 @@
 """A model the runtime cannot prune is refused at ``apply()`` with a typed error, never inside ``generate``.
 
-Gemma 3 (sliding and global attention layers) and Qwen3.5 (linear and full attention layers) are
-in transformers 5.23 but not yet families of ours; tiny random models built from their own config
+Gemma 3 (sliding and global attention layers) is in transformers 5.23 but not yet a family of ours
+(Qwen3.5, linear and full attention layers, is one since issue 15: its test here checks it is accepted); tiny random models built from their own config
 classes must be refused with :class:`runtime.errors.UnsupportedModelError` (a
 ``RecipeMismatchError``) naming the model type and what is supported, with nothing installed.
 Their layers differ in kind, which the pruner does not handle: even once a family registers them
@@ -52,7 +52,21 @@ def _qwen3_5():
     return Qwen3_5ForConditionalGeneration(config).eval()
 
 
-MODELS = {"gemma3": (_gemma3, "sliding_attention"), "qwen3_5": (_qwen3_5, "linear_attention")}
+MODELS = {"gemma3": (_gemma3, "sliding_attention")}
+
+
+def test_qwen3_5_is_supported_now_and_a_cut_after_a_linear_layer_is_refused(tiny):
+    """Qwen3.5 (issue 15) is a family: its mixed layers are accepted; only probes on linear layers are refused."""
+    model = _qwen3_5()
+    assert set(model.config.text_config.layer_types) == {"linear_attention", "full_attention"}
+    fingerprint = model_fingerprint(model)
+    with Recipe.keep_all(fingerprint).apply(model):
+        pass
+    counts = [fingerprint["visual_tokens"]] + [1] * (fingerprint["num_layers"] - 1)
+    before = _hooks(model)
+    with pytest.raises(RecipeMismatchError, match="linear_attention layer with no attention rows"):
+        Recipe(keep_count=counts, scorer="fitprune", fingerprint=fingerprint).apply(model)
+    assert _hooks(model) == before
 
 
 def _hooks(model) -> int:

@@ -138,6 +138,38 @@ def paired(baseline, candidate, setup, teardown, repeats: int, device: str = "cp
     return summary(a), summary(b)
 
 
+def rotated(candidates: dict, repeats: int, device: str = "cpu") -> dict:
+    """Time several candidates in rotation (A, B, C, A, B, C, …) so drift and load hit all alike.
+
+    ``candidates`` maps a name to ``(fn, context)``: ``context()`` returns a context manager
+    entered around each call, outside the timed region (applying a recipe, swapping in the oracle).
+    One untimed warm-up call each. Returns the name -> summary as :func:`timed` does.
+    """
+    def once(fn, context) -> float:
+        with context():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return (time.perf_counter() - start) * 1000
+
+    for fn, context in candidates.values():
+        once(fn, context)
+    samples: dict = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, (fn, context) in candidates.items():
+            samples[name].append(once(fn, context))
+    return {name: {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "repeats": repeats}
+            for name, xs in samples.items()}
+
+
+def load_average() -> list[float]:
+    """The 1/5/15-minute load averages (a shared machine's timings are only as steady as its load)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def prepare(model_name: str, samples: int, batch: int, device: str, dtype: str):
     """What every runtime bench starts from: a random model of ``model_name``, ``samples``
     calibration samples and their statistics, and ``batch`` held-out prompts as model inputs."""

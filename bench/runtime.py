@@ -1,31 +1,43 @@
-"""Runtime at budgets 1.0 / 0.45 / 0.25: prefill time, decode time per token, KV bytes, and the
-runtime's own overhead (scoring probes, top-k + gather, mask rebuild) as a share of prefill.
+"""Runtime at budgets 1.0 / 0.45 / 0.25: prefill time against an oracle, decode time per token,
+KV bytes, and the runtime's own overhead (scoring probes, top-k + gather, mask rebuild).
 
 For each budget a recipe is compiled (optimal search, fitprune scorer) on a few calibration
-samples. Then, on one held-out prompt (batch ``--batch``):
+samples. Then, on held-out prompts (batch ``--batch``):
 
-* prefill: unpruned and pruned ``use_cache=True`` forwards timed alternately (medians); the
-  language-model speed-up subtracts the (unpruned) vision-encoder time; the ideal is
-  ``1 / flops_fraction`` (≈ ``1 / budget``);
+* prefill: unpruned, pruned and **oracle** ``use_cache=True`` forwards timed in rotation
+  (medians). The oracle (:mod:`oracle`) runs the stock decoder layers directly on exactly the
+  tokens the pruned run kept at each layer: keep sets taken from one pruned run, gathers done
+  once per pruning layer with precomputed indices, each layer's mask / rotary tables / positions
+  precomputed, no probes, no hooks: the best any runtime could do with this schedule here.
+  ``pruned_speed_vs_oracle`` = oracle / pruned time (1.0: no runtime cost at all);
+  ``oracle_speedup`` = unpruned / oracle time (what the hardware gives for the smaller
+  matrices); their product is the pruned speed-up. ``pruned_speed_vs_oracle_plus_probes`` adds
+  the measured probe time to the oracle: the probes are compute the schedule itself pays
+  (attention rows recomputed for scoring), not runtime overhead. The oracle's logits and cache
+  lengths are checked equal to the pruned run's (``oracle_max_abs_logit_diff``);
 * decode: ``generate`` of ``1`` and ``1 + --decode-tokens`` tokens (``min_new_tokens`` forces the
-  length), alternately unpruned and pruned; per token = difference / ``--decode-tokens``;
+  length), alternately unpruned and pruned; per token = difference / ``--decode-tokens``
+  (``--decode-tokens 0`` skips it; ``bench/decode.py`` measures a KV-dominated shape);
 * KV bytes of the prefill's cache;
 * overhead: the handle's probes (attention-row sums for scoring), ``_prune`` (top-k selection and
   the gathers of hidden states, cos/sin, positions) and ``_rebuild_mask`` are wrapped with timers
   during extra pruned prefills; their total over the pruned prefill's wall time.
 
     python bench/runtime.py --out bench/results/runtime-mid-cpu.json     # mid-size random LLaVA
+    python bench/runtime.py --model mid-qwen2-vl --out bench/results/runtime-mid-qwen2-vl-cpu.json
 """
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import inspect
 import statistics as stats
 import time
 
 import torch
 
-from common import emit, machine, paired, prepare, timed
+from common import emit, load_average, machine, paired, prepare, rotated, timed
+from oracle import capture_schedule, oracle_language_model
 
 from recipe_compiler.compile import CompileConfig, compile_recipe
 from recipe_compiler.evaluate import kv_bytes
@@ -67,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_avg_start = os.getloadavg()
+    load_avg_start = load_average()
 
     loaded, calibration, statistics, inputs = prepare(args.model, args.samples, args.batch, args.device, args.dtype)
     model = loaded.model
@@ -82,9 +94,12 @@ def main() -> None:
                 model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return run
 
-    def vision():
+    image_features = model.model.get_image_features
+    vision_inputs = {k: v for k, v in inputs.items() if k in inspect.signature(image_features).parameters}
+
+    def vision():  # the family's own feature path (image_sizes for NeXT, image_grid_thw for Qwen)
         with torch.no_grad():
-            model.model.get_image_features(pixel_values=inputs["pixel_values"])
+            image_features(**vision_inputs)
 
     vision_ms = timed(vision, args.repeats, device=args.device)["median_ms"]
     unpruned_kv = kv_bytes(prefill().past_key_values)
@@ -95,11 +110,37 @@ def main() -> None:
         recipe, fraction = compiled.recipe, compiled.verification.flops_fraction
         handles = []
         apply, remove = (lambda: handles.append(recipe.apply(model))), (lambda: handles.pop().remove())
-        base_pf, pruned_pf = paired(prefill, prefill, apply, remove, args.repeats, device=args.device)
-        base_g1, pruned_g1 = paired(generate(1), generate(1), apply, remove, max(3, args.repeats // 2), device=args.device)
-        base_gn, pruned_gn = paired(generate(1 + d), generate(1 + d), apply, remove, max(3, args.repeats // 2), device=args.device)
-        decode_unpruned = (base_gn["median_ms"] - base_g1["median_ms"]) / d
-        decode_pruned = (pruned_gn["median_ms"] - pruned_g1["median_ms"]) / d
+        row = {"budget": budget, "flops_fraction": round(fraction, 6), "keep_count": recipe.keep_count.tolist()}
+        if recipe.pruning_layers:
+            schedule, pruned_out = capture_schedule(model, recipe, inputs)
+            with oracle_language_model(model, schedule), torch.no_grad():
+                oracle_out = model(**inputs, use_cache=True, logits_to_keep=1)
+            lengths = lambda out: [layer.keys.shape[2] for layer in out.past_key_values.layers]  # noqa: E731
+            if lengths(oracle_out) != lengths(pruned_out):
+                raise RuntimeError(f"oracle cache lengths {lengths(oracle_out)} differ from the pruned run's {lengths(pruned_out)}")
+            row["oracle_max_abs_logit_diff"] = float((oracle_out.logits - pruned_out.logits).abs().max())
+            row["tokens_per_layer"] = schedule.tokens_per_layer
+            timings = rotated({
+                "unpruned": (prefill, contextlib.nullcontext),
+                "pruned": (prefill, lambda: recipe.apply(model)),
+                "oracle": (prefill, lambda: oracle_language_model(model, schedule)),
+            }, args.repeats, device=args.device)
+        else:
+            timings = rotated({"unpruned": (prefill, contextlib.nullcontext),
+                               "pruned": (prefill, lambda: recipe.apply(model))}, args.repeats, device=args.device)
+        base_pf, pruned_pf = timings["unpruned"], timings["pruned"]
+        if d:
+            base_g1, pruned_g1 = paired(generate(1), generate(1), apply, remove, max(3, args.repeats // 2), device=args.device)
+            base_gn, pruned_gn = paired(generate(1 + d), generate(1 + d), apply, remove, max(3, args.repeats // 2), device=args.device)
+            decode_unpruned = (base_gn["median_ms"] - base_g1["median_ms"]) / d
+            decode_pruned = (pruned_gn["median_ms"] - pruned_g1["median_ms"]) / d
+            row.update({
+                "decode_ms_per_token": round(decode_pruned, 3),
+                "unpruned_decode_ms_per_token": round(decode_unpruned, 3),
+                "decode_speedup": round(decode_unpruned / decode_pruned, 3),
+                "decode_ms_per_token_from_min": [round((base_gn["min_ms"] - base_g1["min_ms"]) / d, 3), round((pruned_gn["min_ms"] - pruned_g1["min_ms"]) / d, 3)],
+                "decode_speedup_vs_ideal": round(decode_unpruned / decode_pruned * budget, 3),
+            })
 
         with recipe.apply(model) as handle:
             pruned_kv = kv_bytes(prefill().past_key_values)
@@ -116,10 +157,8 @@ def main() -> None:
         overhead_ms = sum(overhead.values())
         wall_ms = stats.mean(walls) * 1000
         lm_unpruned, lm_pruned = base_pf["median_ms"] - vision_ms, pruned_pf["median_ms"] - vision_ms
-        results.append({
-            "budget": budget,
-            "flops_fraction": round(fraction, 6),
-            "keep_count": recipe.keep_count.tolist(),
+        lm_unpruned, lm_pruned = base_pf["median_ms"] - vision_ms, pruned_pf["median_ms"] - vision_ms
+        row.update({
             "prefill_ms": round(pruned_pf["median_ms"], 2),
             "unpruned_prefill_ms": round(base_pf["median_ms"], 2),
             "prefill_speedup": round(base_pf["median_ms"] / pruned_pf["median_ms"], 3),
@@ -129,11 +168,6 @@ def main() -> None:
             "ideal_speedup": round(1 / fraction, 3),
             "ideal_speedup_from_budget": round(1 / budget, 3),
             "lm_prefill_speedup_vs_ideal": round(lm_unpruned / lm_pruned * fraction, 3),
-            "decode_ms_per_token": round(decode_pruned, 3),
-            "unpruned_decode_ms_per_token": round(decode_unpruned, 3),
-            "decode_speedup": round(decode_unpruned / decode_pruned, 3),
-            "decode_ms_per_token_from_min": [round((base_gn["min_ms"] - base_g1["min_ms"]) / d, 3), round((pruned_gn["min_ms"] - pruned_g1["min_ms"]) / d, 3)],
-            "decode_speedup_vs_ideal": round(decode_unpruned / decode_pruned * budget, 3),
             "kv_bytes": pruned_kv,
             "kv_fraction": round(pruned_kv / unpruned_kv, 4),
             "kv_fraction_vs_budget": round(pruned_kv / unpruned_kv / budget, 3),
@@ -141,11 +175,27 @@ def main() -> None:
             "overhead_share_of_pruned_prefill": round(overhead_ms / wall_ms, 4) if recipe.pruning_layers else 0.0,
             "instrumented_prefill_ms": round(wall_ms, 2),
         })
+        if "oracle" in timings:
+            oracle_pf = timings["oracle"]
+            lm_oracle = oracle_pf["median_ms"] - vision_ms
+            probe_ms = overhead["scoring_probe_ms"]
+            row.update({
+                "oracle_prefill_ms": round(oracle_pf["median_ms"], 2),
+                "oracle_prefill_ms_min": round(oracle_pf["min_ms"], 2),
+                "pruned_speed_vs_oracle": round(oracle_pf["median_ms"] / pruned_pf["median_ms"], 4),
+                "pruned_speed_vs_oracle_from_min": round(oracle_pf["min_ms"] / pruned_pf["min_ms"], 4),
+                "pruned_speed_vs_oracle_plus_probes": round((oracle_pf["median_ms"] + probe_ms) / pruned_pf["median_ms"], 4),
+                "oracle_speedup": round(base_pf["median_ms"] / oracle_pf["median_ms"], 3),
+                "lm_pruned_speed_vs_oracle": round(lm_oracle / lm_pruned, 4),
+                "lm_oracle_speedup": round(lm_unpruned / lm_oracle, 3),
+                "lm_oracle_speedup_vs_ideal": round(lm_unpruned / lm_oracle * fraction, 3),
+            })
+        results.append(row)
         print(results[-1], flush=True)
     emit({
         "bench": "runtime",
         "machine": machine(),
-        "load_average_start_end": [round(x, 2) for x in load_avg_start + os.getloadavg()],
+        "load_average_start_end": load_avg_start + load_average(),
         "model": {"name": args.model, "layers": model.config.text_config.num_hidden_layers,
                   "hidden": model.config.text_config.hidden_size, "visual_tokens": statistics.max_visual,
                   "random_weights": True, "dtype": args.dtype, "device": args.device},
@@ -155,7 +205,7 @@ def main() -> None:
         "decode_tokens": d,
         "unpruned": {"kv_bytes": unpruned_kv, "vision_encoder_ms": round(vision_ms, 2)},
         "results": results,
-        "notes": "medians of alternating unpruned/pruned runs; lm_* subtract the unpruned vision-encoder time; ideal_speedup = 1/flops_fraction "
+        "notes": "prefill: medians of unpruned/pruned/oracle runs in rotation; pruned_speed_vs_oracle = oracle/pruned time, oracle_speedup = unpruned/oracle time; pruned_speed_vs_oracle_plus_probes adds the measured probe time to the oracle's; lm_* subtract the unpruned vision-encoder time; ideal_speedup = 1/flops_fraction "
                  "(flops_fraction is measured on the calibration prompts); decode per token = (t(1+n) - t(1)) / n with min_new_tokens forcing n; "
                  "overhead = time inside the runtime's probes, _prune and _rebuild_mask per pruned prefill (mean), over the instrumented prefill wall time.",
     }, args.out)

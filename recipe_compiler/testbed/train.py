@@ -20,8 +20,9 @@ Measured (run of 2026-12-02, log in ``bench/results/testbed-train-2stage-log.jso
 not beat the single-stage one (43.1 % vs 42.6 % held-out). Its per-head auxiliary accuracies show why:
 only colour (pixel-local) was learned; side, shape and digit stayed at chance even in stage 1. A
 linear probe finds left/right decodable from the encoder input (90 %) but not from its later layers
-(63, 55, 53 %) nor the projector (50 %): the position embedding (RMS 0.21, weight-decayed as a 2-D
-parameter) is drowned by the patch embedding (RMS 3.9). Fix that first.
+(63, 55, 53 %) nor the projector (50 %): the position embedding (RMS 0.21) is drowned by the patch
+embedding (RMS 3.9). Exempting embedding tables from weight decay did not lift side above chance in a
+5-minute stage-1 pilot (244 steps), so the cause is open; fix it before training longer.
 
 Runs on one thread. Checkpoints (``ckpt.pt``, resumable with ``--resume``; ``best.pt`` by held-out
 accuracy) and ``log.jsonl`` (loss, projector RMS, held-out accuracy with and without the image, per

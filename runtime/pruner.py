@@ -208,7 +208,8 @@ class _Request:
     prompt_len: int
     roles: Roles
     kept: dict = field(default_factory=dict)  # pruning layer -> (prompt index, valid), both (B, L')
-    carry: dict = field(default_factory=dict)  # kwargs that later layers must receive
+    carry: dict = field(default_factory=dict)  # kwargs that later layers must receive, whatever their kind
+    kind_carry: dict = field(default_factory=dict)  # layer kind -> kwargs its layers must receive (mask, (cos, sin))
     tokens_per_layer: list = field(default_factory=list)  # (B,) real tokens entering each layer
     visual_per_layer: list = field(default_factory=list)  # (B,) visual tokens entering each layer
     kept_visual: dict = field(default_factory=dict)  # layer -> (prompt index, kept-visual mask), (B, L)
@@ -254,6 +255,7 @@ class PruningHandle:
         self.language_model = self.family.language_model(model)
         self.layers = self.family.layers(model)
         self.image_token_id = self.family.image_token_id(model)
+        self.kinds = [self.family.layer_kind(model, index) for index in range(len(self.layers))]
         self._hooks: list = []
         self._policy_hooks: list = []
         self._probed: list = []
@@ -290,10 +292,34 @@ class PruningHandle:
         for index in range(first, len(self.layers)):
             hook = self._make_layer_hook(index)
             self._hooks.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        rotary = getattr(self.language_model, "rotary_emb", None)
+        if isinstance(rotary, torch.nn.Module):
+            self._hooks.append(rotary.register_forward_hook(self._on_rotary, with_kwargs=True))
         for index in self.policy.probe_layers:
-            module = self.layers[index].self_attn
+            module = self.family.attention_module(self.model, index)
+            if module is None:
+                self.remove()
+                raise PruningUnsupportedError(
+                    f"layer {index} is a {self.kinds[index]} layer with no attention to probe; a scoring probe "
+                    "(the layer before each pruning layer) must sit on an attention layer: compile the recipe for this model"
+                )
             attention.set_probe(module, self._make_probe(index))
             self._probed.append(module)
+
+    def _on_rotary(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # The unpruned (cos, sin) of each layer kind, which a pruning layer gathers for the later
+        # layers of every kind (Gemma 3: local and global RoPE; one call without a kind elsewhere).
+        kind = kwargs.get("layer_type", args[2] if len(args) > 2 else None)
+        self._forward.setdefault("rope", {})[kind] = output
+
+    def _segment_kinds(self, layer: int) -> dict:
+        """Kind -> the first layer of that kind in ``[layer, next pruning layer)``."""
+        later = [p for p in self.policy.pruning_layers if p > layer]
+        end = min(later, default=len(self.layers))
+        first: dict = {}
+        for index in range(layer, end):
+            first.setdefault(self.kinds[index], index)
+        return first
 
     def _pruned_sequence(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(prompt index, valid)`` of the prefill in flight once a layer pruned it, else ``None``
@@ -396,7 +422,8 @@ class PruningHandle:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed it "cache"
         ids, self._input_ids = self._input_ids, None
         base_kwargs, self._base_kwargs = self._base_kwargs, {}
-        self._forward = {"mask": mask, "cache": cache}
+        mask = self.family.padding_mask(mask, base_kwargs)
+        self._forward = {"mask": mask, "cache": cache, "base_kwargs": base_kwargs, "rope": {}}
         if embeds is None:
             return
         if cache is not None and cache.get_seq_length() > 0:
@@ -405,6 +432,7 @@ class PruningHandle:
                 self._on_continuation(ids, embeds)
             if self._request is not None:
                 self._request.carry = {}  # decode rows keep their own positions; only masks change
+                self._request.kind_carry = {}
             return
         self._forward["prefill"] = True
         self._request = None
@@ -416,7 +444,7 @@ class PruningHandle:
                 f"a {type(cache).__name__} has fixed-size layers that cannot hold the shorter sequences of "
                 "pruned layers (use the default dynamic cache to prune)"
             )
-        if mask is not None and mask.dim() != 2:
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             return self._say_once("a pre-built 4D attention mask is not supported")
         visual = self.family.prunable_visual_tokens(self.model, ids, base_kwargs)
         if not bool(visual.any()):
@@ -475,6 +503,7 @@ class PruningHandle:
         return probe
 
     def _make_layer_hook(self, layer: int):
+        kind = self.kinds[layer]
         is_pruning = layer in set(self.policy.pruning_layers)
         is_input = layer in set(self.policy.input_layers)
         before_pruning = layer < min(self.policy.pruning_layers, default=len(self.layers))
@@ -498,10 +527,13 @@ class PruningHandle:
                         self._request = None
                         self._say_once(str(exc))
                         return None
-                request.carry["attention_mask"] = self._rebuild_mask(layer, request, hidden)
+                for other, first in self._segment_kinds(layer).items():
+                    masks = request.kind_carry.setdefault(other, {})
+                    masks["attention_mask"] = self._rebuild_mask(layer, first, other, request, hidden)
             elif self._forward["prefill"]:
                 self._count(request)
             kwargs.update(request.carry)
+            kwargs.update(request.kind_carry.get(kind, {}))
             if args:
                 return (hidden,) + tuple(args[1:]), kwargs
             kwargs["hidden_states"] = hidden
@@ -543,9 +575,17 @@ class PruningHandle:
 
         batch = hidden.shape[0]
         hidden = hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
-        cos, sin = request.carry.get("position_embeddings", kwargs["position_embeddings"])
         gather_rows = lambda t: t.expand(batch, *t.shape[1:]).gather(1, index.to(t.device)[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-        request.carry["position_embeddings"] = (gather_rows(cos), gather_rows(sin))
+        rope = self._forward.get("rope", {})
+        for other in dict.fromkeys(self.kinds[layer:]):
+            current = request.kind_carry.get(other, {}).get("position_embeddings")
+            if current is None and other == self.kinds[layer]:  # not pruned yet: what this layer was given
+                current = kwargs.get("position_embeddings")
+            if current is None:  # another kind's, as the language model computed it
+                current = rope.get(other)
+            if current is not None:
+                cos, sin = current
+                request.kind_carry.setdefault(other, {})["position_embeddings"] = (gather_rows(cos), gather_rows(sin))
         position_ids = request.carry.get("position_ids", kwargs.get("position_ids"))
         if position_ids is not None:
             request.carry["position_ids"] = position_ids.expand(batch, -1).gather(1, index.to(position_ids.device))
@@ -555,31 +595,32 @@ class PruningHandle:
         self.last_request = request
         return hidden
 
-    def _rebuild_mask(self, layer: int, request: _Request, hidden: torch.Tensor) -> Any:
-        from transformers.masking_utils import create_causal_mask
-
+    def _rebuild_mask(self, layer: int, first: int, kind: str, request: _Request, hidden: torch.Tensor) -> Any:
+        """The mask of the ``kind`` layers pruned at ``layer``, sized against their first one, ``first``."""
         mask2d, cache = self._forward["mask"], self._forward["cache"]
         prompt = request.prompt_len
         orig_index, valid = request.kept[layer]
         if mask2d is None:  # no padding anywhere: the prompt part is the dummy mask, new tokens are real
             # Tokens after the prompt, this forward's included, from this layer's own cache (it holds
             # the pruned prompt): layer 0's length is wrong when layer 0 itself prunes (a pre-LLM stage).
-            new = 0 if self._forward["prefill"] else cache.get_seq_length(layer) - valid.shape[1] + hidden.shape[1]
+            new = 0 if self._forward["prefill"] else cache.get_seq_length(first) - valid.shape[1] + hidden.shape[1]
             tail = torch.ones(valid.shape[0], new, dtype=torch.bool, device=valid.device)
             pruned = torch.cat([valid, tail], dim=1)
         else:
             head = mask2d[:, :prompt].bool().gather(1, orig_index.to(mask2d.device)) & valid.to(mask2d.device)
             pruned = torch.cat([head, mask2d[:, prompt:].bool()], dim=1)
-        # The cache goes by position: transformers 5.24 renamed the parameter past_key_values -> cache.
-        return create_causal_mask(self._config, hidden, pruned.to(hidden.device), cache, position_ids=None, layer_idx=layer)
+        return self.family.layer_mask(self.model, kind, self._config, hidden, pruned.to(hidden.device), cache, first,
+                                      orig_index, bool(self._forward["prefill"]), self._forward.get("base_kwargs", {}))
 
 
 def _grows_per_layer(cache: Any) -> bool:
     """Whether every layer of ``cache`` grows by what it is given (a plain DynamicCache).
 
-    Pruned layers store fewer tokens than unpruned ones; fixed-size (static, sliding-window) or
-    quantised layers would misplace them or mask the wrong slots.
+    Pruned layers store fewer tokens than unpruned ones; fixed-size (static) or quantised layers
+    would misplace them or mask the wrong slots. A dynamic sliding-window layer qualifies: it keeps
+    the last ``window − 1`` of what *it* was given and sizes its masks from its own count, exactly as
+    when the model runs on the pruned prompt.
     """
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", ()))
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in getattr(cache, "layers", ()))

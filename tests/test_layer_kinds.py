@@ -4,7 +4,7 @@ A family that declares both kinds (``Family.layer_kinds``) gets, per kind, its o
 (``Family.layer_mask``: sliding-window layers keep their window, counted in slots of the pruned
 sequence), its own gathered ``(cos, sin)`` (Gemma 3's local and global RoPE differ) and its cache
 layers (``DynamicSlidingWindowLayer`` keeps the last ``window − 1`` of what it was given). Checked
-on a tiny random Gemma 3 registered in-test (the product family is issue 15's next step): keep-all is
+on a tiny random Gemma 3 (family ``gemma3``): keep-all is
 bit-identical under generate on a left-padded batch, and a pruned generate equals a no-cache
 recomputation with the same keep sets.
 """
@@ -15,26 +15,15 @@ import pytest
 import torch
 
 from runtime import Recipe
-from runtime.families import FAMILIES, Family
+from runtime.families import FAMILIES
 from test_unsupported_models import _gemma3
 
 IMAGE, BOI, EOI = 299, 297, 298
 
 
-class _Gemma3(Family):
-    layer_kinds = ("full_attention", "sliding_attention")
-
-    def reference_visual_tokens(self, config):
-        return 4
-
-
 @pytest.fixture
 def gemma3():
-    FAMILIES.register("gemma3", _Gemma3())
-    try:
-        yield _gemma3()
-    finally:
-        FAMILIES.unregister("gemma3")
+    return _gemma3()
 
 
 def _inputs():
@@ -92,3 +81,66 @@ def test_pruned_generate_equals_recomputation_and_sliding_caches_keep_their_wind
     steps = extra + 1
     for step in range(steps):
         assert float((logits[:, -steps:][:, step] - output.logits[step]).abs().max()) <= 1e-4
+
+
+def _layer_inputs(model, seen: dict):
+    def hook(module, args, kwargs):
+        seen[module.layer_idx] = (kwargs["attention_mask"], kwargs["position_embeddings"])
+    return [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.language_model.layers]
+
+
+@torch.no_grad()
+def test_masks_and_rope_after_pruning_are_the_models_own_on_the_explicitly_pruned_prompt(gemma3):
+    """Padded batch, pruned on entry to layer 1: every later layer's mask (sliding window and bidirectional
+    kept-image blocks) and (cos, sin) equal what the model builds for the prompt holding only the kept tokens."""
+    inputs = _inputs()
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    recipe = Recipe(keep_count=np.array([4, 3, 3, 3, 3, 3]), scorer="fitprune", fingerprint=FAMILIES["gemma3"].fingerprint(gemma3))
+    pruned: dict = {}
+    with recipe.apply(gemma3) as handle:
+        hooks = _layer_inputs(gemma3, pruned)  # after the recipe's hooks: sees what the layers are given
+        try:
+            gemma3(**inputs, position_ids=positions, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        index, valid = handle.last_request.kept[1]
+    ids = inputs["input_ids"].gather(1, index)
+    explicit = dict(inputs_embeds=gemma3.model.get_input_embeddings()(torch.where(ids == IMAGE, 0, ids)),
+                    attention_mask=inputs["attention_mask"].gather(1, index) * valid, token_type_ids=(ids == IMAGE).long() * valid,
+                    position_ids=positions.gather(1, index), use_cache=False)
+    own: dict = {}
+    hooks = _layer_inputs(gemma3, own)
+    try:
+        gemma3.model(**explicit)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    real = valid[:, :, None] & valid[:, None, :]  # re-padding dummies' own rows/columns are not compared
+    for layer in range(1, len(gemma3.model.language_model.layers)):
+        (mask, (cos, sin)), (want, (want_cos, want_sin)) = pruned[layer], own[layer]
+        assert torch.equal(mask[:, 0] & real, want[:, 0] & real), f"layer {layer}: mask differs"
+        assert torch.equal(cos, want_cos.expand_as(cos)) and torch.equal(sin, want_sin.expand_as(sin)), f"layer {layer}: RoPE differs"
+
+
+@torch.no_grad()
+def test_kept_image_tokens_still_attend_to_each_other_both_ways(gemma3):
+    """Fails if the rebuilt mask is plain causal: an earlier kept image token sees a later one of its image."""
+    inputs = _inputs()
+    recipe = Recipe(keep_count=np.array([4, 3, 3, 3, 3, 3]), scorer="fitprune", fingerprint=FAMILIES["gemma3"].fingerprint(gemma3))
+    seen: dict = {}
+    with recipe.apply(gemma3) as handle:
+        hooks = _layer_inputs(gemma3, seen)
+        try:
+            gemma3(**inputs, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        index, valid = handle.last_request.kept[1]
+    image = (inputs["input_ids"].gather(1, index) == IMAGE) & valid
+    for layer in (1, 5):  # a sliding and the global layer
+        mask = seen[layer][0]
+        for row in range(image.shape[0]):
+            slots = torch.nonzero(image[row]).flatten()
+            assert slots.numel() == 3
+            assert bool(mask[row, 0, slots[0], slots[-1]]), f"layer {layer}: kept image block is causal only"

@@ -1,7 +1,7 @@
 """A model the runtime cannot prune is refused at ``apply()`` with a typed error, never inside ``generate``.
 
-Gemma 3 (sliding and global attention layers) and Qwen3.5 (linear and full attention layers) are
-in transformers 5.23 but not yet families of ours; tiny random models built from their own config
+Qwen3.5 (linear and full attention layers) is
+in transformers 5.23 but not yet a family of ours (Gemma 3 is: tests/test_layer_kinds.py); tiny random models built from their own config
 classes must be refused with :class:`runtime.errors.UnsupportedModelError` (a
 ``RecipeMismatchError``) naming the model type and what is supported, with nothing installed.
 Their layers differ in kind, which the pruner does not handle: even once a family registers them
@@ -52,7 +52,7 @@ def _qwen3_5():
     return Qwen3_5ForConditionalGeneration(config).eval()
 
 
-MODELS = {"gemma3": (_gemma3, "sliding_attention"), "qwen3_5": (_qwen3_5, "linear_attention")}
+MODELS = {"qwen3_5": (_qwen3_5, "linear_attention")}  # Gemma 3 is a family now: tests/test_layer_kinds.py
 
 
 def _hooks(model) -> int:
@@ -108,5 +108,5 @@ def test_compiling_for_an_unsupported_model_is_refused_before_any_forward():
     from recipe_compiler.calibration import load_calibration
     from recipe_compiler.compile import CompileConfig, compile_recipe
 
-    with pytest.raises(UnsupportedModelError, match="gemma3"):
-        compile_recipe(_gemma3(), None, load_calibration(samples=1), CompileConfig(budget=0.5))
+    with pytest.raises(UnsupportedModelError, match="qwen3_5"):
+        compile_recipe(_qwen3_5(), None, load_calibration(samples=1), CompileConfig(budget=0.5))

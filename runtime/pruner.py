@@ -514,7 +514,8 @@ class PruningHandle:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             if is_input and self._forward["prefill"] and hidden.shape[1] == request.roles.valid.shape[1]:
-                self.policy.on_layer_input(layer, module, hidden, {**kwargs, **request.carry}, request.roles)
+                self.policy.on_layer_input(layer, module, hidden, {**kwargs, **request.carry, **request.kind_carry.get(kind, {})},
+                                          request.roles)
             if before_pruning:  # runs unpruned: nothing to carry or count yet
                 return None
             if is_pruning:

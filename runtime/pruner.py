@@ -208,8 +208,8 @@ class _Request:
     prompt_len: int
     roles: Roles
     kept: dict = field(default_factory=dict)  # pruning layer -> (prompt index, valid), both (B, L')
-    carry: dict = field(default_factory=dict)  # kwargs that later layers must receive
-    masks: dict = field(default_factory=dict)  # layer kind -> the mask its layers get after the latest cut
+    carry: dict = field(default_factory=dict)  # kwargs that later layers must receive, whatever their kind
+    kind_carry: dict = field(default_factory=dict)  # layer kind -> kwargs its layers must receive (mask, (cos, sin))
     tokens_per_layer: list = field(default_factory=list)  # (B,) real tokens entering each layer
     visual_per_layer: list = field(default_factory=list)  # (B,) visual tokens entering each layer
     kept_visual: dict = field(default_factory=dict)  # layer -> (prompt index, kept-visual mask), (B, L)
@@ -255,9 +255,9 @@ class PruningHandle:
         self.language_model = self.family.language_model(model)
         self.layers = self.family.layers(model)
         self.image_token_id = self.family.image_token_id(model)
-        self._kinds = self.family.layer_kinds_of(model)
+        self.kinds = self.family.layer_kinds_of(model)
         self._attention_layers = self.family.attention_layers(model)
-        _check_probes(self.policy, self._kinds, self._attention_layers)
+        _check_probes(self.policy, self.kinds, self._attention_layers)
         self._hooks: list = []
         self._policy_hooks: list = []
         self._probed: list = []
@@ -294,10 +294,34 @@ class PruningHandle:
         for index in range(first, len(self.layers)):
             hook = self._make_layer_hook(index)
             self._hooks.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        rotary = getattr(self.language_model, "rotary_emb", None)
+        if isinstance(rotary, torch.nn.Module):
+            self._hooks.append(rotary.register_forward_hook(self._on_rotary, with_kwargs=True))
         for index in self.policy.probe_layers:
-            module = self.layers[index].self_attn
+            module = self.family.attention_module(self.model, index)
+            if module is None:
+                self.remove()
+                raise PruningUnsupportedError(
+                    f"layer {index} is a {self.kinds[index]} layer with no attention to probe; a scoring probe "
+                    "(the layer before each pruning layer) must sit on an attention layer: compile the recipe for this model"
+                )
             attention.set_probe(module, self._make_probe(index))
             self._probed.append(module)
+
+    def _on_rotary(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # The unpruned (cos, sin) of each layer kind, which a pruning layer gathers for the later
+        # layers of every kind (Gemma 3: local and global RoPE; one call without a kind elsewhere).
+        kind = kwargs.get("layer_type", args[2] if len(args) > 2 else None)
+        self._forward.setdefault("rope", {})[kind] = output
+
+    def _segment_kinds(self, layer: int) -> dict:
+        """Kind -> the first layer of that kind in ``[layer, next pruning layer)``."""
+        later = [p for p in self.policy.pruning_layers if p > layer]
+        end = min(later, default=len(self.layers))
+        first: dict = {}
+        for index in range(layer, end):
+            first.setdefault(self.kinds[index], index)
+        return first
 
     def _pruned_sequence(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(prompt index, valid)`` of the prefill in flight once a layer pruned it, else ``None``
@@ -400,7 +424,8 @@ class PruningHandle:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed it "cache"
         ids, self._input_ids = self._input_ids, None
         base_kwargs, self._base_kwargs = self._base_kwargs, {}
-        self._forward = {"mask": mask, "cache": cache}
+        mask = self.family.padding_mask(mask, base_kwargs)
+        self._forward = {"mask": mask, "cache": cache, "base_kwargs": base_kwargs, "rope": {}}
         if embeds is None:
             return
         if cache is not None and cache.get_seq_length() > 0:
@@ -409,7 +434,7 @@ class PruningHandle:
                 self._on_continuation(ids, embeds)
             if self._request is not None:
                 self._request.carry = {}  # decode rows keep their own positions; only masks change
-                self._request.masks = {}
+                self._request.kind_carry = {}
             return
         self._forward["prefill"] = True
         self._request = None
@@ -421,7 +446,7 @@ class PruningHandle:
                 f"a {type(cache).__name__} has fixed-size layers that cannot hold the shorter sequences of "
                 "pruned layers (use the default dynamic cache to prune)"
             )
-        if mask is not None and mask.dim() != 2:
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             return self._say_once("a pre-built 4D attention mask is not supported")
         visual = self.family.prunable_visual_tokens(self.model, ids, base_kwargs)
         if not bool(visual.any()):
@@ -480,10 +505,10 @@ class PruningHandle:
         return probe
 
     def _make_layer_hook(self, layer: int):
+        kind = self.kinds[layer]
         is_pruning = layer in set(self.policy.pruning_layers)
         is_input = layer in set(self.policy.input_layers)
         before_pruning = layer < min(self.policy.pruning_layers, default=len(self.layers))
-        kind = self._kinds[layer]
 
         def hook(module, args, kwargs):
             request = self._request
@@ -491,7 +516,8 @@ class PruningHandle:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             if is_input and self._forward["prefill"] and hidden.shape[1] == request.roles.valid.shape[1]:
-                self.policy.on_layer_input(layer, module, hidden, {**kwargs, **request.carry}, request.roles)
+                self.policy.on_layer_input(layer, module, hidden, {**kwargs, **request.carry, **request.kind_carry.get(kind, {})},
+                                          request.roles)
             if before_pruning:  # runs unpruned: nothing to carry or count yet
                 return None
             if is_pruning:
@@ -504,12 +530,13 @@ class PruningHandle:
                         self._request = None
                         self._say_once(str(exc))
                         return None
-                request.masks = self._rebuild_mask(layer, request, hidden)
+                for other, first in self._segment_kinds(layer).items():
+                    masks = request.kind_carry.setdefault(other, {})
+                    masks["attention_mask"] = self._rebuild_mask(layer, first, other, request, hidden)
             elif self._forward["prefill"]:
                 self._count(request)
             kwargs.update(request.carry)
-            if request.masks:  # each kind of layer gets the mask of its kind
-                kwargs["attention_mask"] = request.masks[kind]
+            kwargs.update(request.kind_carry.get(kind, {}))
             if args:
                 return (hidden,) + tuple(args[1:]), kwargs
             kwargs["hidden_states"] = hidden
@@ -551,9 +578,17 @@ class PruningHandle:
 
         batch = hidden.shape[0]
         hidden = hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
-        cos, sin = request.carry.get("position_embeddings", kwargs["position_embeddings"])
         gather_rows = lambda t: t.expand(batch, *t.shape[1:]).gather(1, index.to(t.device)[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-        request.carry["position_embeddings"] = (gather_rows(cos), gather_rows(sin))
+        rope = self._forward.get("rope", {})
+        for other in dict.fromkeys(self.kinds[layer:]):
+            current = request.kind_carry.get(other, {}).get("position_embeddings")
+            if current is None and other == self.kinds[layer]:  # not pruned yet: what this layer was given
+                current = kwargs.get("position_embeddings")
+            if current is None:  # another kind's, as the language model computed it (one RoPE: the layer's own)
+                current = rope[other] if other in rope else kwargs.get("position_embeddings")
+            if current is not None:
+                cos, sin = current
+                request.kind_carry.setdefault(other, {})["position_embeddings"] = (gather_rows(cos), gather_rows(sin))
         position_ids = request.carry.get("position_ids", kwargs.get("position_ids"))
         if position_ids is not None:
             request.carry["position_ids"] = position_ids.expand(batch, -1).gather(1, index.to(position_ids.device))
@@ -563,42 +598,27 @@ class PruningHandle:
         self.last_request = request
         return hidden
 
-    def _rebuild_mask(self, layer: int, request: _Request, hidden: torch.Tensor) -> dict:
-        """The mask of each layer kind for the layers from ``layer`` (a pruning layer) on.
+    def _rebuild_mask(self, layer: int, first: int, kind: str, request: _Request, hidden: torch.Tensor) -> Any:
+        """The mask of the ``kind`` layers pruned at ``layer``, sized against their first one, ``first``.
 
-        Full attention: ``create_causal_mask`` over the pruned 2D mask, sized from the first
-        full-attention layer at or after ``layer`` (every such layer up to the next cut holds the
-        same pruned length; a linear-attention layer has no KV length to size it from). Linear
-        attention: the 2D padding mask of this forward's tokens (``create_recurrent_attention_mask``:
-        ``None`` without padding and for one-token steps), by which the layer zeroes re-padding dummies.
+        A linear-attention layer holds no per-token KV, so the tokens after the prompt are counted
+        in the first attention layer from ``layer`` on.
         """
-        from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
-
         mask2d, cache = self._forward["mask"], self._forward["cache"]
         prompt = request.prompt_len
         orig_index, valid = request.kept[layer]
-        sized = next((i for i in self._attention_layers if i >= layer), None)  # the layer the KV length is read from
         if mask2d is None:  # no padding anywhere: the prompt part is the dummy mask, new tokens are real
             # Tokens after the prompt, this forward's included, from that layer's own cache (it holds
             # the pruned prompt): layer 0's length is wrong when layer 0 itself prunes (a pre-LLM stage).
+            sized = first if first in self._attention_layers else next((i for i in self._attention_layers if i >= layer), None)
             new = 0 if self._forward["prefill"] or sized is None else cache.get_seq_length(sized) - valid.shape[1] + hidden.shape[1]
             tail = torch.ones(valid.shape[0], new, dtype=torch.bool, device=valid.device)
             pruned = torch.cat([valid, tail], dim=1)
         else:
             head = mask2d[:, :prompt].bool().gather(1, orig_index.to(mask2d.device)) & valid.to(mask2d.device)
             pruned = torch.cat([head, mask2d[:, prompt:].bool()], dim=1)
-        pruned = pruned.to(hidden.device)
-        masks = {}
-        for kind in set(self._kinds[layer:]):
-            if kind == "linear_attention":
-                if not self._forward["prefill"] and mask2d is None:
-                    masks[kind] = None  # a decode step's tokens are never padding
-                else:
-                    masks[kind] = create_recurrent_attention_mask(self._config, hidden, pruned.long(), cache)
-            elif sized is not None:
-                # The cache goes by position: transformers 5.24 renamed the parameter past_key_values -> cache.
-                masks[kind] = create_causal_mask(self._config, hidden, pruned, cache, position_ids=None, layer_idx=sized)
-        return masks
+        return self.family.layer_mask(self.model, kind, self._config, hidden, pruned.to(hidden.device), cache, first,
+                                      orig_index, bool(self._forward["prefill"]), self._forward.get("base_kwargs", {}))
 
 
 def _check_probes(policy: Policy, kinds: tuple, attention_layers: tuple) -> None:
@@ -617,11 +637,13 @@ def _check_probes(policy: Policy, kinds: tuple, attention_layers: tuple) -> None
 def _grows_per_layer(cache: Any) -> bool:
     """Whether every layer of ``cache`` grows by what it is given (a plain DynamicCache).
 
-    Pruned layers store fewer tokens than unpruned ones; fixed-size (static, sliding-window) or
-    quantised layers would misplace them or mask the wrong slots.
+    Pruned layers store fewer tokens than unpruned ones; fixed-size (static) or quantised layers
+    would misplace them or mask the wrong slots. A dynamic sliding-window layer qualifies: it keeps
+    the last ``window − 1`` of what *it* was given and sizes its masks from its own count, exactly as
+    when the model runs on the pruned prompt.
     """
-    from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
 
     # A linear-attention layer keeps a fixed-size conv and recurrent state and no per-token KV: after a
     # pruned prefill it holds the state of the pruned sequence, which is what the model computes on it.
-    return all(type(layer) in (DynamicLayer, LinearAttentionLayer) for layer in getattr(cache, "layers", ()))
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer) for layer in getattr(cache, "layers", ()))

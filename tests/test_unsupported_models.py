@@ -1,7 +1,8 @@
 """A model the runtime cannot prune is refused at ``apply()`` with a typed error, never inside ``generate``.
 
-Gemma 3 (sliding and global attention layers) is in transformers 5.23 but not yet a family of ours
-(Qwen3.5, linear and full attention layers, is one since issue 15: its test here checks it is accepted); tiny random models built from their own config
+Gemma 3 (sliding and global attention layers) and Qwen3.5 (linear and full attention layers) are
+families since issue 15 (tests/test_layer_kinds.py, tests/test_qwen3_5.py); with their family taken out
+of the registry, tiny random models built from their own config
 classes must be refused with :class:`runtime.errors.UnsupportedModelError` (a
 ``RecipeMismatchError``) naming the model type and what is supported, with nothing installed.
 Their layers differ in kind, which the pruner does not handle: even once a family registers them
@@ -9,6 +10,7 @@ Their layers differ in kind, which the pruner does not handle: even once a famil
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -52,7 +54,18 @@ def _qwen3_5():
     return Qwen3_5ForConditionalGeneration(config).eval()
 
 
-MODELS = {"gemma3": (_gemma3, "sliding_attention")}
+MODELS = {"gemma3": (_gemma3, "sliding_attention"), "qwen3_5": (_qwen3_5, "linear_attention")}
+
+
+@contextlib.contextmanager
+def _unregistered(model_type):
+    """The registry without ``model_type``'s family (what a release without it would do)."""
+    family = FAMILIES[model_type]
+    FAMILIES.unregister(model_type)
+    try:
+        yield
+    finally:
+        FAMILIES.register(model_type, family)
 
 
 def test_qwen3_5_is_supported_now_and_a_cut_after_a_linear_layer_is_refused(tiny):
@@ -84,12 +97,12 @@ def test_the_tiny_models_really_mix_layer_kinds(model_type):
 def test_an_unsupported_family_is_refused_at_apply_with_the_supported_list(model_type, tiny):
     model = MODELS[model_type][0]()
     before = _hooks(model)
-    with pytest.raises(UnsupportedModelError) as refused:
+    with _unregistered(model_type), pytest.raises(UnsupportedModelError) as refused:
         Recipe.keep_all(model_fingerprint(tiny.model)).apply(model)
     assert isinstance(refused.value, RecipeMismatchError)
     message = str(refused.value)
     assert f"model type {model_type!r} is not supported" in message and "\n" not in message
-    assert all(name in message for name in supported_model_types())
+    assert all(name in message for name in supported_model_types() if name != model_type)
     assert _hooks(model) == before and getattr(model, "_recipe_runtime_handle", None) is None
 
 
@@ -102,6 +115,8 @@ def test_layers_of_another_kind_are_refused_even_in_a_registered_family(model_ty
         def reference_visual_tokens(self, config):
             return 4
 
+    saved = FAMILIES[model_type]
+    FAMILIES.unregister(model_type)
     FAMILIES.register(model_type, Registered())
     try:
         recipe = Recipe.keep_all(FAMILIES[model_type].fingerprint(model))  # compiled for this very model
@@ -116,11 +131,12 @@ def test_layers_of_another_kind_are_refused_even_in_a_registered_family(model_ty
             assert repr(method) in reason and repr(model_type) in reason and "llava" in reason
     finally:
         FAMILIES.unregister(model_type)
+        FAMILIES.register(model_type, saved)
 
 
 def test_compiling_for_an_unsupported_model_is_refused_before_any_forward():
     from recipe_compiler.calibration import load_calibration
     from recipe_compiler.compile import CompileConfig, compile_recipe
 
-    with pytest.raises(UnsupportedModelError, match="gemma3"):
-        compile_recipe(_gemma3(), None, load_calibration(samples=1), CompileConfig(budget=0.5))
+    with _unregistered("qwen3_5"), pytest.raises(UnsupportedModelError, match="qwen3_5"):
+        compile_recipe(_qwen3_5(), None, load_calibration(samples=1), CompileConfig(budget=0.5))

@@ -217,6 +217,54 @@ class Family:
         """The layers ``l >= 1`` on whose entry a scoring recipe may prune: those after an attention layer."""
         return tuple(layer + 1 for layer in self.attention_layers(model) if layer + 1 < int(self.text_config(model).num_hidden_layers))
 
+    def attention_module(self, model: Any, index: int) -> Any:
+        """The softmax-attention module of decoder layer ``index`` a probe can read, or ``None``
+        (e.g. a linear-attention layer): the pruner refuses a probe there."""
+        return getattr(self.layers(model)[index], "self_attn", None)
+
+    def padding_mask(self, lm_mask: Any, base_kwargs: dict) -> Any:
+        """The 2D padding mask of a forward, given the mask the language model received.
+
+        Families whose base model pre-builds a dict of per-kind masks (Gemma 3) pass it down to
+        the language model; the 2D mask is then the base model's own ``attention_mask``.
+        """
+        return base_kwargs.get("attention_mask") if isinstance(lm_mask, dict) else lm_mask
+
+    def layer_mask(self, model: Any, kind: str, config: Any, hidden: torch.Tensor, mask2d: torch.Tensor, cache: Any,
+                   layer: int, prompt_index: torch.Tensor, prefill: bool, base_kwargs: dict) -> Any:
+        """The attention mask of the layers of ``kind`` from ``layer`` on, over a pruned sequence.
+
+        Args:
+            model: the VLM.
+            kind: a layer kind (:meth:`layer_kinds_of`).
+            config: the language model's config (its attention implementation is the wrapped one).
+            hidden: (B, q, D) hidden states of this forward entering ``layer``.
+            mask2d: (B, kv) bool padding mask over the pruned prompt and every token after it.
+            cache: the forward's cache (or ``None``); ``layer`` sizes the mask against its own layer.
+            layer: the first layer of ``kind`` at or after the pruning layer.
+            prompt_index: (B, L') prompt position of each slot of the pruned prompt (prefill overlays
+                such as Gemma 3's bidirectional image blocks gather by it).
+            prefill: whether this forward is the prefill.
+            base_kwargs: the base model's keyword arguments of this forward (e.g. ``token_type_ids``).
+
+        The default is a causal mask for ``full_attention``, a sliding-window causal one for
+        ``sliding_attention`` (the window counted in slots of the pruned sequence, as when the
+        model runs on the pruned prompt), and for ``linear_attention`` the 2D padding mask of this
+        forward's tokens (``create_recurrent_attention_mask``: ``None`` without padding and for
+        one-token steps), by which the layer zeroes re-padding dummies.
+        """
+        from transformers.masking_utils import (
+            create_causal_mask,
+            create_recurrent_attention_mask,
+            create_sliding_window_causal_mask,
+        )
+
+        if kind == "linear_attention":
+            return create_recurrent_attention_mask(config, hidden, mask2d.long(), cache)
+        build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        # The cache goes by position: transformers 5.24 renamed the parameter past_key_values -> cache.
+        return build(config, hidden, mask2d, cache, position_ids=None, layer_idx=layer)
+
     def pruning_hooks(self, model: Any, pruned: Callable[[], "tuple[torch.Tensor, torch.Tensor] | None"]) -> list:
         """Hooks the family needs beside the pruner's own while a recipe prunes ``model``.
 

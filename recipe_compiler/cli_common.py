@@ -38,9 +38,9 @@ def interruptible(prog: str, message: str) -> Callable:
     """
     def wrap(main: Callable) -> Callable:
         @functools.wraps(main)
-        def guarded(argv: Sequence[str] | None = None) -> int:
+        def guarded(argv: Sequence[str] | None = None, *args: object, **kwargs: object) -> int:
             try:
-                return main(argv)
+                return main(argv, *args, **kwargs)
             except KeyboardInterrupt:
                 print(f"{prog}: {message}", file=sys.stderr)
                 return EXIT_INTERRUPTED

@@ -103,6 +103,10 @@ class RegistryChoice(click.Choice):
     @property
     def choices(self) -> tuple[str, ...]:  # type: ignore[override]
         if self._choices is None:
+            # numpy before any registry pulls in torch: torch's C module imports numpy itself and swallows
+            # any exception from that import, a Ctrl-C included, which would then be lost.
+            import numpy  # noqa: F401
+
             self._choices = tuple(self._load())
         return self._choices
 

@@ -1,10 +1,15 @@
 """Command-line entry points: ``recipe-compile``, ``recipe-inspect`` and ``recipe-eval``.
 
-The CLI only parses options, calls the Python API and prints. Every user error is one line on
+The commands are click commands (:mod:`recipe_compiler.cli_click`), also grouped as
+``recipe-compiler compile|inspect|eval`` and ``python -m recipe_compiler``. The CLI only parses
+options, calls the Python API and prints. A usage error (unknown option, a value outside its type or
+range) is one line and exit code 2; an input found bad while checking (a file, the model) is one
+line and exit code 1. Every user error is one line on
 stderr and a non-zero exit; inputs are validated before any model time is spent, and the recipe
 is written atomically, so a failed run leaves no file behind. Ctrl-C anywhere, the start-up's
 heavy imports included, is one line and exit code 130: this module imports only the standard
-library at the top, and each entry point imports the rest inside its interrupt guard.
+library at the top, and each entry point imports the rest (click, and the registries its choices
+are read from) inside its interrupt guard.
 """
 from __future__ import annotations
 
@@ -17,26 +22,14 @@ from pathlib import Path
 from typing import Sequence
 
 from .cli_common import (
-    EXIT_FAILURE, Parser, check_device, check_output_file, interruptible, one_line, positive_int, same_file,
+    EXIT_FAILURE, check_device, check_output_file, interruptible, one_line, same_file,
 )
-
-def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(
-            f"budget must be in (0, 1] (the fraction of unpruned prefill FLOPs to spend), got {text}"
-        )
-    return value
-
 
 def _search_param(text: str) -> tuple:
     """``--search-param NAME=VALUE``: the value as an int, a float, or the string."""
     name, sep, value = text.partition("=")
     if not sep or not name.strip() or not value.strip():
-        raise argparse.ArgumentTypeError(f"a search parameter is NAME=VALUE (e.g. layer=3), got {text!r}")
+        raise ValueError(f"a search parameter is NAME=VALUE (e.g. layer=3), got {text!r}")
     for kind in (int, float):
         try:
             return name.strip(), kind(value)
@@ -45,59 +38,135 @@ def _search_param(text: str) -> tuple:
     return name.strip(), value.strip()
 
 
-def _compile_parser() -> argparse.ArgumentParser:
-    from runtime.methods.detectors import DETECTORS
-    from runtime.methods.heads import HEAD_REDUCTIONS
-    from runtime.methods.scorers import SCORERS
+def _dtype_names() -> tuple[str, ...]:
+    from .models import _DTYPE_NAMES
 
-    from .cli_common import attn_implementations
-    from .prellm_search import pre_llm_choices
+    return tuple(_DTYPE_NAMES)
+
+
+def _dtype_key(text: str) -> str:
+    key = text.strip().lower()
+    return key[len("torch."):] if key.startswith("torch.") else key
+
+
+def _model_aliases() -> list[str]:
+    from .families import ALIASES
+
+    return sorted(ALIASES)
+
+
+def _model_type():
+    """``--model``: any alias, hub id or directory (checked when the model is prepared); completes the aliases."""
+    from .cli_click import Parsed
+
+    return Parsed(str, "model", lambda incomplete: [a for a in _model_aliases() if a.startswith(incomplete.lower())])
+
+
+def _searches():
     from .search import SEARCHES
 
-    parser = Parser(
-        prog="recipe-compile",
-        description="Compile a visual-token pruning recipe for a vision-language model under a FLOPs budget.",
-    )
-    parser.add_argument("--model", default="tiny-llava", help="registry alias (e.g. llava-1.5-7b), hub id or local directory (default: tiny-llava)")
-    parser.add_argument("--budget", type=_budget, required=True, help="fraction of the unpruned language-model prefill FLOPs to spend, in (0, 1]")
-    parser.add_argument("-o", "--output", required=True, help="recipe file to write (.safetensors)")
-    parser.add_argument("--calibration", help="folder of images (optionally with manifest.jsonl) or a .jsonl manifest (default: the shipped set)")
-    parser.add_argument("--samples", type=positive_int, help="use the first N calibration samples")
-    parser.add_argument("--search", choices=SEARCHES.names(), default="optimal", help="schedule search (default: optimal)")
-    methods = [s for s in SEARCHES.values() if s.is_method]
-    own = ", ".join(f"--search {s.name}: {s.scorer}" for s in methods)
-    parser.add_argument("--scorer", choices=SCORERS.names(), help=f"run-time scorer recorded in the recipe (default: fitprune; a peer search's own: {own})")
-    reductions = ", ".join(f"{name}: {scorer.head_reduce}" for name, scorer in SCORERS.items())
-    parser.add_argument("--head-reduce", choices=HEAD_REDUCTIONS.names(), help=f"how attention heads are combined (default: the scorer's own; {reductions})")
-    settings = "; ".join(f"{s.name}: " + ", ".join(f"{name} ({p.help})" for name, p in s.params.items()) for s in methods if s.params)
-    parser.add_argument("--search-param", action="append", type=_search_param, default=[], metavar="NAME=VALUE",
-                        help=f"a peer method's setting, repeatable ({settings})")
-    parser.add_argument("--device", default="cpu", help="torch device for calibration (default: cpu; under torchrun, cuda means cuda:LOCAL_RANK)")
-    parser.add_argument("--device-map", type=_device_map, help="spread a checkpoint's layers over devices: auto, balanced, sequential or a JSON map (needs accelerate: pip install 'recipe-compiler[big]')")
-    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
-    parser.add_argument("--attn-implementation", choices=attn_implementations(), default="sdpa", help="attention kernel (default: sdpa)")
-    parser.add_argument("--batch-size", type=positive_int, default=4, help="calibration samples per forward (default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
-    parser.add_argument("--random-weights", action="store_true", help="build the model's architecture with random weights (no download)")
-    parser.add_argument("--save-stats", help="also write the calibration statistics to this file")
-    parser.add_argument("--stats", help="reuse statistics saved with --save-stats instead of calibrating")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--pre-llm", choices=pre_llm_choices(), default="none",
-                        help="pre-LLM stage (drops tokens before the language model); auto compares them all and prints a candidate table (default: none)")
-    parser.add_argument("--gprune-threshold", type=float, help="G-Prune similarity threshold in [-1, 1] (default: 0.5)")
-    parser.add_argument("--gprune-temperature", type=float, help="G-Prune softmax temperature > 0 (default: 0.03)")
-    parser.add_argument("--gprune-steps", type=int, help="G-Prune propagation steps >= 0 (default: 5)")
-    parser.add_argument("--pre-llm-ratio", type=float, help="keep ratio of a fixed-ratio pre-LLM stage in (0, 1] (default: the best of a grid)")
-    parser.add_argument("--fopru-feature-layer", type=int, help="vision-encoder layer whose attention FoPru reads, HF vision_feature_layer convention, negative allowed (default: the model's feature layer)")
-    parser.add_argument("--inflection-detector", choices=DETECTORS.names(), help="knee detector of cls-inflection: kneedle (farthest from the chord) or max-curvature (default: kneedle)")
-    return parser
+    return SEARCHES.names()
 
 
-@interruptible("recipe-compile", "interrupted; no recipe was written")
-def compile_main(argv: Sequence[str] | None = None) -> int:
-    """``recipe-compile``: see ``recipe-compile --help``. Returns the exit code."""
-    parser = _compile_parser()
-    args = parser.parse_args(argv)
+def _scorers():
+    from runtime.methods.scorers import SCORERS
+
+    return SCORERS.names()
+
+
+def _head_reductions():
+    from runtime.methods.heads import HEAD_REDUCTIONS
+
+    return HEAD_REDUCTIONS.names()
+
+
+def _detectors():
+    from runtime.methods.detectors import DETECTORS
+
+    return DETECTORS.names()
+
+
+def _stages():
+    from .prellm_search import pre_llm_choices
+
+    return pre_llm_choices()
+
+
+def _attn():
+    from .cli_common import attn_implementations
+
+    return attn_implementations()
+
+
+def _compile_command():
+    import click
+
+    from .cli_click import Budget, GroupedCommand, Opt, Parsed, RegistryChoice, version
+
+    MODEL, CAL, SEARCH, PRE, RUN, OUT = "Model", "Calibration", "Search", "Pre-LLM stage", "Execution", "Output"
+
+    @click.command("compile", cls=GroupedCommand, short_help="Compile a pruning recipe under a FLOPs budget.", groups=[GENERAL_GROUP, MODEL, CAL, SEARCH, PRE, RUN, OUT],
+                   help="Compile a visual-token pruning recipe for a vision-language model under a FLOPs budget.",
+                   examples=[("the README quick start: a recipe for the built-in tiny model at 45% of the prefill FLOPs",
+                              "recipe-compile --model tiny-llava --budget 0.45 -o r.safetensors"),
+                             ("FastV at layer 3, the summary as one JSON object",
+                              "recipe-compile --budget 0.3 --search fastv --search-param layer=3 -o fastv.safetensors --json"),
+                             ("compare every pre-LLM stage, then search in-LLM",
+                              "recipe-compile --model llava-1.5-7b --budget 0.25 --pre-llm auto --device cuda -o r.safetensors")])
+    @click.option("--budget", cls=Opt, group=GENERAL_GROUP, type=Budget(), required=True, metavar="FRACTION",
+                  help="fraction of the unpruned language-model prefill FLOPs to spend, in (0, 1]")
+    @click.option("-o", "--output", cls=Opt, group=GENERAL_GROUP, type=click.Path(dir_okay=False), required=True,
+                  help="recipe file to write (.safetensors)")
+    @click.option("--model", cls=Opt, group=MODEL, type=_model_type(), default="tiny-llava", show_default=True,
+                  help="registry alias (e.g. llava-1.5-7b), hub id or local directory")
+    @click.option("--random-weights", cls=Opt, group=MODEL, is_flag=True, help="build the model's architecture with random weights (no download)")
+    @click.option("--seed", cls=Opt, group=MODEL, type=int, default=0, show_default=True, help="seed for random weights")
+    @click.option("--dtype", cls=Opt, group=MODEL, type=RegistryChoice(_dtype_names, metavar="DTYPE", normalize=_dtype_key),
+                  default="float32", show_default=True, help="weights and activations dtype")
+    @click.option("--attn-implementation", cls=Opt, group=MODEL, type=RegistryChoice(_attn, metavar="KERNEL"), default="sdpa",
+                  show_default=True, help="attention kernel")
+    @click.option("--calibration", cls=Opt, group=CAL, type=click.Path(), help="folder of images (optionally with manifest.jsonl) or a .jsonl manifest (default: the shipped set)")
+    @click.option("--samples", cls=Opt, group=CAL, type=click.IntRange(min=1), help="use the first N calibration samples")
+    @click.option("--batch-size", cls=Opt, group=CAL, type=click.IntRange(min=1), default=4, show_default=True, help="calibration samples per forward")
+    @click.option("--stats", cls=Opt, group=CAL, type=click.Path(dir_okay=False), help="reuse statistics saved with --save-stats instead of calibrating")
+    @click.option("--search", cls=Opt, group=SEARCH, type=RegistryChoice(_searches, metavar="SEARCH"), default="optimal", show_default=True,
+                  help="schedule search")
+    @click.option("--scorer", cls=Opt, group=SEARCH, type=RegistryChoice(_scorers, metavar="SCORER"),
+                  help="run-time scorer recorded in the recipe (default: fitprune; a peer search uses its own)")
+    @click.option("--head-reduce", cls=Opt, group=SEARCH, type=RegistryChoice(_head_reductions, metavar="REDUCTION"),
+                  help="how attention heads are combined (default: the scorer's own)")
+    @click.option("--search-param", cls=Opt, group=SEARCH, multiple=True, type=Parsed(_search_param, "NAME=VALUE"), metavar="NAME=VALUE",
+                  help="a peer method's setting, repeatable (e.g. --search fastv --search-param layer=3)")
+    @click.option("--pre-llm", cls=Opt, group=PRE, type=RegistryChoice(_stages, metavar="STAGE"), default="none", show_default=True,
+                  help="pre-LLM stage (drops tokens before the language model); auto compares them all and prints a candidate table")
+    @click.option("--pre-llm-ratio", cls=Opt, group=PRE, type=click.FloatRange(0, 1, min_open=True),
+                  help="keep ratio of a fixed-ratio pre-LLM stage in (0, 1] (default: the best of a grid)")
+    @click.option("--gprune-threshold", cls=Opt, group=PRE, type=click.FloatRange(-1, 1), help="G-Prune similarity threshold in [-1, 1] (default: 0.5)")
+    @click.option("--gprune-temperature", cls=Opt, group=PRE, type=click.FloatRange(0, min_open=True), help="G-Prune softmax temperature > 0 (default: 0.03)")
+    @click.option("--gprune-steps", cls=Opt, group=PRE, type=click.IntRange(min=0), help="G-Prune propagation steps >= 0 (default: 5)")
+    @click.option("--fopru-feature-layer", cls=Opt, group=PRE, type=int,
+                  help="vision-encoder layer whose attention FoPru reads, HF vision_feature_layer convention, negative allowed (default: the model's feature layer)")
+    @click.option("--inflection-detector", cls=Opt, group=PRE, type=RegistryChoice(_detectors, metavar="DETECTOR"),
+                  help="knee detector of cls-inflection: kneedle (farthest from the chord) or max-curvature (default: kneedle)")
+    @click.option("--device", cls=Opt, group=RUN, default="cpu", show_default=True, metavar="DEVICE", help="torch device for calibration (under torchrun, cuda means cuda:LOCAL_RANK)")
+    @click.option("--device-map", cls=Opt, group=RUN, type=Parsed(_device_map, "device map", lambda i: [s for s in DEVICE_MAP_STRATEGIES if s.startswith(i)]),
+                  metavar="MAP", help="spread a checkpoint's layers over devices: auto, balanced, sequential or a JSON map (needs accelerate: pip install 'recipe-compiler[big]')")
+    @click.option("--save-stats", cls=Opt, group=OUT, type=click.Path(dir_okay=False), help="also write the calibration statistics to this file")
+    @click.option("--json", "as_json", cls=Opt, group=OUT, is_flag=True, help="print the summary as one JSON object on stdout (default: one line of text)")
+    @click.option("--quiet", cls=Opt, group=OUT, is_flag=True, help="no progress bars")
+    @click.version_option(version(), "--version", cls=Opt, group=GENERAL_GROUP, message="%(prog)s %(version)s")
+    @click.pass_context
+    def command(ctx, **options):
+        options["search_param"] = list(options["search_param"])
+        return _compile_entry(argparse.Namespace(**options))
+
+    return command
+
+
+GENERAL_GROUP = "General"
+
+
+def _compile_entry(args: argparse.Namespace) -> int:
     from runtime.errors import RecipeError
 
     from .distributed import RankFailed, env_world, from_env
@@ -113,6 +182,14 @@ def compile_main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:  # every rank fails alike (inputs are checked on all, then agreed); say it once
             print(f"recipe-compile: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+@interruptible("recipe-compile", "interrupted; no recipe was written")
+def compile_main(argv: Sequence[str] | None = None) -> int:
+    """``recipe-compile``: see ``recipe-compile --help``. Returns the exit code (a usage error raises ``SystemExit(2)``)."""
+    from .cli_click import run
+
+    return run(_compile_command(), argv, "recipe-compile")
 
 
 def _compile(args: argparse.Namespace, sharding=None) -> int:
@@ -181,6 +258,9 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
 
     v = result.verification
     v_ref = result.recipe.reference_visual_tokens
+    if args.as_json:  # the same figures as the text line, one JSON object, nothing else on stdout
+        print(json.dumps(_summary(args, result, timings, output), sort_keys=True))
+        return 0
     if args.pre_llm == "auto":  # the candidate table, then the usual summary line
         print(result.details["pre_llm_table"])
     stage = result.recipe.pre_llm
@@ -203,18 +283,37 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
     return 0
 
 
+def _summary(args: argparse.Namespace, result, timings: dict, output: Path) -> dict:
+    """``recipe-compile --json``: what the summary line says, as one JSON object."""
+    v = result.verification
+    summary = {
+        "budget": args.budget, "flops_fraction": v.flops_fraction, "visual_token_fraction": v.visual_token_fraction,
+        "visual_tokens": result.visual_token_equivalent, "reference_visual_tokens": result.recipe.reference_visual_tokens,
+        "divergence": result.divergence, "divergence_nested": result.nested_divergence, "divergence_verified": v.divergence,
+        "kl": v.kl, "top1_agreement": v.top1_agreement, "search": args.search,
+        "search_params": result.recipe.provenance.get("search_params", {}), "scorer": result.recipe.scorer,
+        "head_reduce": result.recipe.head_reduce, "pre_llm": result.recipe.pre_llm, "model": args.model,
+        "vision_encoder_flops": v.vision_flops, "vision_share": v.vision_share if v.vision_flops is not None else None,
+        "seconds": {k: round(t, 3) for k, t in timings.items()}, "output": str(output),
+        "statistics": args.save_stats,
+    }
+    if args.pre_llm == "auto":
+        summary["pre_llm_table"] = result.details["pre_llm_table"]
+    return summary
+
+
 def _device_map(text: str):
     """``--device-map``: a strategy name passed through to ``from_pretrained``, or a JSON object."""
     if text.lstrip().startswith("{"):
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"device map is not valid JSON ({exc.msg}): {text!r}") from None
+            raise ValueError(f"device map is not valid JSON ({exc.msg}): {text!r}") from None
         if not isinstance(value, dict) or not value:
-            raise argparse.ArgumentTypeError(f"device map must be a non-empty JSON object of module → device, got {text!r}")
+            raise ValueError(f"device map must be a non-empty JSON object of module → device, got {text!r}")
         return value
     if text not in DEVICE_MAP_STRATEGIES:
-        raise argparse.ArgumentTypeError(
+        raise ValueError(
             f"device map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object such as '{{\"\": \"cpu\"}}', got {text!r}"
         )
     return text
@@ -253,26 +352,47 @@ def _progress_bars():
     return factory
 
 
-@interruptible("recipe-inspect", "interrupted")
-def inspect_main(argv: Sequence[str] | None = None) -> int:
-    """``recipe-inspect RECIPE``: print a recipe's schedule and provenance. Returns the exit code."""
-    parser = Parser(prog="recipe-inspect", description="Print a recipe's per-layer schedule and provenance.")
-    parser.add_argument("recipe", help="recipe file (.safetensors), or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+def _inspect_command():
+    import click
+
+    from .cli_click import GENERAL, Arg, GroupedCommand, Opt, version
+
+    @click.command("inspect", cls=GroupedCommand, short_help="Print a recipe's schedule and provenance.", groups=[GENERAL],
+                   help="Print a recipe's per-layer schedule and provenance.",
+                   examples=[("the table", "recipe-inspect r.safetensors"),
+                             ("FitPrune's published 40% schedule for LLaVA-1.5-7B, as JSON", "recipe-inspect fitprune:40 --json")])
+    @click.argument("recipe", cls=Arg, type=click.Path(),
+                    help="recipe file (.safetensors), or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b)")
+    @click.option("--json", "as_json", cls=Opt, is_flag=True, help="print JSON instead of a table")
+    @click.version_option(version(), "--version", cls=Opt, message="%(prog)s %(version)s")
+    def command(recipe: str, as_json: bool) -> int:
+        return _inspect(recipe, as_json)
+
+    return command
+
+
+def _inspect(spec: str, as_json: bool) -> int:
     from runtime.errors import RecipeError
     from runtime.presets import resolve
 
     try:
-        recipe = resolve(args.recipe)  # a file, or a FitPrune published preset
+        recipe = resolve(spec)  # a file, or a FitPrune published preset
     except RecipeError as exc:
         print(f"recipe-inspect: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
-    if args.json:
+    if as_json:
         print(json.dumps(_describe(recipe), indent=2, sort_keys=True))
     else:
         print(format_recipe(recipe))
     return 0
+
+
+@interruptible("recipe-inspect", "interrupted")
+def inspect_main(argv: Sequence[str] | None = None) -> int:
+    """``recipe-inspect RECIPE``: print a recipe's schedule and provenance. Returns the exit code."""
+    from .cli_click import run
+
+    return run(_inspect_command(), argv, "recipe-inspect")
 
 
 def _describe(recipe) -> dict:
@@ -354,10 +474,39 @@ def format_recipe(recipe) -> str:
 # ---------------------------------------------------------------------------------------- eval
 @interruptible("recipe-eval", "interrupted")
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    """``recipe-eval``: :func:`recipe_compiler.evaluate.main` behind the interrupt guard. Returns the exit code."""
-    from .evaluate import main
+    """``recipe-eval``: see ``recipe-eval --help``. Returns the exit code (a usage error raises ``SystemExit(2)``)."""
+    from .cli_click import run
+    from .evaluate import eval_command
 
-    return main(argv)
+    return run(eval_command(), argv, "recipe-eval")
+
+
+# ---------------------------------------------------------------------------------------- group
+def group_command():
+    """``recipe-compiler``: the three commands as subcommands (``compile | inspect | eval``)."""
+    import click
+
+    from .cli_click import CONTEXT, version
+    from .evaluate import eval_command
+
+    @click.group("recipe-compiler", context_settings=CONTEXT,
+                 help="Compile, inspect and evaluate visual-token pruning recipes. "
+                      "Each subcommand is also its own console script: recipe-compile, recipe-inspect, recipe-eval.")
+    @click.version_option(version(), "--version", message="%(prog)s %(version)s")
+    def group() -> None:
+        pass
+
+    for command in (_compile_command(), _inspect_command(), eval_command()):
+        group.add_command(command)
+    return group
+
+
+@interruptible("recipe-compiler", "interrupted")
+def group_main(argv: Sequence[str] | None = None, prog: str | None = "recipe-compiler") -> int:
+    """``recipe-compiler compile|inspect|eval …`` (and ``python -m recipe_compiler``). Returns the exit code."""
+    from .cli_click import run
+
+    return run(group_command(), argv, prog)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,14 +1,13 @@
 """What every console entry point shares: one-line errors, exit codes, option types, device and output checks.
 
 ``recipe-compile`` / ``recipe-inspect`` / ``recipe-eval`` (:mod:`recipe_compiler.cli`,
-:mod:`recipe_compiler.evaluate`) build their parsers from these, so a bad option reads the same in
-each. This module imports only the standard library at the top: an entry point imports it before
+:mod:`recipe_compiler.evaluate`, click commands built from :mod:`recipe_compiler.cli_click`) share
+these, so a bad input reads the same in each. This module imports only the standard library at the top: an entry point imports it before
 its interrupt guard is in place, so Ctrl-C during the heavy imports (torch, transformers) still
 lands inside the guard and prints one line.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -39,32 +38,14 @@ def interruptible(prog: str, message: str) -> Callable:
     """
     def wrap(main: Callable) -> Callable:
         @functools.wraps(main)
-        def guarded(argv: Sequence[str] | None = None) -> int:
+        def guarded(argv: Sequence[str] | None = None, *args: object, **kwargs: object) -> int:
             try:
-                return main(argv)
+                return main(argv, *args, **kwargs)
             except KeyboardInterrupt:
                 print(f"{prog}: {message}", file=sys.stderr)
                 return EXIT_INTERRUPTED
         return guarded
     return wrap
-
-
-class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line (not argparse's usage block)."""
-
-    def error(self, message: str) -> None:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def positive_int(text: str) -> int:
-    """An option value that must be an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def check_device(name: str) -> None:

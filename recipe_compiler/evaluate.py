@@ -46,7 +46,7 @@ from runtime.recipe import Recipe
 
 from .calibration import CalibrationSet
 from .cli_common import (
-    EXIT_FAILURE, Parser, attn_implementations, check_device, check_output_file, interruptible, one_line, positive_int,
+    EXIT_FAILURE, check_device, check_output_file, one_line,
 )
 from .collect import check_inputs, model_inputs
 from .distributed import batches_of
@@ -278,38 +278,74 @@ def _layers(text: str) -> list[int]:
     try:
         layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"layers must be comma-separated integers such as 2,8,16, got {text!r}") from None
+        raise ValueError(f"layers must be comma-separated integers such as 2,8,16, got {text!r}") from None
     if not layers or min(layers) < 0:
-        raise argparse.ArgumentTypeError(f"layers must be non-negative integers such as 2,8,16, got {text!r}")
+        raise ValueError(f"layers must be non-negative integers such as 2,8,16, got {text!r}")
     return layers
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="recipe-eval", description="Compare pruning recipes against the unpruned model on held-out samples.")
-    parser.add_argument("--model", default="tiny-llava", help="registry alias, hub id or local directory (default: tiny-llava)")
-    parser.add_argument("--recipe", action="append",
-                        help="recipe file, or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b); repeat to compare")
-    parser.add_argument("--compare", help="methods to compile and compare, comma-separated (pre-LLM stages, searches, "
-                        "or comparison names: optimal, fitprune, gprune, fopru); needs --budget")
-    parser.add_argument("--budget", help="--compare: FLOPs budgets, comma-separated (e.g. 0.45,0.25)")
-    parser.add_argument("--calibration", help="--compare: calibration folder or .jsonl the recipes are compiled on "
-                        "(default: the shipped set's calibration split)")
-    parser.add_argument("--calibration-samples", type=positive_int, help="--compare: use the first N calibration samples")
-    parser.add_argument("--data", help="folder of images or .jsonl manifest (default: the shipped calibration set's held-out split)")
-    parser.add_argument("--samples", type=positive_int, help="use the first N samples")
-    parser.add_argument("--new-tokens", type=positive_int, default=8, help="greedy continuation length compared (default: 8)")
-    parser.add_argument("--repeats", type=positive_int, default=None, help="alternating timed prefills per recipe (default: 5; 3 with --compare)")
-    parser.add_argument("--batch-size", type=positive_int, default=4, help="samples per forward (default: 4)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--attn-implementation", choices=attn_implementations(), default="sdpa")
-    parser.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
-    parser.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--show", help="an image: draw which visual tokens survive at --layers (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL; needs matplotlib)")
-    parser.add_argument("--layers", type=_layers, default=None, help="layers to draw for --show (default: 2,8,16 clipped to the model)")
-    parser.add_argument("--out", help="directory for the pictures (schedule.png, tokens-<recipe>.png); needs matplotlib")
-    return parser
+def _comparable() -> list[str]:
+    from .compare import known_names
+
+    return known_names()
+
+
+def eval_command():
+    """The ``recipe-eval`` click command (also ``recipe-compiler eval``)."""
+    import click
+
+    from .cli import _attn, _dtype_key, _dtype_names, _model_type
+    from .cli_click import GENERAL, GroupedCommand, Opt, Parsed, RegistryChoice, comma_completer, version
+
+    RECIPES, COMPARE, DATA, MODEL, OUT = "Recipes to compare", "--compare: compile and compare methods", "Held-out data", "Model", "Output"
+
+    @click.command("eval", cls=GroupedCommand, short_help="Compare recipes against the unpruned model.", groups=[RECIPES, COMPARE, DATA, MODEL, OUT, GENERAL],
+                   help="Compare pruning recipes against the unpruned model on held-out samples.",
+                   examples=[("two recipes against the unpruned model on the shipped held-out split",
+                              "recipe-eval --recipe r45.safetensors --recipe fitprune:40"),
+                             ("compile FastV, VisionZip and our search at two budgets, then the table and a plot",
+                              "recipe-eval --compare fastv,visionzip,optimal --budget 0.45,0.25 --out cmp/"),
+                             ("which tokens survive, drawn on an image",
+                              "recipe-eval --recipe r45.safetensors --show cat.png --out pics/")])
+    @click.option("--recipe", cls=Opt, group=RECIPES, multiple=True, type=click.Path(),
+                  help="recipe file, or a preset fitprune:RATIO[@published_recipes.json] (llava-1.5-7b); repeat to compare")
+    @click.option("--compare", cls=Opt, group=COMPARE, metavar="M1,M2", type=Parsed(str, "methods", comma_completer(_comparable)),
+                  help="methods to compile and compare, comma-separated (pre-LLM stages, searches, or comparison names: optimal, fitprune, gprune, fopru); needs --budget")
+    @click.option("--budget", cls=Opt, group=COMPARE, metavar="B1,B2", help="--compare: FLOPs budgets, comma-separated (e.g. 0.45,0.25)")
+    @click.option("--calibration", cls=Opt, group=COMPARE, type=click.Path(),
+                  help="--compare: calibration folder or .jsonl the recipes are compiled on (default: the shipped set's calibration split)")
+    @click.option("--calibration-samples", cls=Opt, group=COMPARE, type=click.IntRange(min=1), help="--compare: use the first N calibration samples")
+    @click.option("--data", cls=Opt, group=DATA, type=click.Path(), help="folder of images or .jsonl manifest (default: the shipped calibration set's held-out split)")
+    @click.option("--samples", cls=Opt, group=DATA, type=click.IntRange(min=1), help="use the first N samples")
+    @click.option("--new-tokens", cls=Opt, group=DATA, type=click.IntRange(min=1), default=8, show_default=True, help="greedy continuation length compared")
+    @click.option("--repeats", cls=Opt, group=DATA, type=click.IntRange(min=1), help="alternating timed prefills per recipe (default: 5; 3 with --compare)")
+    @click.option("--batch-size", cls=Opt, group=DATA, type=click.IntRange(min=1), default=4, show_default=True, help="samples per forward")
+    @click.option("--model", cls=Opt, group=MODEL, type=_model_type(), default="tiny-llava", show_default=True, help="registry alias, hub id or local directory")
+    @click.option("--random-weights", cls=Opt, group=MODEL, is_flag=True, help="the model's architecture with random weights")
+    @click.option("--seed", cls=Opt, group=MODEL, type=int, default=0, show_default=True, help="seed for random weights")
+    @click.option("--device", cls=Opt, group=MODEL, default="cpu", show_default=True, metavar="DEVICE", help="torch device")
+    @click.option("--dtype", cls=Opt, group=MODEL, type=RegistryChoice(_dtype_names, metavar="DTYPE", normalize=_dtype_key),
+                  default="float32", show_default=True, help="weights and activations dtype")
+    @click.option("--attn-implementation", cls=Opt, group=MODEL, type=RegistryChoice(_attn, metavar="KERNEL"), default="sdpa", show_default=True,
+                  help="attention kernel")
+    @click.option("--json", "json_output", cls=Opt, group=OUT, is_flag=True, help="print JSON instead of the table")
+    @click.option("--show", cls=Opt, group=OUT, type=click.Path(dir_okay=False),
+                  help="an image: draw which visual tokens survive at --layers (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL; needs matplotlib)")
+    @click.option("--layers", cls=Opt, group=OUT, type=Parsed(_layers, "layers"), metavar="L1,L2",
+                  help="layers to draw for --show (default: 2,8,16 clipped to the model)")
+    @click.option("--out", cls=Opt, group=OUT, type=click.Path(), help="directory for the pictures (schedule.png, tokens-<recipe>.png); needs matplotlib")
+    @click.version_option(version(), "--version", cls=Opt, message="%(prog)s %(version)s")
+    def command(**options) -> int:
+        options["recipe"] = list(options["recipe"]) or None
+        options["json"] = options.pop("json_output")
+        args = argparse.Namespace(**options)
+        try:
+            return _main(args)
+        except (CompileError, RecipeError, ValueError) as exc:
+            print(f"recipe-eval: error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILURE
+
+    return command
 
 
 def _recipe_name(spec: str, taken: set) -> str:
@@ -325,15 +361,11 @@ def _picture_name(recipe_name: str) -> str:
     return "tokens-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe_name) + ".png"
 
 
-@interruptible("recipe-eval", "interrupted")
 def main(argv: Sequence[str] | None = None) -> int:
-    """``recipe-eval``: see ``recipe-eval --help``. Returns the exit code."""
-    args = _parser().parse_args(argv)
-    try:
-        return _main(args)
-    except (CompileError, RecipeError, ValueError) as exc:
-        print(f"recipe-eval: error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
+    """``recipe-eval``: see ``recipe-eval --help``. Returns the exit code (a usage error raises ``SystemExit(2)``)."""
+    from .cli import eval_main
+
+    return eval_main(argv)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -63,7 +63,7 @@ def make_inputs(loaded, samples, prompts=None):
 def run_cli(capsys, argv, main=None):
     """Run a console entry point in-process: ``(exit code, stdout, stderr)``; default ``recipe-compile``.
 
-    argparse rejects bad option values with SystemExit, so that counts as an exit code too.
+    A usage error (click: unknown option, bad value) raises SystemExit(2), so that counts as an exit code too.
     """
     if main is None:
         from recipe_compiler.cli import compile_main as main

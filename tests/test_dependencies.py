@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("scipy", "click", "tqdm", "recipe_compiler", "matplotlib")
+HEAVY = ("scipy", "click", "tqdm", "recipe_compiler", "matplotlib")  # allowed in recipe_compiler, never in runtime
 SERVING = ("vllm", "transformers")  # imported lazily: only when a model is patched or vLLM loads the plugin
 
 
@@ -19,6 +19,16 @@ def _loaded_after(statement: str) -> list[str]:
 
 def test_import_runtime_loads_no_compiler_dependencies():
     assert _loaded_after("import runtime; from runtime import load, Recipe") == []
+
+
+def test_click_is_the_compilers_dependency_never_the_runtimes():
+    # The CLI is click (declared in pyproject); the serving side must not pull it in.
+    tomllib = pytest.importorskip("tomllib")
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.replace(" ", "").startswith("click>=") for d in declared), declared
+    assert "click" in _loaded_after("from recipe_compiler.cli import _compile_command; _compile_command()")
+    assert "click" not in _loaded_after("import runtime, runtime.pruner, runtime.presets; from runtime import load")
 
 
 def test_applying_recipes_adds_nothing_beyond_torch_itself():

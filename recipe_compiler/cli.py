@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .cli_click import _attn, _dtype_key, _dtype_names, _model_aliases, _model_type
 from .cli_common import (
     EXIT_FAILURE, check_device, check_output_file, interruptible, one_line, same_file,
 )
@@ -36,30 +37,6 @@ def _search_param(text: str) -> tuple:
         except ValueError:
             pass
     return name.strip(), value.strip()
-
-
-def _dtype_names() -> tuple[str, ...]:
-    from .models import _DTYPE_NAMES
-
-    return tuple(_DTYPE_NAMES)
-
-
-def _dtype_key(text: str) -> str:
-    key = text.strip().lower()
-    return key[len("torch."):] if key.startswith("torch.") else key
-
-
-def _model_aliases() -> list[str]:
-    from .families import ALIASES
-
-    return sorted(ALIASES)
-
-
-def _model_type():
-    """``--model``: any alias, hub id or directory (checked when the model is prepared); completes the aliases."""
-    from .cli_click import Parsed
-
-    return Parsed(str, "model", lambda incomplete: [a for a in _model_aliases() if a.startswith(incomplete.lower())])
 
 
 def _searches():
@@ -90,12 +67,6 @@ def _stages():
     from .prellm_search import pre_llm_choices
 
     return pre_llm_choices()
-
-
-def _attn():
-    from .cli_common import attn_implementations
-
-    return attn_implementations()
 
 
 def _compile_command():

@@ -196,3 +196,32 @@ def run(command: click.Command, argv: Sequence[str] | None, prog: str | None) ->
 def _message(exc: click.UsageError) -> str:
     message = exc.format_message()
     return message.rstrip(".") if message.endswith(".") and not message.endswith("..") else message
+
+
+# Option types shared by recipe-compile and recipe-eval (here, not in cli.py: evaluate imports them).
+def _dtype_names() -> tuple[str, ...]:
+    from .models import _DTYPE_NAMES
+
+    return tuple(_DTYPE_NAMES)
+
+
+def _dtype_key(text: str) -> str:
+    key = text.strip().lower()
+    return key[len("torch."):] if key.startswith("torch.") else key
+
+
+def _model_aliases() -> list[str]:
+    from .families import ALIASES
+
+    return sorted(ALIASES)
+
+
+def _model_type():
+    """``--model``: any alias, hub id or directory (checked when the model is prepared); completes the aliases."""
+    return Parsed(str, "model", lambda incomplete: [a for a in _model_aliases() if a.startswith(incomplete.lower())])
+
+
+def _attn():
+    from .cli_common import attn_implementations
+
+    return attn_implementations()

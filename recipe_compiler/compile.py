@@ -251,14 +251,14 @@ def compile_recipe(
             f"--search {config.search} cannot run on this model: it probes and prunes at every layer, but only layers "
             f"{', '.join(map(str, cuts))} follow a layer with attention rows; use a table search (--search optimal)"
         )
-    smallest = min_feasible_budget(shape, statistics.n_other, statistics.n_visual, v_ref)
+    smallest = min_feasible_budget(shape, statistics.n_other, statistics.n_visual, v_ref, min(cuts, default=shape.num_layers))
     if config.pre_llm != NO_STAGE and not search.in_the_loop:
         return _compile_with_stage(
             model, processor, calibration, config, statistics, shape, fingerprint, v_ref, timings, step, share, common
         )
     if config.pre_llm == NO_STAGE and config.budget < smallest * (1 - BUDGET_RTOL):  # a stage lowers the floor
         raise BudgetError(
-            f"budget {config.budget:g} cannot be met: even dropping every visual token after layer 0 spends "
+            f"budget {config.budget:g} cannot be met: even dropping every visual token after layer {min(cuts, default=shape.num_layers) - 1} spends "
             f"{smallest:.4f} of the prefill FLOPs on these prompts; use --budget {math.ceil(smallest * 1000) / 1000:g} or more"
         )
 

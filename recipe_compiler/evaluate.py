@@ -294,7 +294,7 @@ def eval_command():
     """The ``recipe-eval`` click command (also ``recipe-compiler eval``)."""
     import click
 
-    from .cli import _attn, _dtype_key, _dtype_names, _model_type
+    from .cli_click import _attn, _dtype_key, _dtype_names, _model_type
     from .cli_click import GENERAL, GroupedCommand, Opt, Parsed, RegistryChoice, comma_completer, version
 
     RECIPES, COMPARE, DATA, MODEL, OUT = "Recipes to compare", "--compare: compile and compare methods", "Held-out data", "Model", "Output"
@@ -363,9 +363,14 @@ def _picture_name(recipe_name: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``recipe-eval``: see ``recipe-eval --help``. Returns the exit code (a usage error raises ``SystemExit(2)``)."""
-    from .cli import eval_main
+    from .cli_click import run
+    from .cli_common import EXIT_INTERRUPTED
 
-    return eval_main(argv)
+    try:
+        return run(eval_command(), argv, "recipe-eval")
+    except KeyboardInterrupt:
+        print("recipe-eval: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _main(args: argparse.Namespace) -> int:

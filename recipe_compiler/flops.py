@@ -432,14 +432,17 @@ def probe_flops(shape: LMShape, n_other: Any, n_visual: Any, keep_counts: Any, v
     return float(np.mean(total))
 
 
-def min_feasible_budget(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int) -> float:
-    """The smallest budget any schedule can meet: all visual tokens in layer 0, none afterwards.
+def min_feasible_budget(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int, first_cut: int = 1) -> float:
+    """The smallest budget any schedule can meet: all visual tokens up to the first layer a cut may
+    enter, none afterwards.
 
     Args:
         shape: the model sizes.
         n_other: int ``[S]``, non-visual prompt tokens per sample.
         n_visual: int ``[S]``, visual tokens per sample.
         v_ref: reference visual-token count.
+        first_cut: the first layer a cut may enter (1; later where layer 0 has no attention rows to
+            score by, e.g. Qwen3.5's linear attention).
 
     Returns:
         The FLOPs fraction of the schedule ``[v_ref, 0, 0, …]``.
@@ -451,7 +454,7 @@ def min_feasible_budget(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int)
     """
     v_ref = _check_v_ref(v_ref)
     keep = np.zeros(shape.num_layers, dtype=np.int64)
-    keep[0] = v_ref
+    keep[:max(1, int(first_cut))] = v_ref
     return schedule_flops_fraction(shape, n_other, n_visual, keep, v_ref)
 
 

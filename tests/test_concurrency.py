@@ -18,7 +18,8 @@ from PIL import Image
 from families import FamilyCase, family_params
 from recipe_compiler.search import SEARCHES
 from runtime import Recipe, RecipeMismatchError
-from runtime.families import model_fingerprint
+from runtime.families import family_for, model_fingerprint
+from runtime.methods.scorers import SCORERS
 from runtime.methods.stages import STAGES
 from runtime.prellm_stage import unsupported_reason
 
@@ -80,6 +81,19 @@ def test_threads_sharing_one_patched_model_each_get_what_they_get_alone(case: Fa
         with pytest.raises(RecipeMismatchError, match=re.escape(stage)):  # refused at apply, before any request
             _recipe(model, stage)
         return
+    if isinstance(stage, str) and stage.startswith("method-"):
+        search = SEARCHES[stage[len("method-"):]]
+        if SCORERS[search.scorer].unsupported_reason(model):  # e.g. PDrop's query recomputation on Qwen3.5's linear layers
+            with pytest.raises(RecipeMismatchError, match=f"scorer {search.scorer!r} cannot run on this model"):
+                _recipe(model, stage)
+            return
+        fp = model_fingerprint(model)
+        counts = search.example(fp["num_layers"], fp["visual_tokens"])
+        cuts = {layer for layer in range(1, len(counts)) if counts[layer] < counts[layer - 1]}
+        if not cuts <= set(family_for(model).cut_layers(model)):  # a paper schedule cutting after a linear-attention layer
+            with pytest.raises(RecipeMismatchError, match="scoring cut may only enter"):
+                _recipe(model, stage)
+            return
     requests = _requests(case, loaded)
     with _recipe(model, stage), torch.no_grad():
         alone = [model.generate(**r, **GREEDY) for r in requests]

@@ -23,9 +23,11 @@ from runtime.recipe import from_bytes
 
 
 def _choices() -> dict:
-    from recipe_compiler.cli import _compile_parser
+    import click
 
-    return {action.dest: list(action.choices) for action in _compile_parser()._actions if action.choices}
+    from recipe_compiler.cli import _compile_command
+
+    return {param.name: list(param.type.choices) for param in _compile_command().params if isinstance(param.type, click.Choice)}
 
 
 def test_cli_choices_are_the_registries_names():

@@ -19,7 +19,7 @@ from recipe_compiler.cli import compile_main
 from recipe_compiler.errors import BudgetError
 from recipe_compiler.search import SEARCHES
 from runtime import Recipe, RecipeMismatchError, load
-from runtime.families import model_fingerprint
+from runtime.families import family_for, model_fingerprint
 from runtime.methods.scorers import SCORERS
 
 METHODS = [name for name, search in SEARCHES.items() if search.is_method]
@@ -55,7 +55,8 @@ def _floor(case: FamilyCase) -> float:
     model = case.load().model
     stats = _statistics(case, "max")
     shape = LMShape.from_config(family_for(model).text_config(model))
-    return min_feasible_budget(shape, stats.n_other, stats.n_visual, model_fingerprint(model)["visual_tokens"])
+    return min_feasible_budget(shape, stats.n_other, stats.n_visual, model_fingerprint(model)["visual_tokens"],
+                               min(family_for(model).cut_layers(model), default=shape.num_layers))
 
 
 # ----------------------------------------------------------------------------- head reduction
@@ -99,6 +100,14 @@ def test_method_compiles_and_meets_the_budget(case: FamilyCase, method: str, bud
     floor = _floor(case)
     if budget < floor:  # no schedule of any method fits this family's prompts: refused, naming the floor
         with pytest.raises(BudgetError, match="--budget"):
+            _compile(case, budget, method)
+        return
+    model = case.load().model
+    fp = model_fingerprint(model)
+    counts = search.example(fp["num_layers"], fp["visual_tokens"])
+    cuts = {layer for layer in range(1, len(counts)) if counts[layer] < counts[layer - 1]}
+    if not cuts <= set(family_for(model).cut_layers(model)):  # its paper layer follows a layer without attention rows
+        with pytest.raises(ValueError, match="may prune only entering layers"):
             _compile(case, budget, method)
         return
     result = _compile(case, budget, method)

@@ -40,7 +40,7 @@ def test_llava_next_gets_its_own_architecture(tmp_path):
 @pytest.mark.parametrize("pre_llm,fingerprint,match", [
     ({"method": "none"}, FINGERPRINT, "has no pre-LLM stage"),
     ({"method": "g-prune", "keep_ratio": 0.5, "params": {}}, dict(FINGERPRINT, model_type="qwen2_vl"), "Qwen2-VL is not served"),
-    ({"method": "g-prune", "keep_ratio": 0.5, "params": {}}, dict(FINGERPRINT, model_type="gemma3"), "no vLLM plugin class"),
+    ({"method": "g-prune", "keep_ratio": 0.5, "params": {}}, dict(FINGERPRINT, model_type="paligemma"), "no vLLM plugin class"),
 ], ids=["no-stage", "qwen2-vl", "unknown-family"])
 def test_recipes_the_plugin_cannot_serve_are_refused_with_the_reason(tmp_path, pre_llm, fingerprint, match):
     with pytest.raises(RecipeError, match=match):

@@ -258,6 +258,8 @@ class PruningHandle:
         self.kinds = self.family.layer_kinds_of(model)
         self._attention_layers = self.family.attention_layers(model)
         _check_probes(self.policy, self.kinds, self._attention_layers)
+        # Per pruning layer, which layer kinds follow it up to the next cut: fixed by the recipe, so once here.
+        self._segments = {layer: self._segment_kinds(layer) for layer in self.policy.pruning_layers}
         self._hooks: list = []
         self._policy_hooks: list = []
         self._probed: list = []
@@ -530,7 +532,7 @@ class PruningHandle:
                         self._request = None
                         self._say_once(str(exc))
                         return None
-                for other, first in self._segment_kinds(layer).items():
+                for other, first in self._segments[layer].items():
                     masks = request.kind_carry.setdefault(other, {})
                     masks["attention_mask"] = self._rebuild_mask(layer, first, other, request, hidden)
             elif self._forward["prefill"]:

@@ -74,6 +74,7 @@ class StatisticsPolicy(Policy):
             entry["n_visual"] = int(roles.visual[row].sum())
             entry["n_text"] = int(roles.text[row].sum())
             entry["n_tokens"] = int(roles.valid[row].sum())
+            entry["n_before"] = int(roles.n_before[row])
 
     def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
         last = torch.zeros_like(roles.text)
@@ -290,6 +291,7 @@ def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp:
         n_visual=np.array([r["n_visual"] for r in rows], dtype=np.int64),
         n_text=np.array([r["n_text"] for r in rows], dtype=np.int64),
         n_tokens=np.array([r["n_tokens"] for r in rows], dtype=np.int64),
+        n_before=np.array([r["n_before"] for r in rows], dtype=np.int64),
         head_reduce=head_reduce,
         model_fingerprint=model_fp,
         calibration_fingerprint=calibration_fp,

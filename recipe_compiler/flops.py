@@ -55,6 +55,8 @@ __all__ = [
     "visual_token_fraction",
     "format_flops",
     "probe_flops",
+    "probe_table",
+    "cut_flops",
 ]
 
 
@@ -407,32 +409,103 @@ def schedule_flops_fraction(
     )
 
 
-def probe_flops(shape: LMShape, n_other: Any, n_visual: Any, keep_counts: Any, v_ref: int, probe_macs: Any) -> float:
-    """Mean FLOPs over samples that a scorer's own probes add to a schedule (0 for most scorers).
+def _probe_layout(other: np.ndarray, n_before: Any, n_text: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens before and after the image per sample; without them, all non-visual tokens follow it."""
+    before = np.zeros_like(other) if n_before is None else _as_counts(n_before, "n_before").reshape(-1)
+    text = other - before if n_text is None else _as_counts(n_text, "n_text").reshape(-1)
+    if before.shape != other.shape or text.shape != other.shape or np.any(before + text > other):
+        raise ValueError(f"n_before and n_text need one count per sample ({other.size}) with n_before + n_text <= n_other")
+    return before, text
 
-    At each pruning layer ``l`` (``keep[l] < keep[l − 1]``) the scorer sees the row's tokens before
-    the cut: ``n_other + scale(keep[l − 1])`` real tokens, of which ``scale(keep[l − 1])`` visual.
+
+def probe_table(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int, probe_macs: Any,
+                n_before: Any = None, n_text: Any = None) -> np.ndarray:
+    """Mean FLOPs of a scorer's probe on entry to each layer, by the visual tokens alive before the cut.
+
+    A cut on entry to layer ``l`` (``k_l < k_{l−1}``) runs the scorer's probe on the row as it
+    enters layer ``l − 1``: ``n_other + scale(k_{l−1})`` real tokens, ``scale(k_{l−1})`` of them
+    visual. Its cost is a transition cost of the schedule: it depends on the count *before* the
+    cut and is paid only where the count falls.
 
     Args:
-        probe_macs: ``probe_macs(shape, n_tokens, n_visual) -> multiply-adds`` (vectorised over
-            numpy arrays), a scorer's :meth:`~runtime.methods.scorers.base.Scorer.probe_macs`.
+        shape: the model sizes.
+        n_other, n_visual: int ``[S]``, as for :func:`cost_table`.
+        v_ref: reference visual-token count.
+        probe_macs: ``probe_macs(shape, n_tokens, n_visual, n_before, n_text) -> multiply-adds``
+            (vectorised), a scorer's :meth:`~runtime.methods.scorers.base.Scorer.probe_macs`.
+        n_before: int ``[S]``, real tokens before the image (default 0).
+        n_text: int ``[S]``, real tokens after the image (default ``n_other − n_before``).
+
+    Returns:
+        float64 ``[num_layers, v_ref + 1]``: entry ``[l, x]`` is the mean over samples of the
+        probe's FLOPs (2 per multiply-add) for a cut into ``l`` from ``x`` reference tokens; row 0
+        is 0 (nothing is cut on entry to layer 0 inside the language model).
 
     Example:
         >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
-        >>> probe_flops(s, [1], [2], [2, 1], 2, lambda shape, n, v: n * 10.0)   # one cut, 3 tokens before it
-        60.0
+        >>> probe_table(s, [1], [2], 2, lambda shape, n, v, b, t: n * 10.0).tolist()
+        [[0.0, 0.0, 0.0], [20.0, 40.0, 60.0]]
     """
     v_ref = _check_v_ref(v_ref)
     other, visual = _check_samples(n_other, n_visual)
-    keep = _check_keep(keep_counts, shape, v_ref)
-    total = np.zeros(other.shape[0], dtype=np.float64)
-    for layer in np.nonzero(np.diff(keep) < 0)[0] + 1:
-        before = scale_counts(np.full(other.shape[0], keep[layer - 1]), visual, v_ref).astype(np.float64)
-        total += 2.0 * np.asarray(probe_macs(shape, other + before, before), dtype=np.float64)
-    return float(np.mean(total))
+    before, text = _probe_layout(other, n_before, n_text)
+    ks = scale_counts(np.arange(v_ref + 1)[None, :], visual[:, None], v_ref).astype(np.float64)  # [S, v_ref+1]
+    macs = np.asarray(probe_macs(shape, other[:, None] + ks, ks, before[:, None].astype(np.float64),
+                                 text[:, None].astype(np.float64)), dtype=np.float64)
+    row = 2.0 * np.mean(np.broadcast_to(macs, ks.shape), axis=0)
+    table = np.tile(row, (shape.num_layers, 1))
+    table[0] = 0.0
+    return table
 
 
-def min_feasible_budget(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int, first_cut: int = 1) -> float:
+def cut_flops(probes: Any, keep_counts: Any) -> np.ndarray | float:
+    """The probe FLOPs a schedule pays: ``Σ_{l: k_l < k_{l−1}} probes[l, k_{l−1}]``.
+
+    Args:
+        probes: float ``[L, V + 1]`` (:func:`probe_table`).
+        keep_counts: int ``[L]`` or ``[n, L]`` schedules.
+
+    Returns:
+        float (float64 ``[n]`` for several schedules).
+
+    Example:
+        >>> cut_flops([[0.0, 0.0, 0.0], [20.0, 40.0, 60.0]], [2, 1])
+        60.0
+    """
+    p = np.asarray(probes, dtype=np.float64)
+    k = np.asarray(keep_counts, dtype=np.int64)
+    single = k.ndim == 1
+    k = np.atleast_2d(k)
+    layers = np.arange(1, k.shape[1])
+    cut = k[:, 1:] < k[:, :-1]
+    out = np.sum(np.where(cut, p[layers[None, :], k[:, :-1]], 0.0), axis=1)
+    return float(out[0]) if single else out
+
+
+def probe_flops(shape: LMShape, n_other: Any, n_visual: Any, keep_counts: Any, v_ref: int, probe_macs: Any,
+                n_before: Any = None, n_text: Any = None) -> float:
+    """Mean FLOPs over samples that a scorer's probes add to a schedule.
+
+    At each pruning layer ``l`` (``keep[l] < keep[l − 1]``) the scorer sees the row's tokens before
+    the cut: ``n_other + scale(keep[l − 1])`` real tokens, of which ``scale(keep[l − 1])`` visual
+    (:func:`probe_table`, :func:`cut_flops`).
+
+    Args:
+        probe_macs: ``probe_macs(shape, n_tokens, n_visual, n_before, n_text) -> multiply-adds``
+            (vectorised over numpy arrays), a scorer's :meth:`~runtime.methods.scorers.base.Scorer.probe_macs`.
+        n_before, n_text: as for :func:`probe_table`.
+
+    Example:
+        >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> probe_flops(s, [1], [2], [2, 1], 2, lambda shape, n, v, b, t: n * 10.0)   # one cut, 3 tokens before it
+        60.0
+    """
+    keep = _check_keep(keep_counts, shape, _check_v_ref(v_ref))
+    return cut_flops(probe_table(shape, n_other, n_visual, v_ref, probe_macs, n_before, n_text), keep)
+
+
+def min_feasible_budget(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int, first_cut: int = 1,
+                        probes: Any = None) -> float:
     """The smallest budget any schedule can meet: all visual tokens up to the first layer a cut may
     enter, none afterwards.
 
@@ -443,6 +516,7 @@ def min_feasible_budget(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int,
         v_ref: reference visual-token count.
         first_cut: the first layer a cut may enter (1; later where layer 0 has no attention rows to
             score by, e.g. Qwen3.5's linear attention).
+        probes: the scorer's :func:`probe_table` (its one cut's probe is counted); None: no probe.
 
     Returns:
         The FLOPs fraction of the schedule ``[v_ref, 0, 0, …]``.
@@ -455,7 +529,12 @@ def min_feasible_budget(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int,
     v_ref = _check_v_ref(v_ref)
     keep = np.zeros(shape.num_layers, dtype=np.int64)
     keep[:max(1, int(first_cut))] = v_ref
-    return schedule_flops_fraction(shape, n_other, n_visual, keep, v_ref)
+    fraction = schedule_flops_fraction(shape, n_other, n_visual, keep, v_ref)
+    if probes is None:
+        return fraction
+    other, visual = _check_samples(n_other, n_visual)
+    full = np.full(shape.num_layers, v_ref, dtype=np.int64)
+    return fraction + cut_flops(probes, keep) / _schedule_mean_flops(shape, other, visual, full, v_ref)
 
 
 def visual_token_equivalent(

@@ -42,6 +42,9 @@ class Statistics:
             supported pre-LLM stage.
         prellm_params: JSON of the G-Prune parameters ``gprune`` was computed with and the
             FoPru ``feature_layer`` (``hidden_states`` index) of ``fopru``.
+        n_before: int64 [S] or None. Real tokens before each sample's first image token (the
+            system prompt), which a probe's query rows start after; None in statistics saved
+            before it was recorded (:attr:`before_image` then derives it).
     """
 
     cross: np.ndarray
@@ -55,6 +58,15 @@ class Statistics:
     calibration_fingerprint: str = ""
     prellm: dict = field(default_factory=dict)
     prellm_params: str = ""
+    n_before: np.ndarray | None = None
+
+    @property
+    def before_image(self) -> np.ndarray:
+        """Real tokens before each sample's image, int64 [S]: :attr:`n_before`, or, when the
+        statistics predate it, every non-visual token that is not text after the image."""
+        if self.n_before is not None:
+            return np.asarray(self.n_before, dtype=np.int64)
+        return self.n_other - self.n_text
 
     @property
     def num_samples(self) -> int:
@@ -118,6 +130,8 @@ def save_statistics(stats: Statistics, path) -> None:
     }
     arrays = {name: np.ascontiguousarray(getattr(stats, name)) for name in _ARRAYS}
     arrays.update({f"prellm_{name}": np.ascontiguousarray(value) for name, value in stats.prellm.items()})
+    if stats.n_before is not None:
+        arrays["n_before"] = np.ascontiguousarray(stats.n_before, dtype=np.int64)
     data = encode_safetensors(arrays, metadata)
     try:
         write_atomic(path, data)
@@ -161,8 +175,11 @@ def load_statistics(path) -> Statistics:
     prellm = {name: arrays[f"prellm_{name}"] for name in PRELLM_SCORES if f"prellm_{name}" in arrays}
     if any(value.shape != (s, v) for value in prellm.values()):
         raise StatisticsError(f"{path} has inconsistent pre-LLM score shapes; recollect the statistics")
+    if "n_before" in arrays and arrays["n_before"].shape != (s,):
+        raise StatisticsError(f"{path} has an inconsistent n_before shape; recollect the statistics")
     return Statistics(
         **{name: arrays[name] for name in _ARRAYS},
+        n_before=arrays.get("n_before"),
         prellm=prellm,
         prellm_params=metadata.get("prellm_params", ""),
         head_reduce=metadata.get("head_reduce", "max"),

@@ -1,7 +1,7 @@
 """The verification pass: run a recipe with the real runtime and measure what it actually does.
 
 FLOPs come from the token counts that really entered each layer (recorded by the runtime's hooks),
-not from the plan; drift is measured on the next-token distribution at the end of each prompt,
+not from the plan, plus each pruning layer's scoring probe (:meth:`Scorer.probe_macs`); drift is measured on the next-token distribution at the end of each prompt,
 pruned against unpruned. Beside the language-model figures it reports what the vision encoder and
 projector cost on the same images (never part of the budget) and the visual-token-only fraction.
 Given the calibration statistics of the same samples, it also scores the visual tokens the runtime
@@ -135,9 +135,13 @@ def verify_recipe(
             n_visual = (inputs["input_ids"] == handle.image_token_id).sum(dim=1).cpu().numpy()
             visual = np.repeat(n_visual[:, None].astype(np.float64), shape.num_layers, axis=1)
         probe = np.zeros(tokens.shape[0])
-        scorer = SCORERS[recipe.scorer]
-        for layer in recipe.pruning_layers:  # the scorer's own work beyond the model's (e.g. PyramidDrop's q/k)
-            probe += 2.0 * np.asarray(scorer.probe_macs(shape, tokens[:, layer - 1], visual[:, layer - 1]), dtype=np.float64)
+        if request is not None:  # each pruning layer's probe, on the row as it entered the probed layer
+            scorer = SCORERS[recipe.scorer]
+            before = request.roles.n_before.cpu().numpy().astype(np.float64)
+            text = request.roles.text.sum(dim=1).cpu().numpy().astype(np.float64)
+            for layer in recipe.pruning_layers:
+                probe += 2.0 * np.asarray(scorer.probe_macs(shape, tokens[:, layer - 1], visual[:, layer - 1], before, text),
+                                          dtype=np.float64)
         log_p = torch.log_softmax(full_logits, dim=-1)
         log_q = torch.log_softmax(pruned_logits, dim=-1)
         mine.append((index, (

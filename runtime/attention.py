@@ -12,6 +12,7 @@ import sys
 import weakref
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .methods.heads import HEAD_REDUCTIONS
@@ -22,6 +23,16 @@ UNWRAPPED = {v: k for k, v in WRAPPED.items()}
 Probe = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], None]
 _PROBES: "weakref.WeakKeyDictionary[torch.nn.Module, Probe]" = weakref.WeakKeyDictionary()
 _registered = False
+
+PROBE_CHUNK = 64
+"""Query rows per chunk of a recipe's scoring probe, on every device.
+
+Each chunk multiplies its rows by the keys up to its last row (a staircase over the causal
+triangle), so the chunk size decides the probe's FLOPs. One size everywhere makes the FLOPs a
+recipe is compiled and verified with the FLOPs every device runs (:func:`row_sum_macs`); 64 keeps
+the staircase within 32 keys per row of the exact triangle and is the fastest on CPU (the score
+block stays in cache). The calibration pass is not budgeted and keeps the device default.
+"""
 
 
 def _eager_for(module: torch.nn.Module) -> Callable:
@@ -94,7 +105,9 @@ def attention_row_sums(
             "mean"), how the heads' post-softmax probabilities are combined.
         chunk: query rows per chunk (memory is B·H·chunk·Lk floats); default 64 on CPU, where
             the score block then stays in cache (measured fastest), 1024 elsewhere. Rows are taken
-            as one contiguous span per chunk; chunks without a weighted row are skipped.
+            as one contiguous span per chunk; chunks without a weighted row are skipped. A recipe's
+            probe passes :data:`PROBE_CHUNK`, so that its FLOPs (:func:`row_sum_macs`) do not
+            depend on the device.
 
     Returns:
         (B, G, Lk) float32: ``sum_q row_weights[b, g, q] * reduce_h softmax(q·kᵀ)[b, h, q, k]``.
@@ -142,3 +155,39 @@ def attention_row_sums(
         probs = scores.softmax(dim=-1)
         out[:, :, :keys] += torch.bmm(row_weight, reduce(probs))
     return out
+
+
+def row_sum_macs(heads: int, head_dim: int, groups: int, first, n_tokens, chunk: int = PROBE_CHUNK):
+    """Multiply-adds :func:`attention_row_sums` spends on one prefill row (batch 1), exactly.
+
+    The needed query rows are the span ``[first, n_tokens)`` of an ``n_tokens``-long prefill
+    (``q_len == k_len``). Chunk ``c`` of ``rows_c`` rows ending at row ``end_c`` computes
+    ``QKᵀ`` on ``heads·rows_c·head_dim·end_c`` multiply-adds and the weighted row sum on
+    ``groups·rows_c·end_c``; the softmax, masking and head reduction are elementwise, linear in
+    the score block, and not counted (as the FLOPs model leaves out the model's own softmax).
+    With ``m`` full chunks of ``C`` rows and ``r`` rows left over, ``Σ_c rows_c·end_c =
+    C·m·first + C²·m(m+1)/2 + r·(first + m·C + r)``. In a padded batch every row computes the
+    widest span: that padding is the batch's cost, not the request's.
+
+    Args:
+        heads, head_dim: query heads and their width (keys are not repeated for GQA: the
+            product count is the same).
+        groups: row groups summed (the weights' ``G``).
+        first: the first needed row (scalar or numpy array).
+        n_tokens: the sequence length (scalar or array, broadcast with ``first``).
+        chunk: rows per chunk (:data:`PROBE_CHUNK`).
+
+    Returns:
+        float64 multiply-adds (array if an argument is one), 0 where the span is empty.
+
+    Example:
+        >>> row_sum_macs(2, 4, 1, first=9, n_tokens=10)  # the last row: 1 row × 10 keys × (2·4 + 1)
+        90.0
+    """
+    first = np.asarray(first, dtype=np.float64)
+    n = np.asarray(n_tokens, dtype=np.float64)
+    rows = np.maximum(n - first, 0.0)
+    full, rest = np.floor_divide(rows, chunk), np.mod(rows, chunk)
+    stairs = chunk * full * first + chunk * chunk * full * (full + 1) / 2 + rest * (first + full * chunk + rest)
+    out = (heads * head_dim + groups) * stairs
+    return float(out) if out.ndim == 0 else out

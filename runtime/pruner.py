@@ -39,6 +39,7 @@ class Roles:
     text: torch.Tensor  # a real token after the last visual token of its row
     orig_index: torch.Tensor  # position in the original prompt
     n_visual_input: torch.Tensor  # (B,) visual tokens the row had entering the language model
+    n_before: torch.Tensor | None = None  # (B,) real tokens before the row's first image token (never pruned)
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Roles":
         take = lambda t: t.gather(1, index)  # noqa: E731
@@ -62,6 +63,7 @@ class Policy:
     probe_layers: tuple[int, ...] = ()
     input_layers: tuple[int, ...] = ()  # layers whose inputs on_layer_input receives (prefill, before pruning)
     head_reduce: str = "max"
+    probe_chunk: int | None = None  # query rows per chunk of the attention probe (None: the device's default)
 
     def __deepcopy__(self, memo: dict) -> "Policy":
         return self  # shared, like the handle: a deep-copied model is cleaned of its hooks afterwards
@@ -140,6 +142,7 @@ class RecipePolicy(Policy):
             in_llm = (0, *in_llm)
         self.pruning_layers = in_llm
         self.head_reduce = recipe.head_reduce
+        self.probe_chunk = attention.PROBE_CHUNK  # the probe's FLOPs, which the budget counts, are the same on every device
         self._counts: dict[int, torch.Tensor] = {}  # visual tokens of a row -> keep counts per layer
 
     def attach(self, model: torch.nn.Module) -> list:
@@ -468,6 +471,7 @@ class PruningHandle:
             text=valid & (position > last_visual),
             orig_index=position,
             n_visual_input=visual.sum(dim=1),
+            n_before=(valid & (position < torch.where(image, position, torch.full_like(position, visual.shape[1])).amin(dim=1, keepdim=True))).sum(dim=1),
         )
         self._request = _Request(prompt_len=visual.shape[1], roles=roles)
         self.policy.begin(roles)
@@ -501,7 +505,8 @@ class PruningHandle:
             if self.policy.on_attention(layer, query, key, attention_mask, scaling, roles):
                 return
             weights = self.policy.row_groups(layer, roles).to(query.device)
-            sums = attention.attention_row_sums(query, key, attention_mask, scaling, weights, self.policy.head_reduce)
+            sums = attention.attention_row_sums(query, key, attention_mask, scaling, weights, self.policy.head_reduce,
+                                                chunk=self.policy.probe_chunk)
             self.policy.on_probe(layer, sums.to(roles.valid.device), roles)  # layers may sit on other devices
 
         return probe

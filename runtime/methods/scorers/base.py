@@ -23,8 +23,8 @@ dict that is kept per thread (scorer instances are shared and stateless):
   own-layer q/k probe, DART's normed hidden states, SparseVLM's RoPE tables.
 
 ``attention_probe = False`` installs no attention probe at all. Work a scorer does that the
-model itself does not (PyramidDrop recomputes projections) is declared by :meth:`Scorer.probe_macs`
-so the FLOPs model counts it.
+model itself does not (the probe's recomputed attention rows, PyramidDrop's projections) is
+declared by :meth:`Scorer.probe_macs` so the FLOPs model, the searches and the budget count it.
 """
 from __future__ import annotations
 
@@ -95,19 +95,50 @@ class Scorer:
         """(B, L) scores for the pruning layer ``layer``; higher survive. Default: the probe's."""
         return state["scores"]
 
-    def probe_macs(self, shape, n_tokens: float, n_visual: float) -> float:
-        """Multiply-adds a pruning layer's scoring adds beyond the model's own work.
+    probe_groups = 1
+    """Row groups :meth:`groups` returns (the ``G`` of the probe's weighted row sums)."""
+
+    def probe_first_row(self, n_tokens, n_visual, n_before, n_text):
+        """The first query row the attention probe needs; it needs every row from there to the last.
+
+        Args: as :meth:`probe_macs`. Returns: a row index (scalar or array). Default 0 (every row,
+        the most the probe can compute): a scorer reading fewer rows says which.
+        """
+        return np.zeros_like(np.asarray(n_tokens, dtype=np.float64))
+
+    def probe_macs(self, shape, n_tokens, n_visual, n_before, n_text):
+        """Multiply-adds a pruning layer's scoring adds beyond the model's own work, for one request.
 
         Args:
             shape: an object with ``hidden``, ``num_heads``, ``num_kv_heads``, ``head_dim``
                 (``recipe_compiler.flops.LMShape``).
-            n_tokens, n_visual: real and visual tokens of the row entering the pruning layer,
-                before it prunes.
+            n_tokens, n_visual: real and visual tokens of the row entering the probed layer (the
+                pruning layer's tokens before it prunes); numpy arrays or scalars.
+            n_before: real tokens before the image (system prompt); ``n_text``: real tokens after
+                it. Neither changes with pruning.
 
-        Default 0: reading the attention the layer computes anyway (FastV, FitPrune) is free in
-        the FLOPs model, like the references, which take it from the attention weights.
+        Returns:
+            float64 multiply-adds (vectorised over the arguments).
+
+        Default: the attention probe's (:func:`runtime.attention.row_sum_macs`): it recomputes
+        ``QKᵀ`` for the rows from :meth:`probe_first_row` on, in :data:`runtime.attention.PROBE_CHUNK`
+        row chunks against the keys up to each chunk's end, and sums :attr:`probe_groups` weighted
+        rows. Not free: the model's own attention kernel never materialises those rows. A scorer
+        with no attention probe and no work of its own costs 0.
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> from runtime.methods.scorers import SCORERS
+            >>> shape = SimpleNamespace(hidden=8, num_heads=2, num_kv_heads=2, head_dim=4)
+            >>> float(SCORERS["last-token"].probe_macs(shape, 10, 4, 2, 4))  # 1 row · 10 keys · (2·4 + 1)
+            90.0
         """
-        return 0.0
+        from ...attention import row_sum_macs
+
+        if not self.attention_probe:
+            return np.zeros_like(np.asarray(n_tokens, dtype=np.float64))
+        first = self.probe_first_row(n_tokens, n_visual, n_before, n_text)
+        return row_sum_macs(shape.num_heads, shape.head_dim, self.probe_groups, first, n_tokens)
 
     def groups(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """(B, G, L) weights of the query rows to sum, for the current sequence's role masks.

@@ -69,9 +69,10 @@ class Dart(Scorer):
             scores[b, img_pos] = torch.where(chosen[img_pos], torch.full_like(nearest, CHOSEN), -nearest)
         return scores
 
-    def probe_macs(self, shape, n_tokens, n_visual):
+    def probe_macs(self, shape, n_tokens, n_visual, n_before, n_text):
         pivots = sum(reference.DEFAULT_PIVOTS)
-        # key L1 norms of every token, cosine similarities of each pivot with the image tokens
+        # key L1 norms of every token, cosine similarities of each pivot with the image tokens; the
+        # probed layer's keys are the model's own (its query rows are never used)
         return np.asarray(n_tokens, dtype=np.float64) * shape.num_kv_heads * shape.head_dim + \
             pivots * np.asarray(n_visual, dtype=np.float64) * shape.hidden
 

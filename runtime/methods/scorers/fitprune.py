@@ -13,6 +13,14 @@ from .base import Scorer, register_scorer
 
 @register_scorer("fitprune")
 class FitPrune(Scorer):
+    probe_groups = 2  # text rows, visual rows
+
+    def probe_first_row(self, n_tokens, n_visual, n_before, n_text):
+        # From the first visual row to the last text row: the span holds every row after the
+        # system prompt (exact when no protected token, e.g. a NeXT newline, precedes the first
+        # kept visual token; otherwise an upper bound by those few rows).
+        return np.asarray(n_before, dtype=np.float64)
+
     def groups(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         return torch.stack([text, visual], dim=1).float()
 

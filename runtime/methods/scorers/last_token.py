@@ -11,6 +11,9 @@ from .base import Scorer, register_scorer
 class LastToken(Scorer):
     head_reduce = "mean"  # FastV modeling_llama.py and PyramidDrop average the heads
 
+    def probe_first_row(self, n_tokens, n_visual, n_before, n_text):
+        return np.asarray(n_tokens, dtype=np.float64) - 1.0  # one row, against every key
+
     def groups(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         last = torch.zeros_like(text, dtype=torch.float32)
         last[:, -1] = 1.0  # the last prompt token is always the last row (padding is on the left)

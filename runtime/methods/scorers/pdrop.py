@@ -84,7 +84,7 @@ class PyramidDrop(Scorer):
             state["scores"] = reference.last_token_scores(query[:, :, 0], keys, key_mask=roles.valid.to(keys.device),
                                                           scaling=module.self_attn.scaling)
 
-    def probe_macs(self, shape, n_tokens, n_visual):
+    def probe_macs(self, shape, n_tokens, n_visual, n_before, n_text):
         qd, kvd = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
         # q_proj of one token, k_proj of every token, one row of scores (the softmax is not counted)
         return shape.hidden * qd + np.asarray(n_tokens, dtype=np.float64) * (shape.hidden * kvd + qd)

@@ -70,6 +70,15 @@ class SparseVLM(Scorer):
         state["scores"] = scores
         return True
 
+    def probe_macs(self, shape, n_tokens, n_visual, n_before, n_text):
+        """Per scoring layer: each rater's query against every key and every head, and RoPE's own pattern.
+
+        The raters are the above-mean text tokens, known only at run time; the count takes every
+        text token as a rater, an upper bound (the budget holds whatever the prompt).
+        """
+        n, v, t = (np.asarray(a, dtype=np.float64) for a in (n_tokens, n_visual, n_text))
+        return shape.num_heads * shape.head_dim * t * n + shape.head_dim * t * v
+
     def groups(self, text, visual):  # never called: on_attention handles the probe
         raise NotImplementedError
 

@@ -9,6 +9,9 @@ from .base import Scorer, register_scorer
 
 @register_scorer("text-mean")
 class TextMean(Scorer):
+    def probe_first_row(self, n_tokens, n_visual, n_before, n_text):
+        return np.asarray(n_tokens, dtype=np.float64) - np.asarray(n_text, dtype=np.float64)  # the text rows
+
     def groups(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         return text[:, None, :].float()
 

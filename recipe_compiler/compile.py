@@ -27,7 +27,7 @@ from .distributed import SINGLE, Sharding
 from .divergence import divergence_table, nested_divergence, schedule_objective
 from .errors import BudgetError, StatisticsError
 from . import prellm_search
-from .flops import LMShape, cost_table, min_feasible_budget, probe_flops, visual_token_equivalent
+from .flops import LMShape, cost_table, min_feasible_budget, probe_flops, probe_table, visual_token_equivalent
 from .prellm_search import AUTO, pre_llm_choices
 from .search import SEARCHES
 from .statistics import Statistics
@@ -251,7 +251,9 @@ def compile_recipe(
             f"--search {config.search} cannot run on this model: it probes and prunes at every layer, but only layers "
             f"{', '.join(map(str, cuts))} follow a layer with attention rows; use a table search (--search optimal)"
         )
-    smallest = min_feasible_budget(shape, statistics.n_other, statistics.n_visual, v_ref, min(cuts, default=shape.num_layers))
+    probes = scorer_probes(shape, statistics, config.scorer, v_ref)
+    smallest = min_feasible_budget(shape, statistics.n_other, statistics.n_visual, v_ref, min(cuts, default=shape.num_layers),
+                                   probes=probes)
     if config.pre_llm != NO_STAGE and not search.in_the_loop:
         return _compile_with_stage(
             model, processor, calibration, config, statistics, shape, fingerprint, v_ref, timings, step, share, common
@@ -270,7 +272,8 @@ def compile_recipe(
         costs = cost_table(shape, statistics.n_other, statistics.n_visual, v_ref)
         budget_flops = config.budget * float(np.sum(costs[:, v_ref]))
         macs = SCORERS[config.scorer].probe_macs
-        extra = lambda k: probe_flops(shape, statistics.n_other, statistics.n_visual, k, v_ref, macs)  # noqa: E731
+        extra = lambda k: probe_flops(shape, statistics.n_other, statistics.n_visual, k, v_ref, macs,  # noqa: E731
+                                      statistics.before_image, statistics.n_text)
         keep, found = search.schedule(table, costs, budget_flops, extra=extra, **config.search_params)
         _check_cuts(search.title, keep, cuts)
         search_params = {"method": search.provenance, **found}
@@ -280,11 +283,11 @@ def compile_recipe(
         budget_flops = config.budget * float(np.sum(costs[:, v_ref]))
         schedule = cut_only_at(search.schedule, cuts, shape.num_layers)
         try:
-            keep = schedule(table, costs, budget_flops)
+            keep = schedule(table, costs, budget_flops, probes=probes)
         except BudgetError:
             # The floor check above passed, so the budget is at the floor within the stated tolerance;
             # the search's own sum may differ from it in the last bits.
-            keep = schedule(table, costs, budget_flops * (1 + BUDGET_RTOL))
+            keep = schedule(table, costs, budget_flops * (1 + BUDGET_RTOL), probes=probes)
         search_params = {"method": search.provenance, "grid": int(v_ref) + 1}
     else:
         if config.pre_llm != NO_STAGE:
@@ -292,7 +295,7 @@ def compile_recipe(
             table = divergence_table(statistics, config.scorer, v_ref=v_ref, survivors=alive)
         keep, search_params, found_details = search.run(
             model, processor, calibration, statistics, shape, config.budget, v_ref,
-            progress=step("search", search.passes * share), pre_llm=stage, **common,
+            progress=step("search", search.passes * share), pre_llm=stage, scorer=config.scorer, **common,
         )
         if stage is not None:
             search_params["pre_llm"] = config.pre_llm
@@ -321,6 +324,23 @@ def compile_recipe(
     return CompileResult(recipe, statistics, verification, float(divergence), float(equivalent), timings, details, float(nested))
 
 
+def scorer_probes(shape: LMShape, statistics: Statistics, scorer: str, v_ref: int, n_visual: Any = None) -> np.ndarray:
+    """The run-time scorer's probe FLOPs per cut on the calibration prompts (:func:`~recipe_compiler.flops.probe_table`).
+
+    Args:
+        shape, statistics, v_ref: the model's sizes, the calibration statistics, the reference count.
+        scorer: a ``SCORERS`` name.
+        n_visual: visual tokens per sample that the schedule scales with (a pre-LLM stage's
+            survivors); default: the statistics' own.
+
+    Returns:
+        float64 ``[num_layers, v_ref + 1]``.
+    """
+    visual = statistics.n_visual if n_visual is None else n_visual
+    return probe_table(shape, statistics.n_other, visual, v_ref, SCORERS[scorer].probe_macs, statistics.before_image,
+                       statistics.n_text)
+
+
 def cut_only_at(schedule: Callable, cuts: tuple, num_layers: int) -> Callable:
     """A table search that may change the count only on entry to layers ``cuts`` (and keeps layer 0 whole).
 
@@ -341,6 +361,8 @@ def cut_only_at(schedule: Callable, cuts: tuple, num_layers: int) -> Callable:
 
     def constrained(table: Any, cost: Any, budget_flops: float, **kwargs: Any) -> np.ndarray:
         fold = lambda t: np.stack([np.sum(np.asarray(t)[a:b], axis=0) for a, b in zip(bounds[:-1], bounds[1:])])  # noqa: E731
+        if kwargs.get("probes") is not None:  # a segment is entered by one cut: its first layer's probe
+            kwargs["probes"] = np.asarray(kwargs["probes"])[starts]
         keep = np.asarray(schedule(fold(table), fold(cost), budget_flops, **kwargs))
         return np.repeat(keep, np.diff(bounds)).astype(np.int64)
 

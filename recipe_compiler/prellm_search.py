@@ -20,12 +20,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from runtime.methods.scorers import SCORERS
 from runtime.methods.stages import NO_STAGE, STAGES
 from runtime.prellm_stage import view_keep
 
 from .divergence import divergence_table, schedule_objective
 from .errors import StatisticsError
-from .flops import LMShape, cost_table
+from .flops import LMShape, cost_table, cut_flops, probe_table
 from .statistics import Statistics
 
 AUTO = "auto"
@@ -152,8 +153,11 @@ def evaluate(
     L = shape.num_layers
     out: list[Candidate] = []
 
-    def fraction(costs: np.ndarray, keep: np.ndarray) -> float:
-        return float(np.sum(costs[np.arange(L), keep])) / unpruned
+    def fraction(costs: np.ndarray, keep: np.ndarray, probes: np.ndarray) -> float:
+        return (float(np.sum(costs[np.arange(L), keep])) + cut_flops(probes, keep)) / unpruned
+
+    def probes_for(name: str, n_post: np.ndarray) -> np.ndarray:  # the in-LLM scorer's probe at each cut
+        return probe_table(shape, stats.n_other, n_post, v_ref, SCORERS[name].probe_macs, stats.before_image, stats.n_text)
 
     stage = None if method == NO_STAGE else STAGES[method]
     if stage is not None and stage.own_schedule:  # a stage-2 cut at (layer, ratio) on a grid, by the stage's scorer
@@ -161,10 +165,11 @@ def evaluate(
         n_post = alive.sum(axis=1)
         table = divergence_table(stats, stage.stage2_scorer, v_ref=v_ref, survivors=alive)
         costs = cost_table(shape, stats.n_other, n_post, v_ref)
+        probes = probes_for(stage.stage2_scorer, n_post)
         for layer in range(1, L):
             for ratio in STAGE2_RATIO_GRID:
                 keep = stage.stage2_counts(v_ref, L, layer, ratio).astype(np.int64)
-                flops = fraction(costs, keep)
+                flops = fraction(costs, keep, probes)
                 out.append(Candidate(
                     method, None, keep, flops, schedule_objective(table, keep), stage.stage2_scorer,
                     {"stage2_layer": layer, "stage2_ratio": ratio, **stage_params(stats, method, detector)},
@@ -179,15 +184,16 @@ def evaluate(
         alive = None if stage is None else survivors(stats, method, ratio)
         n_post = stats.n_visual if alive is None else alive.sum(axis=1)
         costs = cost_table(shape, stats.n_other, n_post, v_ref)
-        smallest = costs[0, v_ref] + float(np.sum(costs[1:, 0]))
+        probes = probes_for(scorer, n_post)
+        smallest = costs[0, v_ref] + float(np.sum(costs[1:, 0])) + (float(probes[1, v_ref]) if L > 1 else 0.0)
         params = stage_params(stats, method)
         if smallest > budget_flops * (1 + 1e-9):
             out.append(Candidate(method, None if stage is None else ratio, None, smallest / unpruned, math.inf,
                                  scorer, params, float(np.mean(n_post)), False))
             continue
         table = divergence_table(stats, scorer, v_ref=v_ref, survivors=alive)
-        keep = np.asarray(search(table, costs, budget_flops), dtype=np.int64)
-        flops = fraction(costs, keep)
+        keep = np.asarray(search(table, costs, budget_flops, probes=probes), dtype=np.int64)
+        flops = fraction(costs, keep, probes)
         out.append(Candidate(method, None if stage is None else ratio, keep, flops, schedule_objective(table, keep),
                              scorer, params, float(np.mean(n_post)), flops <= budget * (1 + 1e-9)))
     return out

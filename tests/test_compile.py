@@ -112,9 +112,12 @@ def test_budget_one_keeps_every_token(tiny, calibration, stats):
 def test_a_budget_at_the_floor_compiles_to_the_cheapest_schedule(tiny, calibration, stats, search, ulps):
     from recipe_compiler.flops import min_feasible_budget
 
+    from recipe_compiler.compile import scorer_probes
+
     shape = LMShape.from_config(tiny.model.config.text_config)
     v_ref = int(stats.max_visual)
-    budget = min_feasible_budget(shape, stats.n_other, stats.n_visual, v_ref)
+    # The floor counts the one cut's probe (the default scorer's, fitprune)
+    budget = min_feasible_budget(shape, stats.n_other, stats.n_visual, v_ref, probes=scorer_probes(shape, stats, "fitprune", v_ref))
     for _ in range(-ulps):
         budget = float(np.nextafter(budget, 0.0))
     result = compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(budget, search=search),

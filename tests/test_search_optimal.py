@@ -191,6 +191,58 @@ def test_property_no_feasible_monotone_schedule_is_better(data):
     assert schedule_objective(table, k) <= objectives.min() + 1e-9 * max(1.0, abs(best))
 
 
+# --- with probe costs (a cut into layer l from x tokens pays probes[l, x]) ---
+
+
+def probe_flops_of(schedules: np.ndarray, probes: np.ndarray) -> np.ndarray:
+    """Σ over the cuts of each schedule of probes[l, k_{l-1}], written out layer by layer."""
+    total = np.zeros(len(schedules))
+    for i, k in enumerate(schedules):
+        for l in range(1, len(k)):
+            if k[l] < k[l - 1]:
+                total[i] += probes[l, k[l - 1]]
+    return total
+
+
+@pytest.mark.parametrize("kind", ["divergence-like", "arbitrary", "integers"])
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("probe_scale", [0.3, 3.0])
+def test_with_probe_costs_equals_brute_force_on_tiny_cases(kind, seed, probe_scale):
+    rng = np.random.default_rng(7000 + 1000 * seed + len(kind))
+    L, V = 5, 4
+    table, cost = random_instance(rng, L, V, kind)
+    # Probes grow with the tokens before the cut, as every scorer's do; scale 3 makes some cuts cost
+    # more than they save, so the optimum must skip them.
+    probes = np.tile(np.cumsum(rng.random(V + 1)) * probe_scale, (L, 1)) + rng.random((L, V + 1)) * probe_scale
+    probes[0] = 0.0
+    schedules = monotone_schedules(L, V)
+    rows = np.arange(L)
+    objective = table[rows, schedules].sum(axis=1)
+    flops = cost[rows, schedules].sum(axis=1) + probe_flops_of(schedules, probes)
+    for fraction in (0.0, 0.15, 0.4, 0.65, 0.9):
+        budget = float(flops.min() + fraction * (flops.max() - flops.min()))
+        feasible = (flops <= budget) & np.isfinite(objective)
+        k = optimal_schedule(table, cost, budget, probes=probes)
+        assert k[0] == V and np.all(np.diff(k) <= 0)
+        spent = float(np.sum(cost[rows, k])) + float(probe_flops_of(k[None], probes)[0])
+        assert spent <= budget * (1 + 1e-12), "over budget once its probes are counted"
+        assert schedule_objective(table, k) == pytest.approx(float(objective[feasible].min()), rel=1e-12, abs=1e-12)
+
+
+def test_a_cut_that_costs_more_than_it_saves_is_never_taken():
+    # Layer 2 may drop one token (tiny saving, tiny divergence) for a probe that costs more than that
+    # token saves; any budget the probe-free schedule meets is met better without that cut.
+    table = np.array([[INF, INF, 0.0], [INF, INF, 0.0], [5.0, 0.1, 0.0]])
+    cost = np.tile([0.0, 1.0, 2.0], (3, 1))
+    probes = np.zeros((3, 3))
+    probes[2] = [0.0, 5.0, 5.0]  # any cut into layer 2 costs 5
+    with pytest.raises(BudgetError):
+        optimal_schedule(table, cost, 5.9, probes=probes)  # keeping all costs 6, a cut at least 5 + 2·2
+    assert optimal_schedule(table, cost, 6.0, probes=probes).tolist() == [2, 2, 2]
+    assert optimal_schedule(table, cost, 6.0).tolist() == [2, 2, 2]
+    assert optimal_schedule(table, cost, 5.5).tolist() == [2, 2, 1]  # free cuts: the drop is taken
+
+
 # --- on statistics ---
 
 

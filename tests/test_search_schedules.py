@@ -264,3 +264,51 @@ def test_property_every_search_meets_the_budget_and_optimal_is_least(problem):
     tol = 1e-9 * max(1.0, objectives["optimal"])
     assert objectives["optimal"] <= objectives["gsearch"] + tol
     assert objectives["optimal"] <= objectives["psigmoid"] + tol
+
+
+# --- probe costs: every table search pays the scorer's probe at each cut ---
+
+
+def stats_problem_with_probes(seed: int, scorer: str, V: int = 24):
+    from recipe_compiler.flops import probe_table
+    from runtime.methods.scorers import SCORERS
+
+    rng = np.random.default_rng(seed)
+    table, cost = stats_problem(seed, V)
+    S = 4
+    n_visual = rng.integers(V // 2, V + 1, S)
+    n_visual[0] = V
+    n_text = rng.integers(5, 30, S)
+    probes = probe_table(TINY_LM, n_text + 20, n_visual, V, SCORERS[scorer].probe_macs, np.full(S, 20), n_text)
+    return table, cost, probes
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("scorer", ["fitprune", "last-token"])
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
+def test_every_search_meets_the_budget_with_the_probes_counted(name, scorer, fraction):
+    from recipe_compiler.search.base import schedule_flops
+
+    table, cost, probes = stats_problem_with_probes(1, scorer)
+    budget = budget_between(cost, fraction) + float(probes[1, -1])  # the cheapest schedule's one cut fits
+    k = SEARCHES[name](table, cost, budget, probes=probes)
+    assert k[0] == table.shape[1] - 1 and np.all(np.diff(k) <= 0)
+    with_probes = schedule_flops(cost, k, probes)
+    assert with_probes <= budget, f"{name} spends {with_probes} > {budget} once its probes are counted"
+    assert with_probes > schedule_flops(cost, k) or np.all(k == k[0]), "a schedule that cuts pays its probes"
+    best = schedule_objective(table, SEARCHES["optimal"](table, cost, budget, probes=probes))
+    assert best <= schedule_objective(table, k) + 1e-12
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("seed", [2, 3])
+def test_expensive_probes_make_every_search_cut_less_often(name, seed):
+    table, cost, probes = stats_problem_with_probes(seed, "fitprune")
+    budget = budget_between(cost, 0.5)
+    cuts = lambda k: int(np.sum(np.diff(k) < 0))  # noqa: E731
+    free = SEARCHES[name](table, cost, budget)
+    # Probes 10x dearer, and the budget raised by one of them: every extra cut now costs a lot.
+    pricey = SEARCHES[name](table, cost, budget + 10 * float(probes[1, -1]), probes=10 * probes)
+    assert cuts(pricey) <= cuts(free)
+    if name != "gsearch":  # gsearch cuts wherever its tolerance allows; the others weigh each cut's cost
+        assert cuts(free) > 1 and cuts(pricey) == 1, (free, pricey)

@@ -1,9 +1,10 @@
 """What a schedule search is, and the registry of searches (``SEARCHES``).
 
 A search picks the in-LLM schedule (visual tokens alive entering each layer) under the FLOPs
-budget. A *table* search works on the statistics alone: ``schedule(table, cost, budget_flops) ->
-int64 [L]`` keep counts (reference tokens) with ``k_0 = V``, non-increasing and
-``Σ_l cost[l, k_l] <= budget_flops``, or :class:`recipe_compiler.errors.BudgetError`. A search
+budget. A *table* search works on the statistics alone: ``schedule(table, cost, budget_flops,
+probes=None) -> int64 [L]`` keep counts (reference tokens) with ``k_0 = V``, non-increasing and
+``Σ_l cost[l, k_l] + Σ_{cuts} probes[l, k_{l-1}] <= budget_flops`` (:func:`schedule_flops`; the
+scorer's probe is paid at every layer the count falls), or :class:`recipe_compiler.errors.BudgetError`. A search
 *with the model in the loop* (FitPrune's) runs pruned forwards instead: ``run(...)`` returns the
 schedule, its provenance parameters and details. One module per search registers it by name.
 """
@@ -12,10 +13,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from runtime.registry import Registry
 
 SEARCHES = Registry("schedule search")
 """name → :class:`Search`; filled by the search modules, in the order the package imports them."""
+
+
+def schedule_flops(cost: Any, keep: Any, probes: Any = None) -> np.ndarray | float:
+    """FLOPs of schedules: each layer's cost plus the probe of every cut (``probes[l, k_{l-1}]``).
+
+    Args:
+        cost: float ``[L, V + 1]``.
+        keep: int ``[L]`` or ``[n, L]``.
+        probes: float ``[L, V + 1]`` or None (cuts are free).
+
+    Returns:
+        float (float64 ``[n]`` for several schedules).
+
+    Example:
+        >>> import numpy as np
+        >>> schedule_flops(np.tile([1.0, 2.0, 3.0], (2, 1)), [2, 1], np.array([[0, 0, 0], [0, 5.0, 7.0]]))
+        12.0
+    """
+    c = np.asarray(cost, dtype=np.float64)
+    k = np.asarray(keep, dtype=np.int64)
+    single = k.ndim == 1
+    k = np.atleast_2d(k)
+    total = np.sum(c[np.arange(c.shape[0])[None, :], k], axis=1)
+    if probes is not None:
+        p = np.asarray(probes, dtype=np.float64)
+        cut = k[:, 1:] < k[:, :-1]
+        total = total + np.sum(np.where(cut, p[np.arange(1, c.shape[0])[None, :], k[:, :-1]], 0.0), axis=1)
+    return float(total[0]) if single else total
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ the fact; this is equivalent because a sample's pruning at layer l depends only 
 Deviation from the reference, on purpose: the reference emits the recipe of the *last evaluated*
 alpha, which can miss the budget. We emit the recipe of the last *feasible* alpha, and count an
 alpha as feasible only if the emitted recipe itself (floor of the mean pruned counts) also meets
-the budget under the exact FLOPs model.
+the budget under the exact FLOPs model, the run-time scorer's probe at each of its cuts included.
 
 With a fixed-ratio pre-LLM stage, every forward first applies the stage on entry to layer 0,
 exactly as the runtime does. The stage is treated as pruning before layer 0: the rule runs on the
@@ -29,13 +29,14 @@ import torch
 
 from runtime.pruner import Policy, PruningHandle, Roles
 
+from runtime.methods.scorers import SCORERS
 from runtime.prellm_stage import PreLLMStage
 
 from ..calibration import CalibrationSet
 from ..collect import model_inputs
 from ..distributed import SINGLE, Sharding, batches_of
 from ..errors import BudgetError
-from ..flops import LMShape, cost_table, layer_flops, schedule_flops_fraction
+from ..flops import LMShape, cost_table, cut_flops, layer_flops, probe_table, schedule_flops_fraction
 from ..methods.fitprune import bisect_alpha, layer_prune_set, recipe_from_counts, stopping_layer
 from ..statistics import Statistics
 from .base import register_search
@@ -124,6 +125,7 @@ def fitprune_search(
     progress: Callable[[int], None] | None = None,
     sharding: Sharding = SINGLE,
     pre_llm: dict | None = None,
+    scorer: str = "fitprune",
 ) -> FitPruneResult | None:
     """Bisect FitPrune's alpha with the model in the loop; return the feasible recipe or None.
 
@@ -140,6 +142,8 @@ def fitprune_search(
         pre_llm: a fixed-ratio pre-LLM stage as a recipe records it (``{"method", "keep_ratio",
             "params"}``), applied first on every forward; the schedule found is relative to
             its survivors and the FLOPs include its saving from layer 0. None: no stage.
+        scorer: the run-time scorer of the recipe; its probe at each layer the emitted schedule
+            cuts at counts in that schedule's FLOPs (:func:`recipe_compiler.flops.probe_table`).
 
     Returns:
         :class:`FitPruneResult`, or None if no alpha meets the budget.
@@ -186,6 +190,9 @@ def fitprune_search(
             fraction = schedule_flops_fraction(shape, stats.n_other, stats.n_visual, keep, v_ref)
         else:
             fraction = stage_flops_fraction(shape, stats.n_other, stats.n_visual, n_post, keep, v_ref)
+        probes = probe_table(shape, stats.n_other, stats.n_visual if stage_spec is None else n_post, v_ref,
+                             SCORERS[scorer].probe_macs, stats.before_image, stats.n_text)
+        fraction += cut_flops(probes, keep) / float(np.sum(cost_table(shape, stats.n_other, stats.n_visual, v_ref)[:, v_ref]))
         results[alpha] = (per_layer_pruned, stop)
         return bool(fraction <= budget * (1 + 1e-9))
 
@@ -209,7 +216,7 @@ EVALUATIONS = 7  # alpha bisections at BISECTION_TOL: ceil(log2(1 / 0.01))
 @register_search("fitprune", in_the_loop=True, title="FitPrune", passes=EVALUATIONS)
 def run_fitprune(model: torch.nn.Module, processor: Any, calibration: CalibrationSet, stats: Statistics, shape: LMShape,
                  budget: float, v_ref: int, *, progress: Callable[[int], None] | None = None, pre_llm: dict | None = None,
-                 **common: Any) -> tuple[np.ndarray, dict, dict]:
+                 scorer: str = "fitprune", **common: Any) -> tuple[np.ndarray, dict, dict]:
     """``--search fitprune``: :func:`fitprune_search`, as the compiler records it.
 
     Returns:
@@ -219,7 +226,7 @@ def run_fitprune(model: torch.nn.Module, processor: Any, calibration: Calibratio
         BudgetError: no alpha meets the budget.
     """
     found = fitprune_search(model, processor, calibration, stats, shape, budget, v_ref, tol=BISECTION_TOL,
-                            progress=progress, pre_llm=pre_llm, **common)
+                            progress=progress, pre_llm=pre_llm, scorer=scorer, **common)
     if found is None:
         raise BudgetError(f"the FitPrune search found no alpha meeting budget {budget:g}; try a larger budget or --search optimal")
     search_params = {"alpha": found.alpha, "stop_layer": found.stop_layer, "bisection_tol": BISECTION_TOL}

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from recipe_compiler.errors import BudgetError
-from recipe_compiler.search.base import register_search
-from recipe_compiler.search.optimal import _check_inputs
+from recipe_compiler.search.base import register_search, schedule_flops
+from recipe_compiler.search.optimal import _check_inputs, _check_probes
 
 __all__ = ["gsearch_schedule", "gsearch_greedy"]
 
@@ -65,7 +65,7 @@ def gsearch_greedy(table: Any, epsilon: float) -> np.ndarray:
 
 
 @register_search("gsearch", provenance="greedy-epsilon-bisection")
-def gsearch_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
+def gsearch_schedule(table: Any, cost: Any, budget_flops: float, probes: Any = None) -> np.ndarray:
     """G-Search: the greedy schedule at the smallest divergence tolerance that fits the budget.
 
     Args:
@@ -74,7 +74,12 @@ def gsearch_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
             :func:`recipe_compiler.divergence.divergence_table`.
         cost: float ``[L, V + 1]``, FLOPs of layer ``l`` with ``k`` visual tokens, e.g. from
             :func:`recipe_compiler.flops.cost_table`.
-        budget_flops: allowed total ``Σ_l cost[l, k_l]``.
+        budget_flops: allowed total ``Σ_l cost[l, k_l]`` plus the probes of the cuts.
+        probes: float ``[L, V + 1]`` or None: a cut into ``l`` from ``x`` tokens costs
+            ``probes[l, x]`` (:func:`recipe_compiler.flops.probe_table`). A larger ``ε`` still
+            keeps fewer tokens everywhere but may cut at more layers, so with probes the FLOPs
+            are monotone in ``ε`` only nearly: the bisection's result is checked and, if it
+            misses, the candidates are scanned in order.
 
     Returns:
         int64 ``[L]`` keep counts with ``k_0 = V``, non-increasing, within the budget.
@@ -92,11 +97,15 @@ def gsearch_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
         [3, 0, 0]
     """
     t, c, budget = _check_inputs(table, cost, budget_flops)
+    probes = _check_probes(probes, t.shape)
     L = t.shape[0]
     rows = np.arange(L)
 
+    def flops(k: np.ndarray) -> float:
+        return schedule_flops(c, k, probes)
+
     def fits(k: np.ndarray) -> bool:
-        return float(np.sum(c[rows, k])) <= budget and bool(np.all(np.isfinite(t[rows, k])))
+        return flops(k) <= budget and bool(np.all(np.isfinite(t[rows, k])))
 
     body = t[1:]
     candidates = np.unique(body[np.isfinite(body)])  # sorted ascending
@@ -118,15 +127,15 @@ def gsearch_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
         return gsearch_greedy(t, candidates[hi])
 
     loosest = gsearch_greedy(t, candidates[-1])
-    least = float(np.sum(c[rows, loosest]))
-    if np.any(np.diff(c[1:], axis=1) < 0):
+    least = flops(loosest)
+    if np.any(np.diff(c[1:], axis=1) < 0) or probes is not None:
         # Cost rows that decrease somewhere in k: FLOPs need not be monotone in ε, scan in order.
         for eps in candidates:
             k = gsearch_greedy(t, eps)
             if fits(k):
                 return k
             if np.all(np.isfinite(t[rows, k])):
-                least = min(least, float(np.sum(c[rows, k])))
+                least = min(least, flops(k))
     raise BudgetError(
         f"budget of {budget:.6g} FLOPs cannot be met by gsearch; its cheapest greedy schedule needs "
         f"{least:.6g} FLOPs: raise the budget"

@@ -1,9 +1,17 @@
 """``--search optimal``: the least-divergence non-increasing schedule within a FLOPs budget.
 
 Pure numpy/scipy. Problem (METHODS.md §2): given ``table[l, k]`` (divergence of keeping ``k``
-visual tokens entering layer ``l``) and ``cost[l, k]`` (its FLOPs), find integers
+visual tokens entering layer ``l``), ``cost[l, k]`` (its FLOPs) and optionally ``probes[l, x]``
+(the FLOPs of the scorer's probe for a cut into layer ``l`` from ``x`` tokens), find integers
 ``V = k_0 >= k_1 >= … >= k_{L-1} >= 0`` minimising ``Σ_l table[l, k_l]`` subject to
-``Σ_l cost[l, k_l] <= budget``.
+``Σ_l cost[l, k_l] + Σ_{l: k_l < k_{l-1}} probes[l, k_{l-1}] <= budget``.
+
+The probe is a transition cost: it depends on the count before the cut and is paid only where
+the count falls. Every step below handles it exactly: the DP's recursion takes the better of
+"no cut" (``k_{l-1} = k``, free) and "cut from some ``x > k``" (``f(x) + probes[l, x]``), still
+one suffix minimum per layer; the greedy moves price a layer's change with the probes of both
+transitions it touches; the branch and bound adds the probe of each cut on its path and bounds
+with value-to-go tables that include them.
 
 Method:
 
@@ -67,15 +75,25 @@ def _prefix_min(f: np.ndarray) -> np.ndarray:
     return np.minimum.accumulate(f)
 
 
-def _dp(values: np.ndarray) -> np.ndarray:
-    """Schedule minimising ``Σ_l values[l, k_l]`` over ``V = k_0 >= k_1 >= …`` (ties: more tokens)."""
+def _dp(values: np.ndarray, trans: np.ndarray | None = None) -> np.ndarray:
+    """Schedule minimising ``Σ_l values[l, k_l] + Σ_{cuts} trans[l, k_{l-1}]`` over ``V = k_0 >= k_1 >= …``
+    (ties: more tokens)."""
     L, n = values.shape
     V = n - 1
     f = np.full(n, np.inf)
     f[V] = values[0, V]
     pred = np.zeros((L, n), dtype=np.int64)
     for l in range(1, L):
-        best, arg = _suffix_min(f)
+        if trans is None:
+            best, arg = _suffix_min(f)
+        else:
+            # A cut into l from x > k pays trans[l, x]; staying at k is free. Ties: the larger predecessor.
+            cut, cut_arg = _suffix_min(f + trans[l])
+            cut = np.append(cut[1:], np.inf)
+            cut_arg = np.append(cut_arg[1:], n - 1)
+            take_cut = cut <= f
+            best = np.where(take_cut, cut, f)
+            arg = np.where(take_cut, cut_arg, np.arange(n))
         pred[l] = arg
         f = values[l] + best
     k = np.empty(L, dtype=np.int64)
@@ -88,7 +106,7 @@ def _dp(values: np.ndarray) -> np.ndarray:
 class _Problem:
     """The instance, with helpers that evaluate schedules exactly (canonical sums)."""
 
-    def __init__(self, table: np.ndarray, cost: np.ndarray, budget: float) -> None:
+    def __init__(self, table: np.ndarray, cost: np.ndarray, budget: float, probes: np.ndarray | None = None) -> None:
         self.table = table
         self.cost = cost
         self.budget = budget
@@ -96,12 +114,43 @@ class _Problem:
         self.V = n - 1
         self.rows = np.arange(self.L)
         self.finite = np.isfinite(table)
+        self.probes = probes  # None: cuts are free
 
     def objective(self, k: np.ndarray) -> float:
         return float(np.sum(self.table[self.rows, k]))
 
     def flops(self, k: np.ndarray) -> float:
-        return float(np.sum(self.cost[self.rows, k]))
+        total = float(np.sum(self.cost[self.rows, k]))
+        if self.probes is not None:
+            cuts = np.nonzero(k[1:] < k[:-1])[0] + 1
+            total += float(np.sum(self.probes[cuts, k[cuts - 1]]))
+        return total
+
+    def layer_costs(self, k: np.ndarray, l: int) -> np.ndarray:
+        """FLOPs that depend on ``k_l``, for every value ``x`` of it (the others fixed): the layer's
+        own cost plus the probes of the cut into ``l`` and the cut out of it."""
+        out = self.cost[l].copy()
+        if self.probes is None:
+            return out
+        x = np.arange(self.V + 1)
+        if l > 0:
+            out += np.where(x < k[l - 1], self.probes[l, k[l - 1]], 0.0)
+        if l + 1 < self.L:
+            out += np.where(k[l + 1] < x, self.probes[l + 1], 0.0)
+        return out
+
+    def move_costs(self, k: np.ndarray) -> np.ndarray:
+        """``[L, V + 1]``: :meth:`layer_costs` of every layer (row ``l`` for ``k_l = x``)."""
+        if self.probes is None:
+            return self.cost
+        x = np.arange(self.V + 1)[None, :]
+        out = self.cost.copy()
+        prev = np.concatenate(([self.V], k[:-1]))[:, None]
+        into = np.where(x < prev, self.probes[self.rows[:, None], prev], 0.0)
+        into[0] = 0.0
+        nxt = np.concatenate((k[1:], [0]))[:, None]
+        out_of = np.where(nxt < x, np.concatenate((self.probes[1:], np.zeros((1, self.V + 1)))), 0.0)
+        return out + into + out_of
 
     def feasible(self, k: np.ndarray) -> bool:
         return self.flops(k) <= self.budget and np.isfinite(self.objective(k))
@@ -129,9 +178,10 @@ def _raise_greedily(p: _Problem, k: np.ndarray) -> np.ndarray:
         lo, hi = int(k[l]) + 1, int(k[l - 1])
         if hi < lo:
             return
-        cur_t, cur_c = p.table[l, k[l]], p.cost[l, k[l]]
+        row = p.layer_costs(k, l)
+        cur_t, cur_c = p.table[l, k[l]], row[k[l]]
         gain = cur_t - p.table[l, lo : hi + 1]
-        extra = p.cost[l, lo : hi + 1] - cur_c
+        extra = row[lo : hi + 1] - cur_c
         ok = p.finite[l, lo : hi + 1] & (gain > 0) & (extra <= slack)
         if not ok.any():
             return
@@ -158,6 +208,8 @@ def _raise_greedily(p: _Problem, k: np.ndarray) -> np.ndarray:
         k[l] = best_x[l]
         slack = p.budget - p.flops(k)
         stale = set(np.nonzero(valid & (extra_of > slack))[0].tolist()) | {l, l + 1}
+        if p.probes is not None and l > 0:
+            stale.add(l - 1)  # the cut out of layer l - 1 changed with k_l
         for j in sorted(stale):
             if j < L:
                 refresh(j, slack)
@@ -173,12 +225,13 @@ def _repair(p: _Problem, k: np.ndarray, one_step: bool) -> np.ndarray | None:
         excess = p.flops(k) - p.budget
         if excess <= 0:
             return k
+        moves = p.move_costs(k)
         cur_t = p.table[p.rows, k][:, None]
-        cur_c = p.cost[p.rows, k][:, None]
+        cur_c = moves[p.rows, k][:, None]
         lower = np.concatenate((k[1:], [0]))[:, None]  # x >= k_{l+1}
         with np.errstate(invalid="ignore", over="ignore"):
             loss = p.table - cur_t
-            saved = cur_c - p.cost
+            saved = cur_c - moves
         ok = (cols < k[:, None]) & (cols >= lower) & p.finite & (saved > 0)
         ok[0] = False
         if not ok.any():
@@ -194,13 +247,18 @@ def _repair(p: _Problem, k: np.ndarray, one_step: bool) -> np.ndarray | None:
     return None
 
 
-def _to_go(values: np.ndarray) -> np.ndarray:
-    """``G[l, x]`` = least ``Σ_{l' >= l} values[l', k_{l'}]`` with ``k_l = x`` and non-increasing."""
+def _to_go(values: np.ndarray, trans: np.ndarray | None = None) -> np.ndarray:
+    """``G[l, x]`` = least ``Σ_{l' >= l} values[l', k_{l'}]`` (plus ``trans[l', k_{l'-1}]`` for each cut
+    after ``l``) with ``k_l = x`` and non-increasing."""
     L = values.shape[0]
     g = np.empty_like(values)
     g[L - 1] = values[L - 1]
     for l in range(L - 2, -1, -1):
-        g[l] = values[l] + _prefix_min(g[l + 1])
+        if trans is None:
+            g[l] = values[l] + _prefix_min(g[l + 1])
+        else:
+            below = np.concatenate(([np.inf], _prefix_min(g[l + 1])[:-1]))  # min over y < x
+            g[l] = values[l] + np.minimum(g[l + 1], below + trans[l + 1])
     return g
 
 
@@ -209,10 +267,11 @@ def _branch_and_bound(p: _Problem, lam: float, best_k: np.ndarray) -> np.ndarray
     if p.L == 1:
         return best_k
     t, c = np.where(p.finite, p.table, np.inf), p.cost
+    probes = p.probes if p.probes is not None else np.zeros_like(c)
     obj_to_go = _to_go(t)
-    cost_to_go = _to_go(np.where(p.finite, c, np.inf))
+    cost_to_go = _to_go(np.where(p.finite, c, np.inf), probes)
     lag = t + lam * c
-    lag_to_go = _to_go(lag)
+    lag_to_go = _to_go(lag, lam * probes)
     best_obj = p.objective(best_k)
     budget = p.budget
     slack_tol = _REL_EPS * max(1.0, abs(budget))
@@ -227,10 +286,11 @@ def _branch_and_bound(p: _Problem, lam: float, best_k: np.ndarray) -> np.ndarray
         nodes += 1
         nxt = l + 1
         xs = np.arange(x_prev + 1)
+        step_c = c[nxt, : x_prev + 1] + np.where(xs < x_prev, probes[nxt, x_prev], 0.0)  # a cut pays its probe
         eps = _REL_EPS * max(1.0, abs(best_obj))
         if nxt == p.L - 1:  # children are complete schedules
             objs = acc_t + t[nxt, : x_prev + 1]
-            flops = acc_c + c[nxt, : x_prev + 1]
+            flops = acc_c + step_c
             ok = (flops <= budget + slack_tol) & (objs < best_obj - eps)
             for x in xs[ok][np.argsort(objs[ok], kind="stable")]:
                 cand = np.array(path + (int(x),), dtype=np.int64)
@@ -238,9 +298,10 @@ def _branch_and_bound(p: _Problem, lam: float, best_k: np.ndarray) -> np.ndarray
                     best_k, best_obj = cand, p.objective(cand)
                     break
             continue
+        cut_c = step_c - c[nxt, : x_prev + 1]
         bound_t = acc_t + obj_to_go[nxt, : x_prev + 1]
-        bound_c = acc_c + cost_to_go[nxt, : x_prev + 1]
-        bound_lag = acc_t + lam * acc_c + lag_to_go[nxt, : x_prev + 1]
+        bound_c = acc_c + cut_c + cost_to_go[nxt, : x_prev + 1]
+        bound_lag = acc_t + lam * (acc_c + cut_c) + lag_to_go[nxt, : x_prev + 1]
         ok = (
             (bound_c <= budget + slack_tol)
             & (bound_t < best_obj - eps)
@@ -251,7 +312,7 @@ def _branch_and_bound(p: _Problem, lam: float, best_k: np.ndarray) -> np.ndarray
         cand_x = xs[ok]
         order = np.argsort(bound_lag[ok], kind="stable")[::-1]  # most promising popped first
         for x in cand_x[order]:
-            stack.append((nxt, int(x), acc_t + float(t[nxt, x]), acc_c + float(c[nxt, x]), path + (int(x),)))
+            stack.append((nxt, int(x), acc_t + float(t[nxt, x]), acc_c + float(step_c[x]), path + (int(x),)))
     return best_k
 
 
@@ -277,8 +338,19 @@ def _check_inputs(table: Any, cost: Any, budget_flops: Any) -> tuple[np.ndarray,
     return t, c, b
 
 
+def _check_probes(probes: Any, shape: tuple) -> np.ndarray | None:
+    if probes is None:
+        return None
+    p = np.asarray(probes, dtype=np.float64)
+    if p.shape != shape:
+        raise ValueError(f"probes has shape {p.shape}; it must match the table's {shape}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0):
+        raise ValueError("probes must hold finite, non-negative FLOPs for every (layer, count before the cut)")
+    return None if not np.any(p) else p
+
+
 @register_search("optimal", provenance="lagrangian-dp")
-def optimal_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
+def optimal_schedule(table: Any, cost: Any, budget_flops: float, probes: Any = None) -> np.ndarray:
     """The least-divergence non-increasing schedule whose FLOPs fit the budget.
 
     Args:
@@ -287,7 +359,9 @@ def optimal_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
             :func:`recipe_compiler.divergence.divergence_table`.
         cost: float ``[L, V + 1]``, FLOPs of layer ``l`` with ``k`` visual tokens, e.g. from
             :func:`recipe_compiler.flops.cost_table`.
-        budget_flops: allowed total ``Σ_l cost[l, k_l]``.
+        budget_flops: allowed total ``Σ_l cost[l, k_l]`` (plus the probes of the cuts).
+        probes: float ``[L, V + 1]`` or None, FLOPs of the scorer's probe for a cut into layer
+            ``l`` from ``x`` tokens (:func:`recipe_compiler.flops.probe_table`); None: cuts are free.
 
     Returns:
         int64 ``[L]`` keep counts with ``k_0 = V``, non-increasing, within the budget.
@@ -304,11 +378,12 @@ def optimal_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
         [2, 1, 0]
     """
     t, c, budget = _check_inputs(table, cost, budget_flops)
-    p = _Problem(t, c, budget)
+    trans = _check_probes(probes, t.shape)
+    p = _Problem(t, c, budget, trans)
     V = p.V
 
     # Cheapest admissible schedule (forbidden entries excluded): below it nothing is feasible.
-    cheapest = _dp(np.where(p.finite, c, np.inf))
+    cheapest = _dp(np.where(p.finite, c, np.inf), trans)
     if not np.isfinite(p.objective(cheapest)) or p.flops(cheapest) > budget:
         min_flops = p.flops(cheapest)
         raise BudgetError(
@@ -326,7 +401,7 @@ def optimal_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
 
     def schedule_at(lam: float) -> np.ndarray:
         if lam not in evaluated:
-            evaluated[lam] = _dp(t + (lam / scale) * c)
+            evaluated[lam] = _dp(t + (lam / scale) * c, None if trans is None else (lam / scale) * trans)
         return evaluated[lam]
 
     def excess(lam: float) -> float:

@@ -32,8 +32,8 @@ import numpy as np
 from scipy.optimize import differential_evolution
 
 from recipe_compiler.errors import BudgetError
-from recipe_compiler.search.base import register_search
-from recipe_compiler.search.optimal import _check_inputs
+from recipe_compiler.search.base import register_search, schedule_flops
+from recipe_compiler.search.optimal import _check_inputs, _check_probes
 
 __all__ = [
     "STEEPNESS_BOUNDS",
@@ -74,7 +74,7 @@ class PSigmoidFit:
         floor: ``b``, within :data:`FLOOR_BOUNDS`.
         schedule: int64 ``[L]`` keep counts (``k_0 = V``, non-increasing).
         objective: ``Σ_l table[l, k_l]``.
-        flops: ``Σ_l cost[l, k_l]`` (within the budget).
+        flops: ``Σ_l cost[l, k_l]`` plus the probes of its cuts (within the budget).
     """
 
     midpoint: float
@@ -121,13 +121,14 @@ def psigmoid_counts(midpoint: float, steepness: float, floor: float, num_layers:
 class _Scorer:
     """Evaluates parameter rows and remembers the best feasible schedule seen."""
 
-    def __init__(self, table: np.ndarray, cost: np.ndarray, budget: float) -> None:
+    def __init__(self, table: np.ndarray, cost: np.ndarray, budget: float, probes: np.ndarray | None = None) -> None:
         self.L, n = table.shape
         self.V = n - 1
         self.rows = np.arange(self.L)
         self.finite = np.isfinite(table)
         self.table = np.where(self.finite, table, 0.0)
         self.cost = cost
+        self.probes = probes
         self.budget = budget
         worst = np.max(np.where(self.finite, table, -np.inf), axis=1)
         self.ceiling = float(np.sum(np.maximum(worst, 0.0))) + 1.0  # above every feasible objective
@@ -138,7 +139,7 @@ class _Scorer:
         p = np.atleast_2d(params)
         k = _counts(p, self.L, self.V)
         objective = np.sum(self.table[self.rows, k], axis=1)
-        flops = np.sum(self.cost[self.rows, k], axis=1)
+        flops = schedule_flops(self.cost, k, self.probes)  # every layer the count falls at pays a probe
         allowed = np.all(self.finite[self.rows, k], axis=1)
         feasible = allowed & (flops <= self.budget)
         for i in np.flatnonzero(feasible):
@@ -150,7 +151,7 @@ class _Scorer:
         return score if np.ndim(params) == 2 else score[0]
 
 
-def psigmoid_fit(table: Any, cost: Any, budget_flops: float) -> PSigmoidFit:
+def psigmoid_fit(table: Any, cost: Any, budget_flops: float, probes: Any = None) -> PSigmoidFit:
     """Fit the P-Sigmoid parameters: least divergence within the FLOPs budget.
 
     Args:
@@ -159,7 +160,9 @@ def psigmoid_fit(table: Any, cost: Any, budget_flops: float) -> PSigmoidFit:
             :func:`recipe_compiler.divergence.divergence_table`.
         cost: float ``[L, V + 1]``, FLOPs of layer ``l`` with ``k`` visual tokens, e.g. from
             :func:`recipe_compiler.flops.cost_table`.
-        budget_flops: allowed total ``Σ_l cost[l, k_l]``.
+        budget_flops: allowed total ``Σ_l cost[l, k_l]`` plus the probes of the cuts.
+        probes: float ``[L, V + 1]`` or None: a cut into ``l`` from ``x`` tokens costs
+            ``probes[l, x]``. A smooth schedule falls at many layers, and pays a probe at each.
 
     Returns:
         The :class:`PSigmoidFit` of the best feasible schedule found.
@@ -177,7 +180,7 @@ def psigmoid_fit(table: Any, cost: Any, budget_flops: float) -> PSigmoidFit:
         ([2, 1, 1], True, True)
     """
     t, c, budget = _check_inputs(table, cost, budget_flops)
-    scorer = _Scorer(t, c, budget)
+    scorer = _Scorer(t, c, budget, _check_probes(probes, t.shape))
     L = scorer.L
     m_lo, m_hi = midpoint_bounds(L)
     if L == 1:  # nothing to shape: the only schedule keeps everything
@@ -211,7 +214,7 @@ def psigmoid_fit(table: Any, cost: Any, budget_flops: float) -> PSigmoidFit:
             workers=1,
         )
     if scorer.best is None:
-        least = float(np.sum(c[np.arange(L), _counts(np.array([m_lo, STEEPNESS_BOUNDS[1], 0.0]), L, scorer.V)[0]]))
+        least = schedule_flops(c, _counts(np.array([m_lo, STEEPNESS_BOUNDS[1], 0.0]), L, scorer.V)[0], scorer.probes)
         raise BudgetError(
             f"budget of {budget:.6g} FLOPs cannot be met by psigmoid; its steepest schedule needs "
             f"{least:.6g} FLOPs: raise the budget"
@@ -228,13 +231,14 @@ def psigmoid_fit(table: Any, cost: Any, budget_flops: float) -> PSigmoidFit:
 
 
 @register_search("psigmoid", provenance="sigmoid-fit")
-def psigmoid_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
+def psigmoid_schedule(table: Any, cost: Any, budget_flops: float, probes: Any = None) -> np.ndarray:
     """P-Sigmoid schedule: :func:`psigmoid_fit`'s keep counts.
 
     Args:
         table: float ``[L, V + 1]`` divergence table.
         cost: float ``[L, V + 1]`` FLOPs table.
-        budget_flops: allowed total ``Σ_l cost[l, k_l]``.
+        budget_flops: allowed total ``Σ_l cost[l, k_l]`` plus the probes of the cuts.
+        probes: as :func:`psigmoid_fit`.
 
     Returns:
         int64 ``[L]`` keep counts with ``k_0 = V``, non-increasing, within the budget.
@@ -249,4 +253,4 @@ def psigmoid_schedule(table: Any, cost: Any, budget_flops: float) -> np.ndarray:
         >>> psigmoid_schedule(table, cost, budget_flops=9.0).tolist()
         [2, 2, 2]
     """
-    return psigmoid_fit(table, cost, budget_flops).schedule
+    return psigmoid_fit(table, cost, budget_flops, probes).schedule

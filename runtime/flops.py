@@ -1,0 +1,308 @@
+"""Exact language-model prefill FLOPs of a (pruned) decoder stack, from the model config: the one formula.
+
+Pure numpy (the runtime meets a strict per-request budget with it; ``recipe_compiler.flops``
+builds the compiler's tables on it). Conventions (DESIGN.md §4):
+
+* 2 FLOPs per multiply-add.
+* Per decoder layer and token: q projection ``d·(h·hd)``, k and v projections ``d·(kv·hd)`` each
+  (grouped-query attention), o projection ``(h·hd)·d``, gated MLP ``3·d·m`` multiply-adds.
+* Causal attention: query ``i`` (0-based) attends to ``i + 1`` keys, so the scores ``QKᵀ`` and the
+  weighted values ``AV`` each cost ``h·hd·n(n+1)/2`` multiply-adds for ``n`` tokens.
+* RMSNorms, activations, RoPE, softmax, residual adds, embeddings and the LM head are ignored: they
+  are linear in ``n`` and well under 1 % of a 7B layer.
+* A gated attention output (Qwen3.5's ``attn_output_gate``) doubles the q projection (query + gate).
+* **Linear-attention layers** (Qwen3.5's Gated DeltaNet, ``layer_types == "linear_attention"``), with
+  ``Hk`` key heads of ``dk``, ``Hv`` value heads of ``dv`` and a ``K``-tap conv, per token:
+  projections ``d·(2·Hk·dk + Hv·dv)`` (q, k, v), ``d·Hv·dv`` (output gate z), ``2·d·Hv`` (β and the
+  decay ``a``), the depthwise causal conv ``(2·Hk·dk + Hv·dv)·K``, the delta-rule state update on a
+  ``dk × dv`` state per value head, ``3·Hv·dk·dv`` (read ``kᵀS``, the rank-one write ``k ⊗ β(v − kᵀS)``,
+  the output ``qᵀS``; the state's decay is elementwise and ignored like the norms), the output
+  projection ``Hv·dv·d`` and the same gated MLP. No term grows with ``n²``: pruning before such a
+  layer saves its compute linearly, and it holds no per-token KV. This is the recurrent form's
+  count; the chunked kernel HF runs at prefill does the same products regrouped into chunks.
+
+Visual-token counts in schedules are given for a reference count ``v_ref`` (the recipe is a ratio);
+a sample with ``n_visual`` visual tokens keeps ``round_half_up(k · n_visual / v_ref)`` of them
+(:func:`scale_counts`).
+
+A scoring probe's work is each scorer's :meth:`~runtime.methods.scorers.base.Scorer.probe_macs`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+LAYER_KINDS = ("full_attention", "linear_attention")
+"""Decoder layer kinds the FLOPs model counts (sliding-window layers are counted as full attention)."""
+
+__all__ = ["LMShape", "LAYER_KINDS", "layer_flops", "stack_flops", "prefill_flops", "scale_counts"]
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """The sizes of a decoder-only language model that its prefill FLOPs depend on.
+
+    Attributes:
+        num_layers: decoder layers.
+        hidden: model width ``d``.
+        intermediate: MLP width ``m`` (gated MLP: gate, up and down projections).
+        num_heads: query heads ``h``.
+        num_kv_heads: key/value heads ``kv`` (``== num_heads`` without GQA).
+        head_dim: per-head width ``hd`` (usually ``hidden // num_heads``).
+
+    Example:
+        >>> LMShape(32, 4096, 11008, 32, 32, 128).num_layers
+        32
+    """
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_kinds: tuple = field(default=(), repr=False)
+    """Each layer's kind (``"full_attention"`` or ``"linear_attention"``); empty: all full attention."""
+    gated_attention: bool = field(default=False, repr=False)
+    """A gated attention output: the q projection also produces the gate (width ``2·h·hd``)."""
+    linear_key_heads: int = field(default=0, repr=False)
+    linear_value_heads: int = field(default=0, repr=False)
+    linear_key_dim: int = field(default=0, repr=False)
+    linear_value_dim: int = field(default=0, repr=False)
+    linear_conv_kernel: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden", "intermediate", "num_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"LMShape.{name}={value!r} is invalid; it must be a positive integer")
+            object.__setattr__(self, name, int(value))
+        kinds = tuple(str(k) for k in self.layer_kinds)
+        unknown = sorted(set(kinds) - set(LAYER_KINDS))
+        if unknown or (kinds and len(kinds) != self.num_layers):
+            raise ValueError(f"LMShape.layer_kinds must hold one of {', '.join(LAYER_KINDS)} per layer ({self.num_layers}), got {kinds!r}")
+        object.__setattr__(self, "layer_kinds", kinds)
+        linear = ("linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim", "linear_conv_kernel")
+        for name in linear:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"LMShape.{name}={value!r} is invalid; it must be a non-negative integer")
+            object.__setattr__(self, name, int(value))
+        if "linear_attention" in kinds and min(getattr(self, n) for n in linear) < 1:
+            raise ValueError("LMShape has linear_attention layers but no linear-attention sizes; set " + ", ".join(linear))
+
+    @classmethod
+    def from_config(cls, text_config: Any) -> "LMShape":
+        """Read the shape from a Hugging Face text config (duck-typed).
+
+        Args:
+            text_config: an object with ``num_hidden_layers``, ``hidden_size``,
+                ``intermediate_size``, ``num_attention_heads`` and optionally
+                ``num_key_value_heads`` (default: the head count) and ``head_dim`` (default:
+                ``hidden_size // num_attention_heads``). A multimodal config that only carries a
+                ``text_config`` attribute is unwrapped.
+
+        Returns:
+            The :class:`LMShape`.
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+            ...                       num_attention_heads=4, num_key_value_heads=2)
+            >>> LMShape.from_config(cfg)
+            LMShape(num_layers=2, hidden=64, intermediate=128, num_heads=4, num_kv_heads=2, head_dim=16)
+        """
+        if getattr(text_config, "num_hidden_layers", None) is None and getattr(text_config, "text_config", None) is not None:
+            text_config = text_config.text_config
+        missing = [
+            name
+            for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+            if getattr(text_config, name, None) is None
+        ]
+        if missing:
+            raise ValueError(
+                f"text config lacks {', '.join(missing)}; pass the language model's config (config.text_config)"
+            )
+        heads = int(text_config.num_attention_heads)
+        kv = getattr(text_config, "num_key_value_heads", None)
+        head_dim = getattr(text_config, "head_dim", None)
+        hidden = int(text_config.hidden_size)
+        kinds = tuple(getattr(text_config, "layer_types", None) or ())
+        hybrid = "linear_attention" in kinds
+        linear = lambda name: int(getattr(text_config, name, 0) or 0) if hybrid else 0  # noqa: E731
+        return cls(
+            num_layers=int(text_config.num_hidden_layers),
+            hidden=hidden,
+            intermediate=int(text_config.intermediate_size),
+            num_heads=heads,
+            num_kv_heads=int(kv) if kv is not None else heads,
+            head_dim=int(head_dim) if head_dim is not None else hidden // heads,
+            layer_kinds=kinds if hybrid else (),  # sliding windows are counted as full attention
+            gated_attention=bool(getattr(text_config, "attn_output_gate", False)) and hybrid,
+            linear_key_heads=linear("linear_num_key_heads"),
+            linear_value_heads=linear("linear_num_value_heads"),
+            linear_key_dim=linear("linear_key_head_dim"),
+            linear_value_dim=linear("linear_value_head_dim"),
+            linear_conv_kernel=linear("linear_conv_kernel_dim"),
+        )
+
+    @property
+    def projection_macs_per_token(self) -> int:
+        """Multiply-adds per token of the q/k/v/o projections and the gated MLP of one layer."""
+        d, qd, kvd = self.hidden, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_width = 2 * qd if self.gated_attention else qd
+        return d * q_width + 2 * d * kvd + qd * d + 3 * d * self.intermediate
+
+    @property
+    def linear_macs_per_token(self) -> int:
+        """Multiply-adds per token of one linear-attention (Gated DeltaNet) layer, its MLP included.
+
+        ``d·(2·Hk·dk + Hv·dv) + d·Hv·dv + 2·d·Hv + (2·Hk·dk + Hv·dv)·K + 3·Hv·dk·dv + Hv·dv·d + 3·d·m``
+        (see the module docstring).
+        """
+        d, m = self.hidden, self.intermediate
+        hk, hv, dk, dv, k = (self.linear_key_heads, self.linear_value_heads, self.linear_key_dim,
+                             self.linear_value_dim, self.linear_conv_kernel)
+        conv = 2 * hk * dk + hv * dv
+        return d * conv + d * hv * dv + 2 * d * hv + conv * k + 3 * hv * dk * dv + hv * dv * d + 3 * d * m
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Each layer's kind (all ``"full_attention"`` when :attr:`layer_kinds` is empty)."""
+        return self.layer_kinds or ("full_attention",) * self.num_layers
+
+    def _coefficients(self) -> tuple[float, float]:
+        """``(a, b)`` with ``layer_flops(n) = a·n + b·n²`` for a full-attention layer (FLOPs, float64)."""
+        qd = self.num_heads * self.head_dim
+        # 2 FLOPs/MAC × (projections·n + 2 matmuls × qd·n(n+1)/2)
+        return 2.0 * (self.projection_macs_per_token + qd), 2.0 * qd
+
+    def layer_coefficients(self) -> tuple[np.ndarray, np.ndarray]:
+        """float64 ``[num_layers]`` each, ``(a, b)``: layer ``l`` costs ``a[l]·n + b[l]·n²`` FLOPs on ``n`` tokens.
+
+        Example:
+            >>> LMShape(2, 2, 3, 1, 1, 2).layer_coefficients()[1].tolist()
+            [4.0, 4.0]
+        """
+        full_a, full_b = self._coefficients()
+        linear = np.array([kind == "linear_attention" for kind in self.kinds])
+        a = np.where(linear, 2.0 * self.linear_macs_per_token, full_a) if linear.any() else np.full(self.num_layers, full_a)
+        return a.astype(np.float64), np.where(linear, 0.0, full_b).astype(np.float64)
+
+
+def _as_counts(values: Any, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype.kind == "b" or arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be numeric token counts, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise ValueError(f"{name} must hold whole token counts, got {arr!r}")
+    if np.any(arr < 0):
+        raise ValueError(f"{name} must be non-negative, got minimum {arr.min()}")
+    return arr.astype(np.int64)
+
+
+def layer_flops(shape: LMShape, n_tokens: Any) -> np.ndarray | float:
+    """Exact prefill FLOPs of one full-attention decoder layer processing ``n_tokens`` tokens.
+
+    For a stack with layers of other kinds use :func:`stack_flops` (each layer by its kind).
+
+    Args:
+        shape: the model sizes.
+        n_tokens: token count(s); a scalar or any array (vectorised), non-negative.
+
+    Returns:
+        float64 FLOPs with the shape of ``n_tokens`` (a Python float for a scalar):
+        ``2·[n·(d·h·hd + 2·d·kv·hd + h·hd·d + 3·d·m) + h·hd·n(n+1)]``.
+
+    Example:
+        >>> s = LMShape(num_layers=1, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> layer_flops(s, 1)  # 2·[1·(4 + 8 + 4 + 18) + 2·1·2]
+        76.0
+    """
+    n = np.asarray(n_tokens)
+    if n.dtype.kind == "b" or n.dtype.kind not in "iuf" or np.any(n < 0) or not np.all(np.isfinite(n)):
+        raise ValueError(f"n_tokens must be non-negative finite numbers, got {n_tokens!r}")
+    n = n.astype(np.float64)
+    a, b = shape._coefficients()
+    out = a * n + b * n * n
+    return float(out) if out.ndim == 0 else out
+
+
+def stack_flops(shape: LMShape, tokens_per_layer: Any) -> np.ndarray:
+    """FLOPs of each layer of the stack on the tokens entering it, each layer by its own kind.
+
+    Args:
+        shape: the model sizes.
+        tokens_per_layer: token counts ``[..., num_layers]`` (the last axis is the layer).
+
+    Returns:
+        float64 of the same shape.
+
+    Example:
+        >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> stack_flops(s, [1, 1]).tolist()
+        [76.0, 76.0]
+    """
+    n = np.asarray(tokens_per_layer)
+    if n.dtype.kind == "b" or n.dtype.kind not in "iuf" or np.any(n < 0) or not np.all(np.isfinite(n)):
+        raise ValueError(f"tokens_per_layer must be non-negative finite numbers, got {tokens_per_layer!r}")
+    if n.ndim == 0 or n.shape[-1] != shape.num_layers:
+        raise ValueError(f"tokens_per_layer has shape {n.shape}; its last axis needs one count per layer ({shape.num_layers})")
+    n = n.astype(np.float64)
+    a, b = shape.layer_coefficients()
+    return a * n + b * n * n
+
+
+def prefill_flops(shape: LMShape, tokens_entering_each_layer: Any) -> float:
+    """Prefill FLOPs of the whole decoder stack for one prompt.
+
+    Args:
+        shape: the model sizes.
+        tokens_entering_each_layer: int ``[num_layers]``, tokens processed by each layer.
+
+    Returns:
+        The sum over layers of :func:`layer_flops` (float).
+
+    Example:
+        >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> prefill_flops(s, [1, 1])
+        152.0
+    """
+    tokens = np.asarray(tokens_entering_each_layer)
+    if tokens.shape != (shape.num_layers,):
+        raise ValueError(
+            f"tokens_entering_each_layer has shape {tokens.shape}; it needs one count per layer ({shape.num_layers},)"
+        )
+    return float(np.sum(stack_flops(shape, tokens)))
+
+
+def scale_counts(k: Any, n_visual: Any, v_ref: int) -> np.ndarray:
+    """Visual tokens a sample keeps for a reference count ``k``: ``round_half_up(k·n_visual/v_ref)``.
+
+    Integer arithmetic, so it is exact: ``(2·k·n + v_ref) // (2·v_ref)``.
+
+    Args:
+        k: reference counts (scalar or array) in ``[0, v_ref]``.
+        n_visual: the samples' visual-token counts (scalar or array); broadcast against ``k``.
+        v_ref: the reference visual-token count (>= 1).
+
+    Returns:
+        int64 array of the broadcast shape.
+
+    Example:
+        >>> scale_counts([0, 1, 2, 3, 4], 6, 4).tolist()  # 1.5 rounds up to 2, 4.5 to 5
+        [0, 2, 3, 5, 6]
+    """
+    v_ref = _check_v_ref(v_ref)
+    k = np.asarray(k, dtype=np.int64)
+    n = np.asarray(n_visual, dtype=np.int64)
+    return (2 * k * n + v_ref) // (2 * v_ref)
+
+
+def _check_v_ref(v_ref: Any) -> int:
+    if isinstance(v_ref, bool) or not isinstance(v_ref, (int, np.integer)) or v_ref < 1:
+        raise ValueError(f"v_ref={v_ref!r} is invalid; it must be a positive integer (the reference visual-token count)")
+    return int(v_ref)

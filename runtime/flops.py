@@ -306,3 +306,81 @@ def _check_v_ref(v_ref: Any) -> int:
     if isinstance(v_ref, bool) or not isinstance(v_ref, (int, np.integer)) or v_ref < 1:
         raise ValueError(f"v_ref={v_ref!r} is invalid; it must be a positive integer (the reference visual-token count)")
     return int(v_ref)
+
+
+def request_flops(shape: LMShape, keep: Any, n_other: int, n_before: int, n_text: int, probe_layers: Any = (),
+                  probe_macs: Any = None) -> np.ndarray:
+    """Prefill FLOPs of one request for candidate keep counts, its scorer's probes included.
+
+    Args:
+        shape: the language model's sizes.
+        keep: int ``[L]`` or ``[n, L]``: visual tokens entering each layer (``keep[0]``: those that
+            reach the language model).
+        n_other: the request's non-visual real prompt tokens (system prompt, text, image markers).
+        n_before, n_text: real tokens before and after the image (the probe's query rows).
+        probe_layers: the recipe's pruning layers; each runs the probe on the row entering the
+            layer before it, whether or not this request's count falls there.
+        probe_macs: the scorer's :meth:`~runtime.methods.scorers.base.Scorer.probe_macs`; None: no probe.
+
+    Returns:
+        float64 ``[n]`` (``[1]`` for one schedule).
+
+    Example:
+        >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> request_flops(s, [2, 1], 1, 0, 1, (1,), lambda shape, n, v, b, t: n * 10.0).tolist()  # 252 + 160 + 2·30
+        [472.0]
+    """
+    k = np.atleast_2d(np.asarray(keep, dtype=np.float64))
+    tokens = n_other + k
+    total = np.sum(stack_flops(shape, tokens), axis=1)
+    if probe_macs is not None:
+        for layer in probe_layers:
+            before = k[:, layer - 1]
+            total = total + 2.0 * np.asarray(probe_macs(shape, n_other + before, before, float(n_before), float(n_text)),
+                                             dtype=np.float64)
+    return total
+
+
+def fit_keep_counts(shape: LMShape, keep: Any, n_visual: int, n_other: int, n_before: int, n_text: int, budget: float,
+                    probe_layers: Any = (), probe_macs: Any = None) -> tuple[np.ndarray, bool]:
+    """One request's keep counts, scaled down from the recipe's until its own FLOPs fit ``budget``.
+
+    The schedule keeps its shape: counts before the first cut stay, and from the first cut on
+    every count becomes ``floor(j · keep[l] / m)`` with ``m = keep[first cut]``, for the largest
+    ``j <= m`` whose FLOPs (:func:`request_flops`, probes included) are at most ``budget`` times
+    the request's unpruned prefill (every visual token at every layer, no probe). ``j = m`` gives
+    the counts back unchanged, so a request the recipe already fits is not touched. All
+    candidates are evaluated at once (``m + 1`` schedules): no assumption that FLOPs fall with
+    ``j``, and the result is exact to one token of the largest count.
+
+    Args:
+        shape: the language model's sizes.
+        keep: int ``[L]``, the recipe's counts for this request (``keep[0]``: visual tokens that
+            reach the language model, after any pre-LLM stage).
+        n_visual: the request's visual tokens before any pruning (the unpruned cost's).
+        n_other, n_before, n_text, probe_layers, probe_macs: as for :func:`request_flops`.
+        budget: the fraction of the request's unpruned prefill FLOPs it may spend.
+
+    Returns:
+        ``(counts int64 [L], met)``: ``met`` is False when even ``j = 0`` (every visual token
+        dropped at the first cut) spends more than the budget; the counts are then those of ``j = 0``.
+
+    Example:
+        >>> s = LMShape(num_layers=3, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
+        >>> fit_keep_counts(s, [4, 2, 2], 4, 1, 0, 1, 0.6)
+        (array([4, 1, 1]), True)
+    """
+    k = np.asarray(keep, dtype=np.int64)
+    cuts = np.nonzero(np.diff(k) < 0)[0] + 1
+    unpruned = float(np.sum(stack_flops(shape, np.full(k.shape, n_other + n_visual, dtype=np.float64))))
+    limit = budget * unpruned
+    if cuts.size == 0 or k[cuts[0]] == 0:  # nothing after a cut to scale
+        return k, bool(request_flops(shape, k, n_other, n_before, n_text, probe_layers, probe_macs)[0] <= limit)
+    first, m = int(cuts[0]), int(k[cuts[0]])
+    j = np.arange(m + 1, dtype=np.int64)[:, None]
+    candidates = np.repeat(k[None, :], m + 1, axis=0)
+    candidates[:, first:] = (j * k[None, first:]) // m
+    ok = np.flatnonzero(request_flops(shape, candidates, n_other, n_before, n_text, probe_layers, probe_macs) <= limit)
+    if ok.size == 0:
+        return candidates[0], False
+    return candidates[ok[-1]], True

@@ -121,13 +121,27 @@ class RecipePolicy(Policy):
     A recipe with a pre-LLM stage also prunes on entry to layer 0 (the stage's selection); the
     in-LLM schedule then scales with each row's visual tokens *after* the stage. The scores and
     keep counts of the request in flight are per thread, so concurrent requests never mix.
+
+    Args:
+        recipe: the :class:`runtime.Recipe`.
+        strict_budget: False (default): the recipe's counts, whose FLOPs meet its budget on
+            average over the calibration prompts. True: every request meets the recipe's budget
+            on its own (its text length, its image's token count, the scorer's probes counted):
+            a request the counts would take over it gets the same schedule scaled down
+            (:func:`runtime.flops.fit_keep_counts`). A number in (0, 1]: that budget instead of
+            the recipe's.
     """
 
     _state = PerThread(dict)  # the scorer's per-request state (its scores among them)
     _keep = PerThread()
+    _layout = PerThread()  # (B, 4) per row: visual tokens, other tokens, tokens before the image, text after it
 
-    def __init__(self, recipe: Any) -> None:
+    _MAX_CACHED = 4096
+
+    def __init__(self, recipe: Any, strict_budget: bool | float = False) -> None:
         self.recipe = recipe
+        self.budget = _strict_budget(recipe, strict_budget)
+        self._shape = None  # the language model's FLOPs shape, read at attach (strict mode)
         self.scorer = SCORERS[recipe.scorer]
         in_llm = tuple(recipe.pruning_layers)
         self.probe_layers = tuple(layer - 1 for layer in in_llm) if self.scorer.attention_probe else ()
@@ -146,20 +160,47 @@ class RecipePolicy(Policy):
         self._counts: dict[int, torch.Tensor] = {}  # visual tokens of a row -> keep counts per layer
 
     def attach(self, model: torch.nn.Module) -> list:
-        language_model = family_for(model).language_model(model)
+        family = family_for(model)
+        language_model = family.language_model(model)
         self._context = {"final_norm": getattr(language_model, "norm", None)}
+        if self.budget is not None:
+            from .flops import LMShape
+
+            self._shape = LMShape.from_config(family.text_config(model))
         return self.stage.attach(model) if self.stage is not None else []
 
     def _set_counts(self, n_visual: torch.Tensor, device: torch.device) -> None:
         rows = []
-        for n in n_visual.tolist():
-            if n not in self._counts:
-                self._counts[n] = torch.from_numpy(self.recipe.keep_counts_for(n))
-            rows.append(self._counts[n])
+        layouts = self._layout.tolist() if self.budget is not None else [None] * n_visual.shape[0]
+        for n, layout in zip(n_visual.tolist(), layouts):
+            key = n if layout is None else (n, *layout)
+            if key not in self._counts:
+                if len(self._counts) >= self._MAX_CACHED:  # strict keys vary with every text length
+                    self._counts.clear()
+                counts = self.recipe.keep_counts_for(n)
+                if layout is not None:
+                    counts = self._fit(counts, *layout)
+                self._counts[key] = torch.from_numpy(counts)
+            rows.append(self._counts[key])
         self._keep = torch.stack(rows).to(device)
+
+    def _fit(self, counts, n_visual: int, n_other: int, n_before: int, n_text: int):
+        from .flops import fit_keep_counts
+
+        fitted, met = fit_keep_counts(self._shape, counts, n_visual, n_other, n_before, n_text, self.budget,
+                                      self.recipe.pruning_layers, self.scorer.probe_macs)
+        if not met:
+            logger.info("recipe runtime: a prompt of %d tokens (%d visual) cannot meet the strict budget %g even with every "
+                        "visual token dropped at the recipe's first cut; it runs at that floor", n_other + n_visual, n_visual,
+                        self.budget)
+        return fitted
 
     def begin(self, roles: Roles) -> None:
         self._state = {}
+        if self.budget is not None:
+            n_visual = roles.visual.sum(dim=1)
+            n_before = roles.n_before if roles.n_before is not None else torch.zeros_like(n_visual)
+            self._layout = torch.stack([n_visual, roles.valid.sum(dim=1) - n_visual, n_before, roles.text.sum(dim=1)], dim=1).cpu()
         self._set_counts(roles.n_visual_input, roles.valid.device)
 
     def on_inputs(self, embeds: torch.Tensor, roles: Roles) -> None:
@@ -237,10 +278,14 @@ class PruningHandle:
     Args:
         model: a stock HF VLM of a supported family (see :mod:`runtime.families`).
         policy: a :class:`Policy` or a recipe (wrapped in :class:`RecipePolicy`).
+        strict_budget: with a recipe, :class:`RecipePolicy`'s option: ``True`` makes every
+            request meet the recipe's budget on its own FLOPs (not only the calibration average).
 
     Example:
         >>> with load("recipe.safetensors").apply(model):      # doctest: +SKIP
         ...     out = model.generate(**inputs, max_new_tokens=16)
+        >>> with load("recipe.safetensors").apply(model, strict_budget=True):   # doctest: +SKIP
+        ...     out = model.generate(**inputs, max_new_tokens=16)       # this request within the budget
     """
 
     # Per request, hence per thread: the request in flight and the forward being run.
@@ -251,8 +296,10 @@ class PruningHandle:
     _base_kwargs = PerThread(dict)
     _replay = PerThread()
 
-    def __init__(self, model: torch.nn.Module, policy: Any) -> None:
-        self.policy = policy if isinstance(policy, Policy) else RecipePolicy(policy)
+    def __init__(self, model: torch.nn.Module, policy: Any, strict_budget: bool | float = False) -> None:
+        if isinstance(policy, Policy) and strict_budget is not False:
+            raise ValueError("strict_budget applies to a recipe; a custom Policy decides its own keep counts")
+        self.policy = policy if isinstance(policy, Policy) else RecipePolicy(policy, strict_budget)
         self.model = model
         self.family = family_for(model)
         self.language_model = self.family.language_model(model)
@@ -626,6 +673,24 @@ class PruningHandle:
             pruned = torch.cat([head, mask2d[:, prompt:].bool()], dim=1)
         return self.family.layer_mask(self.model, kind, self._config, hidden, pruned.to(hidden.device), cache, first,
                                       orig_index, bool(self._forward["prefill"]), self._forward.get("base_kwargs", {}))
+
+
+def _strict_budget(recipe: Any, strict_budget: Any) -> float | None:
+    """The per-request budget ``strict_budget`` asks for (None: off); ValueError names a bad value."""
+    if strict_budget is False or strict_budget is None:
+        return None
+    if strict_budget is True:
+        budget = (getattr(recipe, "provenance", None) or {}).get("budget")
+        if budget is None and not recipe.pruning_layers:  # nothing to scale (keep-all, a stage alone)
+            return None
+        if budget is None:
+            raise ValueError("strict_budget=True needs the recipe's budget, and this recipe records none "
+                             "(provenance 'budget'); pass the budget itself, e.g. strict_budget=0.45")
+        return float(budget)
+    if isinstance(strict_budget, bool) or not isinstance(strict_budget, (int, float)) or not 0 < strict_budget <= 1:
+        raise ValueError(f"strict_budget={strict_budget!r} is invalid; pass True (the recipe's budget), False, "
+                         "or a FLOPs fraction in (0, 1]")
+    return float(strict_budget)
 
 
 def _check_probes(policy: Policy, kinds: tuple, attention_layers: tuple) -> None:

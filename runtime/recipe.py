@@ -62,7 +62,8 @@ class Recipe:
             ``text-mean``). With a stage, ``keep_count`` is relative to the tokens that survive it:
             a row keeps ``round_half_up(keep_count · n_survivors / v)``.
         provenance: budget, achieved FLOPs fraction, divergence, search method and parameters,
-            calibration fingerprint, package versions. Informational; never drives pruning.
+            calibration fingerprint, package versions. Informational; never drives pruning, except
+            the budget under ``apply(model, strict_budget=True)``.
 
     Example:
         >>> r = Recipe.keep_all({"model_type": "llava", "num_layers": 2, "hidden_size": 8, "num_heads": 2,
@@ -173,7 +174,10 @@ class Recipe:
 
         Args:
             model: e.g. ``LlavaForConditionalGeneration``; must match the recipe's fingerprint.
-            **options: passed to :class:`runtime.pruner.PruningHandle`.
+            **options: passed to :class:`runtime.pruner.PruningHandle`: ``strict_budget=True``
+                holds the recipe's budget on every request's own FLOPs (scorer probes included)
+                by scaling its keep counts down where needed, instead of on the calibration
+                average; ``strict_budget=0.3`` holds that budget.
 
         Returns:
             The :class:`runtime.pruner.PruningHandle`.
@@ -181,6 +185,8 @@ class Recipe:
         Example:
             >>> handle = load("recipe.safetensors").apply(model)   # doctest: +SKIP
             >>> model.generate(**inputs); handle.remove()           # doctest: +SKIP
+            >>> with load("recipe.safetensors").apply(model, strict_budget=True):   # doctest: +SKIP
+            ...     model.generate(**inputs)
         """
         from .pruner import PruningHandle
 

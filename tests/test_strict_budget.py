@@ -59,7 +59,7 @@ def request_fractions(model, recipe, inputs, **options):
     spent = stack_flops(shape, tokens).sum(axis=1)
     for layer in recipe.pruning_layers:
         spent += 2.0 * scorer.probe_macs(shape, tokens[:, layer - 1], visual[:, layer - 1], before, text)
-    real = tokens[:, 0]
+    real = inputs["attention_mask"].sum(dim=1).numpy().astype(np.float64)  # before any pre-LLM stage
     unpruned = stack_flops(shape, np.repeat(real[:, None], shape.num_layers, axis=1)).sum(axis=1)
     # The least any schedule of this shape spends: every visual token gone at the first cut (its probe paid).
     first = recipe.pruning_layers[0]
@@ -134,3 +134,17 @@ def test_strict_budget_values_are_checked(tiny):
             recipe.apply(tiny.model, strict_budget=bad)
     with recipe.apply(tiny.model, strict_budget=0.4) as handle:
         assert handle.policy.budget == 0.4
+
+
+def test_with_a_pre_llm_stage_the_schedule_after_it_is_scaled_to_fit(tiny):
+    # A stage keeps half the visual tokens at layer 0; the in-LLM schedule (relative to the survivors)
+    # is then scaled so that the request, stage saving included, meets the budget.
+    recipe = Recipe(keep_count=np.array([576, 576, 400, 400, 400, 400, 400, 400]), scorer="fitprune",
+                    fingerprint=model_fingerprint(tiny.model), pre_llm={"method": "fopru-rank", "keep_ratio": 0.5, "params": {}})
+    for sample in held_out()[7:9]:
+        inputs = make_inputs(tiny, [sample])
+        default, floor, _, kept = request_fractions(tiny.model, recipe, inputs)
+        strict, _, _, kept_strict = request_fractions(tiny.model, recipe, inputs, strict_budget=0.3)
+        assert default[0] > 0.3 >= strict[0]
+        assert kept_strict[0, 0] == kept[0, 0] == 288, "the stage keeps what it keeps; only the in-LLM counts scale"
+        assert kept_strict[0, 2] < kept[0, 2]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_inputs
-from recipe_compiler.compile import CompileConfig, compile_recipe
-from recipe_compiler.flops import LMShape, schedule_flops_fraction
+from recipe_compiler.compile import CompileConfig, compile_recipe, scorer_probes
+from recipe_compiler.flops import LMShape, cost_table, cut_flops, schedule_flops_fraction
 from recipe_compiler.search.fitprune import stage_flops_fraction
 from runtime import load
 from runtime.prellm import stage_count
@@ -44,6 +44,9 @@ def test_flops_include_the_stage_saving_from_layer_zero(tiny, compiled):
     survivors = np.array([stage_count(0.5, int(n)) for n in stats.n_visual])
     assert compiled.verification.visual_tokens_per_layer[0] == pytest.approx(survivors.mean())
     planned = stage_flops_fraction(shape, stats.n_other, stats.n_visual, survivors, recipe.keep_count, 576)
+    # plus the scorer's probe at each in-LLM cut, on the survivors
+    unpruned = float(np.sum(cost_table(shape, stats.n_other, stats.n_visual, 576)[:, 576]))
+    planned += cut_flops(scorer_probes(shape, stats, recipe.scorer, 576, n_visual=survivors), recipe.keep_count) / unpruned
     assert compiled.verification.flops_fraction == pytest.approx(planned, rel=1e-9)
     # the same schedule without the stage would spend more than the budget
     assert schedule_flops_fraction(shape, stats.n_other, stats.n_visual, recipe.keep_count, 576) > BUDGET

@@ -157,7 +157,7 @@ class RecipePolicy(Policy):
         self.pruning_layers = in_llm
         self.head_reduce = recipe.head_reduce
         self.probe_chunk = attention.PROBE_CHUNK  # the probe's FLOPs, which the budget counts, are the same on every device
-        self._counts: dict[int, torch.Tensor] = {}  # visual tokens of a row -> keep counts per layer
+        self._counts: dict = {}  # visual tokens of a row (strict: and its layout) -> keep counts per layer
 
     def attach(self, model: torch.nn.Module) -> list:
         family = family_for(model)
@@ -174,14 +174,14 @@ class RecipePolicy(Policy):
         layouts = self._layout.tolist() if self.budget is not None else [None] * n_visual.shape[0]
         for n, layout in zip(n_visual.tolist(), layouts):
             key = n if layout is None else (n, *layout)
-            if key not in self._counts:
+            counts = self._counts.get(key)  # one lookup: another request thread may clear the cache meanwhile
+            if counts is None:
                 if len(self._counts) >= self._MAX_CACHED:  # strict keys vary with every text length
                     self._counts.clear()
-                counts = self.recipe.keep_counts_for(n)
-                if layout is not None:
-                    counts = self._fit(counts, *layout)
-                self._counts[key] = torch.from_numpy(counts)
-            rows.append(self._counts[key])
+                planned = self.recipe.keep_counts_for(n)
+                counts = torch.from_numpy(planned if layout is None else self._fit(planned, *layout))
+                self._counts[key] = counts
+            rows.append(counts)
         self._keep = torch.stack(rows).to(device)
 
     def _fit(self, counts, n_visual: int, n_other: int, n_before: int, n_text: int):
@@ -512,13 +512,14 @@ class PruningHandle:
             # e.g. the first chunk of a chunked prefill that splits an image: no text to rank by.
             return self._say_once("the prompt ends with image tokens, so no text follows them to rank them by "
                                   "(a chunked prefill that splits an image?)")
+        first_image = torch.where(image, position, torch.full_like(position, visual.shape[1])).amin(dim=1, keepdim=True)
         roles = Roles(
             valid=valid,
             visual=visual,
             text=valid & (position > last_visual),
             orig_index=position,
             n_visual_input=visual.sum(dim=1),
-            n_before=(valid & (position < torch.where(image, position, torch.full_like(position, visual.shape[1])).amin(dim=1, keepdim=True))).sum(dim=1),
+            n_before=(valid & (position < first_image)).sum(dim=1),
         )
         self._request = _Request(prompt_len=visual.shape[1], roles=roles)
         self.policy.begin(roles)

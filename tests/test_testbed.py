@@ -15,11 +15,17 @@ from recipe_compiler.testbed.make import write_dataset
 from recipe_compiler.testbed.scenes import ANSWERS, QTYPES, make_scene
 
 # Floors for the shipped weights (step 2539), set from the values measured on them with a margin: on these
-# 240 questions (seed 7) unpruned 41.7 %, optimal 0.45 recipe 42.5 % (2-core CPU, torch 2.13.0). The model
-# answers 36-38 % with the image removed, so a method or runtime regression that loses the image falls
-# below the floors. The results are deterministic; the margin covers kernels of other machines.
+# 240 questions (seed 7) unpruned 41.7 % (2-core CPU, torch 2.13.0). The model answers 36-38 % with the
+# image removed, so a method or runtime regression that loses the image falls below the floors. The results
+# are deterministic; the margin covers kernels of other machines.
+# The optimal 0.45 recipe measured 42.5 % while the budget left out the scorer's probes; that schedule,
+# [256, 256, 74, 67, ...], spends 0.463 once they are counted. Within the honest budget the
+# divergence-optimal schedule cuts at layer 1, [256, 110, 90, ...], and answers 38.75 % (93/240), at the
+# image-removed level: its layer-0 ranking is not what this model's answers need (the README's testbed
+# finding); the best single cut at layer 2 within the same budget, [256, 256, 63, ...], answers 42.9 %.
+# The floor records the measured value; it no longer separates this recipe from "image lost".
 UNPRUNED_FLOOR = 0.39
-RECIPE_045_FLOOR = 0.39
+RECIPE_045_FLOOR = 0.38
 FLOOR_QUESTIONS = 240
 FLOOR_SEED = 7
 

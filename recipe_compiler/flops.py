@@ -19,6 +19,17 @@ Pure numpy. Conventions (DESIGN.md §4):
   projection ``Hv·dv·d`` and the same gated MLP. No term grows with ``n²``: pruning before such a
   layer saves its compute linearly, and it holds no per-token KV. This is the recurrent form's
   count; the chunked kernel HF runs at prefill does the same products regrouped into chunks.
+* **Sliding-window layers** (Gemma 3's local layers, ``layer_types == "sliding_attention"``, window
+  ``W``): query ``i`` attends to the last ``min(i + 1, W)`` keys, so scores and values each cost
+  ``h·hd·T_W(n)`` multiply-adds with ``T_W(n) = n(n+1)/2`` for ``n <= W`` and
+  ``W(W+1)/2 + (n − W)·W`` beyond; the projections and MLP are a full layer's. After pruning the
+  window counts slots of the pruned sequence (the runtime masks it so), so ``n`` is the tokens
+  entering the layer either way.
+* **Bidirectional image blocks** (Gemma 3: the tokens of one image attend to each other both ways
+  at prefill): each of those ``k`` tokens also reads the later tokens of its image, ``k(k−1)/2``
+  more score/value pairs per layer of either kind (the window bounds only earlier keys). The model
+  counts a prompt's visual tokens as one block: exact for one image, and for several images it
+  counts the pairs across images too (never less than what runs).
 
 Visual-token counts in schedules are given for a reference count ``v_ref`` (the recipe is a ratio);
 a sample with ``n_visual`` visual tokens keeps ``round_half_up(k · n_visual / v_ref)`` of them
@@ -35,14 +46,15 @@ from typing import Any
 
 import numpy as np
 
-LAYER_KINDS = ("full_attention", "linear_attention")
-"""Decoder layer kinds the FLOPs model counts (sliding-window layers are counted as full attention)."""
+LAYER_KINDS = ("full_attention", "sliding_attention", "linear_attention")
+"""Decoder layer kinds the FLOPs model counts."""
 
 __all__ = [
     "LMShape",
     "LAYER_KINDS",
     "layer_flops",
     "stack_flops",
+    "attention_pairs",
     "prefill_flops",
     "scale_counts",
     "cost_table",
@@ -82,7 +94,7 @@ class LMShape:
     num_kv_heads: int
     head_dim: int
     layer_kinds: tuple = field(default=(), repr=False)
-    """Each layer's kind (``"full_attention"`` or ``"linear_attention"``); empty: all full attention."""
+    """Each layer's kind (one of :data:`LAYER_KINDS`); empty: all full attention."""
     gated_attention: bool = field(default=False, repr=False)
     """A gated attention output: the q projection also produces the gate (width ``2·h·hd``)."""
     linear_key_heads: int = field(default=0, repr=False)
@@ -90,6 +102,10 @@ class LMShape:
     linear_key_dim: int = field(default=0, repr=False)
     linear_value_dim: int = field(default=0, repr=False)
     linear_conv_kernel: int = field(default=0, repr=False)
+    sliding_window: int = field(default=0, repr=False)
+    """Keys a ``sliding_attention`` layer's query reads at most (itself included); 0: no such layers."""
+    bidirectional_visual: bool = field(default=False, repr=False)
+    """The visual tokens of a prompt attend to each other both ways at prefill (Gemma 3's image blocks)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden", "intermediate", "num_heads", "num_kv_heads", "head_dim"):
@@ -110,17 +126,27 @@ class LMShape:
             object.__setattr__(self, name, int(value))
         if "linear_attention" in kinds and min(getattr(self, n) for n in linear) < 1:
             raise ValueError("LMShape has linear_attention layers but no linear-attention sizes; set " + ", ".join(linear))
+        window = self.sliding_window
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+            raise ValueError(f"LMShape.sliding_window={window!r} is invalid; it must be a non-negative integer")
+        object.__setattr__(self, "sliding_window", int(window))
+        if "sliding_attention" in kinds and self.sliding_window < 1:
+            raise ValueError("LMShape has sliding_attention layers but sliding_window is 0; set the window (text_config.sliding_window)")
+        object.__setattr__(self, "bidirectional_visual", bool(self.bidirectional_visual))
 
     @classmethod
-    def from_config(cls, text_config: Any) -> "LMShape":
+    def from_config(cls, text_config: Any, bidirectional_visual: bool = False) -> "LMShape":
         """Read the shape from a Hugging Face text config (duck-typed).
 
         Args:
             text_config: an object with ``num_hidden_layers``, ``hidden_size``,
                 ``intermediate_size``, ``num_attention_heads`` and optionally
                 ``num_key_value_heads`` (default: the head count) and ``head_dim`` (default:
-                ``hidden_size // num_attention_heads``). A multimodal config that only carries a
+                ``hidden_size // num_attention_heads``), ``layer_types`` and ``sliding_window``
+                where the layers differ in kind. A multimodal config that only carries a
                 ``text_config`` attribute is unwrapped.
+            bidirectional_visual: the model lets a prompt's visual tokens attend to each other
+                both ways (a family fact: ``runtime.families.Family.bidirectional_visual``).
 
         Returns:
             The :class:`LMShape`.
@@ -150,6 +176,7 @@ class LMShape:
         kinds = tuple(getattr(text_config, "layer_types", None) or ())
         hybrid = "linear_attention" in kinds
         linear = lambda name: int(getattr(text_config, name, 0) or 0) if hybrid else 0  # noqa: E731
+        sliding = "sliding_attention" in kinds
         return cls(
             num_layers=int(text_config.num_hidden_layers),
             hidden=hidden,
@@ -157,13 +184,15 @@ class LMShape:
             num_heads=heads,
             num_kv_heads=int(kv) if kv is not None else heads,
             head_dim=int(head_dim) if head_dim is not None else hidden // heads,
-            layer_kinds=kinds if hybrid else (),  # sliding windows are counted as full attention
+            layer_kinds=kinds if hybrid or sliding else (),
             gated_attention=bool(getattr(text_config, "attn_output_gate", False)) and hybrid,
             linear_key_heads=linear("linear_num_key_heads"),
             linear_value_heads=linear("linear_num_value_heads"),
             linear_key_dim=linear("linear_key_head_dim"),
             linear_value_dim=linear("linear_value_head_dim"),
             linear_conv_kernel=linear("linear_conv_kernel_dim"),
+            sliding_window=int(getattr(text_config, "sliding_window", 0) or 0) if sliding else 0,
+            bidirectional_visual=bool(bidirectional_visual),
         )
 
     @property
@@ -197,17 +226,78 @@ class LMShape:
         # 2 FLOPs/MAC × (projections·n + 2 matmuls × qd·n(n+1)/2)
         return 2.0 * (self.projection_macs_per_token + qd), 2.0 * qd
 
+    @property
+    def quadratic(self) -> bool:
+        """Whether every layer costs ``a·n + b·n²`` (no sliding window, no bidirectional image blocks)."""
+        return "sliding_attention" not in self.kinds and not self.bidirectional_visual
+
+    def layer_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float64 ``[num_layers]`` each, ``(linear, pair, window)``: layer ``l`` on ``n`` tokens costs
+        ``linear[l]·n + pair[l]·pairs`` FLOPs, ``pairs`` the query–key pairs it scores
+        (:func:`attention_pairs`; ``window[l]`` keys at most per query, 0 for none).
+
+        Example:
+            >>> [t.tolist() for t in LMShape(2, 2, 3, 1, 1, 2).layer_terms()]
+            [[68.0, 68.0], [8.0, 8.0], [0.0, 0.0]]
+        """
+        kinds = np.array(self.kinds)
+        linear_kind = kinds == "linear_attention"
+        projections = np.where(linear_kind, 2.0 * self.linear_macs_per_token, 2.0 * self.projection_macs_per_token)
+        pair = np.where(linear_kind, 0.0, 4.0 * self.num_heads * self.head_dim)  # scores and values, 2 FLOPs each
+        window = np.where(kinds == "sliding_attention", float(self.sliding_window), 0.0)
+        return projections.astype(np.float64), pair.astype(np.float64), window.astype(np.float64)
+
     def layer_coefficients(self) -> tuple[np.ndarray, np.ndarray]:
         """float64 ``[num_layers]`` each, ``(a, b)``: layer ``l`` costs ``a[l]·n + b[l]·n²`` FLOPs on ``n`` tokens.
+
+        Only for :attr:`quadratic` stacks; use :func:`stack_flops` otherwise.
+
+        Raises:
+            ValueError: a layer has a sliding window or the prompt's image attends both ways.
 
         Example:
             >>> LMShape(2, 2, 3, 1, 1, 2).layer_coefficients()[1].tolist()
             [4.0, 4.0]
         """
-        full_a, full_b = self._coefficients()
-        linear = np.array([kind == "linear_attention" for kind in self.kinds])
-        a = np.where(linear, 2.0 * self.linear_macs_per_token, full_a) if linear.any() else np.full(self.num_layers, full_a)
-        return a.astype(np.float64), np.where(linear, 0.0, full_b).astype(np.float64)
+        if not self.quadratic:
+            raise ValueError("this stack's FLOPs are not a·n + b·n² (sliding windows or image blocks); use stack_flops")
+        projections, pair, _ = self.layer_terms()
+        return projections + pair / 2.0, pair / 2.0
+
+
+def _pairs(n: np.ndarray, window: Any) -> np.ndarray:
+    """Causal query–key pairs of ``n`` tokens, each query reading at most ``window`` keys (0: all)."""
+    causal = n * (n + 1.0) / 2.0
+    window = np.asarray(window, dtype=np.float64)
+    capped = window * (window + 1.0) / 2.0 + (n - window) * window
+    return np.where((window > 0) & (n > window), capped, causal)
+
+
+def attention_pairs(shape: LMShape, tokens_per_layer: Any, visual_per_layer: Any = 0) -> np.ndarray:
+    """Query–key pairs each layer's attention scores (0 for linear-attention layers).
+
+    Args:
+        shape: the model sizes.
+        tokens_per_layer: token counts ``[..., num_layers]`` entering each layer.
+        visual_per_layer: the visual tokens among them (broadcast), for a stack whose image
+            tokens attend to each other both ways (:attr:`LMShape.bidirectional_visual`).
+
+    Returns:
+        float64 ``[..., num_layers]``: causal pairs (``T_W(n)`` under a window ``W``) plus ``k(k−1)/2``
+        for ``k`` visual tokens attending both ways.
+
+    Example:
+        >>> s = LMShape(2, 2, 3, 1, 1, 2, layer_kinds=("sliding_attention", "full_attention"), sliding_window=2)
+        >>> attention_pairs(s, [4, 4]).tolist()  # window 2: 1 + 2 + 2 + 2; causal: 10
+        [7.0, 10.0]
+    """
+    n = np.asarray(tokens_per_layer, dtype=np.float64)
+    _, pair, window = shape.layer_terms()
+    pairs = _pairs(n, window)
+    if shape.bidirectional_visual:
+        k = np.broadcast_to(np.asarray(visual_per_layer, dtype=np.float64), n.shape)
+        pairs = pairs + k * np.maximum(k - 1.0, 0.0) / 2.0
+    return np.where(pair > 0, pairs, 0.0)
 
 
 def _as_counts(values: Any, name: str) -> np.ndarray:
@@ -249,15 +339,20 @@ def layer_flops(shape: LMShape, n_tokens: Any) -> np.ndarray | float:
     return float(out) if out.ndim == 0 else out
 
 
-def stack_flops(shape: LMShape, tokens_per_layer: Any) -> np.ndarray:
+def stack_flops(shape: LMShape, tokens_per_layer: Any, visual_per_layer: Any = None) -> np.ndarray:
     """FLOPs of each layer of the stack on the tokens entering it, each layer by its own kind.
 
     Args:
         shape: the model sizes.
         tokens_per_layer: token counts ``[..., num_layers]`` (the last axis is the layer).
+        visual_per_layer: the visual tokens among them (same shape or broadcast); needed only
+            where :attr:`LMShape.bidirectional_visual` (the image's block attention), else ignored.
 
     Returns:
         float64 of the same shape.
+
+    Raises:
+        ValueError: counts negative or of the wrong shape, or visual counts missing where needed.
 
     Example:
         >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
@@ -269,17 +364,20 @@ def stack_flops(shape: LMShape, tokens_per_layer: Any) -> np.ndarray:
         raise ValueError(f"tokens_per_layer must be non-negative finite numbers, got {tokens_per_layer!r}")
     if n.ndim == 0 or n.shape[-1] != shape.num_layers:
         raise ValueError(f"tokens_per_layer has shape {n.shape}; its last axis needs one count per layer ({shape.num_layers})")
+    if shape.bidirectional_visual and visual_per_layer is None:
+        raise ValueError("this model's image tokens attend both ways: pass visual_per_layer to count their attention")
     n = n.astype(np.float64)
-    a, b = shape.layer_coefficients()
-    return a * n + b * n * n
+    projections, pair, _ = shape.layer_terms()
+    return projections * n + pair * attention_pairs(shape, n, 0 if visual_per_layer is None else visual_per_layer)
 
 
-def prefill_flops(shape: LMShape, tokens_entering_each_layer: Any) -> float:
+def prefill_flops(shape: LMShape, tokens_entering_each_layer: Any, visual_entering_each_layer: Any = None) -> float:
     """Prefill FLOPs of the whole decoder stack for one prompt.
 
     Args:
         shape: the model sizes.
         tokens_entering_each_layer: int ``[num_layers]``, tokens processed by each layer.
+        visual_entering_each_layer: the visual tokens among them (see :func:`stack_flops`).
 
     Returns:
         The sum over layers of :func:`layer_flops` (float).
@@ -294,7 +392,7 @@ def prefill_flops(shape: LMShape, tokens_entering_each_layer: Any) -> float:
         raise ValueError(
             f"tokens_entering_each_layer has shape {tokens.shape}; it needs one count per layer ({shape.num_layers},)"
         )
-    return float(np.sum(stack_flops(shape, tokens)))
+    return float(np.sum(stack_flops(shape, tokens, visual_entering_each_layer)))
 
 
 def scale_counts(k: Any, n_visual: Any, v_ref: int) -> np.ndarray:
@@ -359,8 +457,21 @@ def cost_table(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int) -> np.nd
     other, visual = _check_samples(n_other, n_visual)
     ks = scale_counts(np.arange(v_ref + 1)[None, :], visual[:, None], v_ref)  # [S, v_ref+1]
     n = (other[:, None] + ks).astype(np.float64)
-    a, b = shape.layer_coefficients()
-    return a[:, None] * np.mean(n, axis=0)[None, :] + b[:, None] * np.mean(n * n, axis=0)[None, :]
+    projections, pair, window = shape.layer_terms()
+    if shape.quadratic:
+        a, b = shape.layer_coefficients()
+        return a[:, None] * np.mean(n, axis=0)[None, :] + b[:, None] * np.mean(n * n, axis=0)[None, :]
+    table = np.empty((shape.num_layers, v_ref + 1), dtype=np.float64)
+    mean_pairs = {}  # one row per window size: layers of one kind share it
+    for layer in range(shape.num_layers):
+        w = float(window[layer])
+        if w not in mean_pairs:
+            pairs = _pairs(n, w)
+            if shape.bidirectional_visual:
+                pairs = pairs + ks * np.maximum(ks - 1.0, 0.0) / 2.0
+            mean_pairs[w] = np.mean(pairs, axis=0)
+        table[layer] = projections[layer] * np.mean(n, axis=0) + pair[layer] * mean_pairs[w]
+    return table
 
 
 def _check_keep(keep_counts: Any, shape: LMShape, v_ref: int) -> np.ndarray:
@@ -374,7 +485,7 @@ def _check_keep(keep_counts: Any, shape: LMShape, v_ref: int) -> np.ndarray:
 
 def _schedule_mean_flops(shape: LMShape, other: np.ndarray, visual: np.ndarray, keep: np.ndarray, v_ref: int) -> float:
     ks = scale_counts(keep[None, :], visual[:, None], v_ref)  # [S, L]
-    per_sample = np.sum(stack_flops(shape, other[:, None] + ks), axis=1)
+    per_sample = np.sum(stack_flops(shape, other[:, None] + ks, ks), axis=1)
     return float(np.mean(per_sample))
 
 
@@ -492,6 +603,8 @@ def visual_token_equivalent(
     keep = _check_keep(keep_counts, shape, v_ref)
     scaled = visual if n_survivors is None else _check_samples(n_other, n_survivors)[1]
     target = _schedule_mean_flops(shape, other, scaled, keep, v_ref)
+    if not shape.quadratic:
+        return _constant_count(shape, other, visual, v_ref, target)
     layer_a, layer_b = shape.layer_coefficients()
     a, b = float(np.sum(layer_a)), float(np.sum(layer_b))  # a constant count: the stack's coefficients add up
     o = other.astype(np.float64)
@@ -505,6 +618,29 @@ def visual_token_equivalent(
     disc = max(B * B - 4.0 * A * C, 0.0)
     c = (-2.0 * C) / (B + np.sqrt(disc))  # the positive root, without cancellation
     return float(min(max(c, 0.0), float(v_ref)))
+
+
+def _constant_count(shape: LMShape, other: np.ndarray, visual: np.ndarray, v_ref: int, target: float) -> float:
+    """:func:`visual_token_equivalent` where the stack is not quadratic: the mean FLOPs of a
+    constant count are increasing in it, so bisection finds the count that spends ``target``."""
+    o = other.astype(np.float64)[:, None]
+    r = visual.astype(np.float64)[:, None] / v_ref
+
+    def spent(c: float) -> float:
+        k = np.repeat(c * r, shape.num_layers, axis=1)
+        return float(np.mean(np.sum(stack_flops(shape, o + k, k), axis=1)))
+
+    low, high = 0.0, float(v_ref)
+    if spent(low) >= target:
+        return 0.0
+    if spent(high) <= target:
+        return high
+    for _ in range(100):  # to float resolution of [0, v_ref]
+        middle = 0.5 * (low + high)
+        if middle in (low, high):
+            break
+        low, high = (middle, high) if spent(middle) < target else (low, middle)
+    return low
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,10 +835,11 @@ def visual_token_fraction(shape: LMShape, visual_per_layer: Any, n_visual: Any) 
         raise ValueError(f"visual_per_layer has shape {visual.shape}; it needs [samples, num_layers] = [{full.size}, {shape.num_layers}]")
     if np.any(visual > full[:, None]):
         raise ValueError("visual_per_layer exceeds n_visual: counts after pruning cannot grow")
-    unpruned = float(np.mean(np.sum(stack_flops(shape, np.repeat(full[:, None], shape.num_layers, axis=1)), axis=1)))
+    everything = np.repeat(full[:, None], shape.num_layers, axis=1)
+    unpruned = float(np.mean(np.sum(stack_flops(shape, everything, everything), axis=1)))
     if unpruned == 0.0:
         return 1.0
-    return float(np.mean(np.sum(stack_flops(shape, visual), axis=1))) / unpruned
+    return float(np.mean(np.sum(stack_flops(shape, visual, visual), axis=1))) / unpruned
 
 
 def format_flops(value: float) -> str:

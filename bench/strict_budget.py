@@ -47,10 +47,12 @@ def run(model, recipe, inputs, **options):
     tokens = torch.stack(request.tokens_per_layer, dim=1)[0].numpy().astype(np.float64)
     visual = torch.stack(request.visual_per_layer, dim=1)[0].numpy().astype(np.float64)
     before, text = float(request.roles.n_before[0]), float(request.roles.text[0].sum())
-    spent = float(stack_flops(shape, tokens).sum())
+    spent = float(stack_flops(shape, tokens, visual).sum())
     for layer in recipe.pruning_layers:
         spent += 2.0 * float(scorer.probe_macs(shape, tokens[layer - 1], visual[layer - 1], before, text))
-    unpruned = float(stack_flops(shape, np.full(shape.num_layers, tokens[0])).sum())
+    n_visual = float(request.roles.n_visual_input[0])
+    unpruned = float(stack_flops(shape, np.full(shape.num_layers, float(inputs["attention_mask"].sum())),
+                                 np.full(shape.num_layers, n_visual)).sum())
     return spent / unpruned, logits, visual.astype(int).tolist()
 
 

@@ -255,9 +255,12 @@ def input_device(model: torch.nn.Module) -> torch.device:
 
 def model_inputs(model: torch.nn.Module, processor: Any, batch: Sequence, format_prompt: Callable[[str], str]) -> dict:
     """Processor inputs for one batch of samples (left padded), on the model's input device and dtype."""
+    from .families import family_of
+
+    texts = [format_prompt(s.prompt) for s in batch]
     inputs = processor(
-        images=[load_image(s) for s in batch],
-        text=[format_prompt(s.prompt) for s in batch],
+        images=family_of(model.config).batch_images([load_image(s) for s in batch], texts),
+        text=texts,
         return_tensors="pt",
         padding=True,
     )

@@ -218,9 +218,10 @@ def run_comparison(
 
     from .collect import collect_statistics
     from .compile import CompileConfig, compile_recipe
+    from .families import lm_shape
     from .flops import LMShape
 
-    shape = LMShape.from_config(family_for(model).text_config(model))
+    shape = lm_shape(model)
     v_ref = model_fingerprint(model)["visual_tokens"]
     statistics: dict[str, Any] = {}
     rows: list[Row] = []

@@ -27,6 +27,7 @@ from .distributed import SINGLE, Sharding
 from .divergence import divergence_table, nested_divergence, schedule_objective
 from .errors import BudgetError, StatisticsError
 from . import prellm_search
+from .families import lm_shape
 from .flops import LMShape, cost_table, min_feasible_budget, probe_flops, probe_table, visual_token_equivalent
 from .prellm_search import AUTO, pre_llm_choices
 from .search import SEARCHES
@@ -224,7 +225,7 @@ def compile_recipe(
     """
     step = progress or (lambda stage, total: (lambda n: None))
     fingerprint = model_fingerprint(model)
-    shape = LMShape.from_config(family_for(model).text_config(model))
+    shape = lm_shape(model)
     v_ref = fingerprint["visual_tokens"]
     common = dict(format_prompt=format_prompt, batch_size=config.batch_size, sharding=sharding)
     share = sharding.share(len(calibration), config.batch_size)  # samples this rank runs per pass

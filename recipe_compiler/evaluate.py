@@ -149,12 +149,13 @@ def evaluate_recipes(
     """
     from runtime.families import family_for
 
+    from .families import lm_shape
     from .flops import LMShape
 
     for recipe in recipes.values():
         recipe.check_model(model)  # RecipeMismatchError before any model time
     check_inputs(model, processor, samples, format_prompt=format_prompt)  # CalibrationDataError before any forward
-    shape = LMShape.from_config(family_for(model).text_config(model))
+    shape = lm_shape(model)
     batches = [model_inputs(model, processor, batch, format_prompt) for _, batch in batches_of(samples.samples, batch_size)]
     unpruned_greedy = [_greedy(model, inputs, new_tokens) for inputs in batches]
     timed = batches[0]

@@ -22,6 +22,8 @@ from runtime.flops import (  # noqa: F401  (re-exported: one source of the formu
     LMShape,
     _as_counts,
     _check_v_ref,
+    _pairs,
+    attention_pairs,
     layer_flops,
     prefill_flops,
     scale_counts,
@@ -33,6 +35,7 @@ __all__ = [
     "LAYER_KINDS",
     "layer_flops",
     "stack_flops",
+    "attention_pairs",
     "prefill_flops",
     "scale_counts",
     "cost_table",
@@ -83,8 +86,21 @@ def cost_table(shape: LMShape, n_other: Any, n_visual: Any, v_ref: int) -> np.nd
     other, visual = _check_samples(n_other, n_visual)
     ks = scale_counts(np.arange(v_ref + 1)[None, :], visual[:, None], v_ref)  # [S, v_ref+1]
     n = (other[:, None] + ks).astype(np.float64)
-    a, b = shape.layer_coefficients()
-    return a[:, None] * np.mean(n, axis=0)[None, :] + b[:, None] * np.mean(n * n, axis=0)[None, :]
+    projections, pair, window = shape.layer_terms()
+    if shape.quadratic:
+        a, b = shape.layer_coefficients()
+        return a[:, None] * np.mean(n, axis=0)[None, :] + b[:, None] * np.mean(n * n, axis=0)[None, :]
+    table = np.empty((shape.num_layers, v_ref + 1), dtype=np.float64)
+    mean_pairs = {}  # one row per window size: layers of one kind share it
+    for layer in range(shape.num_layers):
+        w = float(window[layer])
+        if w not in mean_pairs:
+            pairs = _pairs(n, w)
+            if shape.bidirectional_visual:
+                pairs = pairs + ks * np.maximum(ks - 1.0, 0.0) / 2.0
+            mean_pairs[w] = np.mean(pairs, axis=0)
+        table[layer] = projections[layer] * np.mean(n, axis=0) + pair[layer] * mean_pairs[w]
+    return table
 
 
 def _check_keep(keep_counts: Any, shape: LMShape, v_ref: int) -> np.ndarray:
@@ -98,7 +114,7 @@ def _check_keep(keep_counts: Any, shape: LMShape, v_ref: int) -> np.ndarray:
 
 def _schedule_mean_flops(shape: LMShape, other: np.ndarray, visual: np.ndarray, keep: np.ndarray, v_ref: int) -> float:
     ks = scale_counts(keep[None, :], visual[:, None], v_ref)  # [S, L]
-    per_sample = np.sum(stack_flops(shape, other[:, None] + ks), axis=1)
+    per_sample = np.sum(stack_flops(shape, other[:, None] + ks, ks), axis=1)
     return float(np.mean(per_sample))
 
 
@@ -293,6 +309,8 @@ def visual_token_equivalent(
     keep = _check_keep(keep_counts, shape, v_ref)
     scaled = visual if n_survivors is None else _check_samples(n_other, n_survivors)[1]
     target = _schedule_mean_flops(shape, other, scaled, keep, v_ref)
+    if not shape.quadratic:
+        return _constant_count(shape, other, visual, v_ref, target)
     layer_a, layer_b = shape.layer_coefficients()
     a, b = float(np.sum(layer_a)), float(np.sum(layer_b))  # a constant count: the stack's coefficients add up
     o = other.astype(np.float64)
@@ -306,6 +324,29 @@ def visual_token_equivalent(
     disc = max(B * B - 4.0 * A * C, 0.0)
     c = (-2.0 * C) / (B + np.sqrt(disc))  # the positive root, without cancellation
     return float(min(max(c, 0.0), float(v_ref)))
+
+
+def _constant_count(shape: LMShape, other: np.ndarray, visual: np.ndarray, v_ref: int, target: float) -> float:
+    """:func:`visual_token_equivalent` where the stack is not quadratic: the mean FLOPs of a
+    constant count are increasing in it, so bisection finds the count that spends ``target``."""
+    o = other.astype(np.float64)[:, None]
+    r = visual.astype(np.float64)[:, None] / v_ref
+
+    def spent(c: float) -> float:
+        k = np.repeat(c * r, shape.num_layers, axis=1)
+        return float(np.mean(np.sum(stack_flops(shape, o + k, k), axis=1)))
+
+    low, high = 0.0, float(v_ref)
+    if spent(low) >= target:
+        return 0.0
+    if spent(high) <= target:
+        return high
+    for _ in range(100):  # to float resolution of [0, v_ref]
+        middle = 0.5 * (low + high)
+        if middle in (low, high):
+            break
+        low, high = (middle, high) if spent(middle) < target else (low, middle)
+    return low
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,10 +541,11 @@ def visual_token_fraction(shape: LMShape, visual_per_layer: Any, n_visual: Any) 
         raise ValueError(f"visual_per_layer has shape {visual.shape}; it needs [samples, num_layers] = [{full.size}, {shape.num_layers}]")
     if np.any(visual > full[:, None]):
         raise ValueError("visual_per_layer exceeds n_visual: counts after pruning cannot grow")
-    unpruned = float(np.mean(np.sum(stack_flops(shape, np.repeat(full[:, None], shape.num_layers, axis=1)), axis=1)))
+    everything = np.repeat(full[:, None], shape.num_layers, axis=1)
+    unpruned = float(np.mean(np.sum(stack_flops(shape, everything, everything), axis=1)))
     if unpruned == 0.0:
         return 1.0
-    return float(np.mean(np.sum(stack_flops(shape, visual), axis=1))) / unpruned
+    return float(np.mean(np.sum(stack_flops(shape, visual, visual), axis=1))) / unpruned
 
 
 def format_flops(value: float) -> str:

@@ -34,6 +34,7 @@ def builtin_tokenizer(
     *,
     image_token: str = IMAGE_TOKEN,
     special_tokens: dict[str, int] | None = None,
+    named_tokens: dict[str, str] | None = None,
 ) -> "transformers.PreTrainedTokenizerFast":
     """Build the offline byte-level tokenizer used by tiny-llava and random-weight models.
 
@@ -52,6 +53,8 @@ def builtin_tokenizer(
         image_token: The image placeholder's text (``"<|image_pad|>"`` for Qwen2-VL).
         special_tokens: Further never-split tokens and their ids, e.g. Qwen's
             ``{"<|vision_start|>": 151652, ...}``.
+        named_tokens: Attribute names a processor reads for some of them, e.g. Gemma 3's
+            ``{"boi_token": "<start_of_image>"}`` (then ``tokenizer.boi_token`` and ``.boi_token_id``).
 
     Returns:
         A ``PreTrainedTokenizerFast`` with ``tokenizer.image_token == image_token``.
@@ -124,6 +127,6 @@ def builtin_tokenizer(
         pad_token="<pad>",
         padding_side="left",
         clean_up_tokenization_spaces=False,
-        extra_special_tokens={"image_token": image_token},
+        extra_special_tokens={"image_token": image_token, **(named_tokens or {})},
     )
     return tokenizer

@@ -145,8 +145,9 @@ def verify_recipe(
         log_p = torch.log_softmax(full_logits, dim=-1)
         log_q = torch.log_softmax(pruned_logits, dim=-1)
         mine.append((index, (
-            stack_flops(shape, tokens).sum(axis=1) + probe,
-            stack_flops(shape, np.repeat(np.asarray(real_tokens, dtype=np.float64)[:, None], shape.num_layers, axis=1)).sum(axis=1),
+            stack_flops(shape, tokens, visual).sum(axis=1) + probe,
+            stack_flops(shape, np.repeat(np.asarray(real_tokens, dtype=np.float64)[:, None], shape.num_layers, axis=1),
+                        n_visual.astype(np.float64)[:, None]).sum(axis=1),
             visual,
             (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0).cpu().numpy(),
             (full_logits.argmax(-1) == pruned_logits.argmax(-1)).cpu().numpy(),

@@ -20,6 +20,17 @@ builds the compiler's tables on it). Conventions (DESIGN.md §4):
   projection ``Hv·dv·d`` and the same gated MLP. No term grows with ``n²``: pruning before such a
   layer saves its compute linearly, and it holds no per-token KV. This is the recurrent form's
   count; the chunked kernel HF runs at prefill does the same products regrouped into chunks.
+* **Sliding-window layers** (Gemma 3's local layers, ``layer_types == "sliding_attention"``, window
+  ``W``): query ``i`` attends to the last ``min(i + 1, W)`` keys, so scores and values each cost
+  ``h·hd·T_W(n)`` multiply-adds with ``T_W(n) = n(n+1)/2`` for ``n <= W`` and
+  ``W(W+1)/2 + (n − W)·W`` beyond; the projections and MLP are a full layer's. After pruning the
+  window counts slots of the pruned sequence (the runtime masks it so), so ``n`` is the tokens
+  entering the layer either way.
+* **Bidirectional image blocks** (Gemma 3: the tokens of one image attend to each other both ways
+  at prefill): each of those ``k`` tokens also reads the later tokens of its image, ``k(k−1)/2``
+  more score/value pairs per layer of either kind (the window bounds only earlier keys). The model
+  counts a prompt's visual tokens as one block: exact for one image, and for several images it
+  counts the pairs across images too (never less than what runs).
 
 Visual-token counts in schedules are given for a reference count ``v_ref`` (the recipe is a ratio);
 a sample with ``n_visual`` visual tokens keeps ``round_half_up(k · n_visual / v_ref)`` of them
@@ -34,10 +45,11 @@ from typing import Any
 
 import numpy as np
 
-LAYER_KINDS = ("full_attention", "linear_attention")
-"""Decoder layer kinds the FLOPs model counts (sliding-window layers are counted as full attention)."""
+LAYER_KINDS = ("full_attention", "sliding_attention", "linear_attention")
+"""Decoder layer kinds the FLOPs model counts."""
 
-__all__ = ["LMShape", "LAYER_KINDS", "layer_flops", "stack_flops", "prefill_flops", "scale_counts"]
+__all__ = ["LMShape", "LAYER_KINDS", "layer_flops", "stack_flops", "attention_pairs", "prefill_flops", "scale_counts",
+           "request_flops", "fit_keep_counts"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,7 @@ class LMShape:
     num_kv_heads: int
     head_dim: int
     layer_kinds: tuple = field(default=(), repr=False)
-    """Each layer's kind (``"full_attention"`` or ``"linear_attention"``); empty: all full attention."""
+    """Each layer's kind (one of :data:`LAYER_KINDS`); empty: all full attention."""
     gated_attention: bool = field(default=False, repr=False)
     """A gated attention output: the q projection also produces the gate (width ``2·h·hd``)."""
     linear_key_heads: int = field(default=0, repr=False)
@@ -72,6 +84,10 @@ class LMShape:
     linear_key_dim: int = field(default=0, repr=False)
     linear_value_dim: int = field(default=0, repr=False)
     linear_conv_kernel: int = field(default=0, repr=False)
+    sliding_window: int = field(default=0, repr=False)
+    """Keys a ``sliding_attention`` layer's query reads at most (itself included); 0: no such layers."""
+    bidirectional_visual: bool = field(default=False, repr=False)
+    """The visual tokens of a prompt attend to each other both ways at prefill (Gemma 3's image blocks)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden", "intermediate", "num_heads", "num_kv_heads", "head_dim"):
@@ -92,17 +108,27 @@ class LMShape:
             object.__setattr__(self, name, int(value))
         if "linear_attention" in kinds and min(getattr(self, n) for n in linear) < 1:
             raise ValueError("LMShape has linear_attention layers but no linear-attention sizes; set " + ", ".join(linear))
+        window = self.sliding_window
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+            raise ValueError(f"LMShape.sliding_window={window!r} is invalid; it must be a non-negative integer")
+        object.__setattr__(self, "sliding_window", int(window))
+        if "sliding_attention" in kinds and self.sliding_window < 1:
+            raise ValueError("LMShape has sliding_attention layers but sliding_window is 0; set the window (text_config.sliding_window)")
+        object.__setattr__(self, "bidirectional_visual", bool(self.bidirectional_visual))
 
     @classmethod
-    def from_config(cls, text_config: Any) -> "LMShape":
+    def from_config(cls, text_config: Any, bidirectional_visual: bool = False) -> "LMShape":
         """Read the shape from a Hugging Face text config (duck-typed).
 
         Args:
             text_config: an object with ``num_hidden_layers``, ``hidden_size``,
                 ``intermediate_size``, ``num_attention_heads`` and optionally
                 ``num_key_value_heads`` (default: the head count) and ``head_dim`` (default:
-                ``hidden_size // num_attention_heads``). A multimodal config that only carries a
+                ``hidden_size // num_attention_heads``), ``layer_types`` and ``sliding_window``
+                where the layers differ in kind. A multimodal config that only carries a
                 ``text_config`` attribute is unwrapped.
+            bidirectional_visual: the model lets a prompt's visual tokens attend to each other
+                both ways (a family fact: ``runtime.families.Family.bidirectional_visual``).
 
         Returns:
             The :class:`LMShape`.
@@ -132,6 +158,7 @@ class LMShape:
         kinds = tuple(getattr(text_config, "layer_types", None) or ())
         hybrid = "linear_attention" in kinds
         linear = lambda name: int(getattr(text_config, name, 0) or 0) if hybrid else 0  # noqa: E731
+        sliding = "sliding_attention" in kinds
         return cls(
             num_layers=int(text_config.num_hidden_layers),
             hidden=hidden,
@@ -139,13 +166,15 @@ class LMShape:
             num_heads=heads,
             num_kv_heads=int(kv) if kv is not None else heads,
             head_dim=int(head_dim) if head_dim is not None else hidden // heads,
-            layer_kinds=kinds if hybrid else (),  # sliding windows are counted as full attention
+            layer_kinds=kinds if hybrid or sliding else (),
             gated_attention=bool(getattr(text_config, "attn_output_gate", False)) and hybrid,
             linear_key_heads=linear("linear_num_key_heads"),
             linear_value_heads=linear("linear_num_value_heads"),
             linear_key_dim=linear("linear_key_head_dim"),
             linear_value_dim=linear("linear_value_head_dim"),
             linear_conv_kernel=linear("linear_conv_kernel_dim"),
+            sliding_window=int(getattr(text_config, "sliding_window", 0) or 0) if sliding else 0,
+            bidirectional_visual=bool(bidirectional_visual),
         )
 
     @property
@@ -179,17 +208,78 @@ class LMShape:
         # 2 FLOPs/MAC × (projections·n + 2 matmuls × qd·n(n+1)/2)
         return 2.0 * (self.projection_macs_per_token + qd), 2.0 * qd
 
+    @property
+    def quadratic(self) -> bool:
+        """Whether every layer costs ``a·n + b·n²`` (no sliding window, no bidirectional image blocks)."""
+        return "sliding_attention" not in self.kinds and not self.bidirectional_visual
+
+    def layer_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float64 ``[num_layers]`` each, ``(linear, pair, window)``: layer ``l`` on ``n`` tokens costs
+        ``linear[l]·n + pair[l]·pairs`` FLOPs, ``pairs`` the query–key pairs it scores
+        (:func:`attention_pairs`; ``window[l]`` keys at most per query, 0 for none).
+
+        Example:
+            >>> [t.tolist() for t in LMShape(2, 2, 3, 1, 1, 2).layer_terms()]
+            [[68.0, 68.0], [8.0, 8.0], [0.0, 0.0]]
+        """
+        kinds = np.array(self.kinds)
+        linear_kind = kinds == "linear_attention"
+        projections = np.where(linear_kind, 2.0 * self.linear_macs_per_token, 2.0 * self.projection_macs_per_token)
+        pair = np.where(linear_kind, 0.0, 4.0 * self.num_heads * self.head_dim)  # scores and values, 2 FLOPs each
+        window = np.where(kinds == "sliding_attention", float(self.sliding_window), 0.0)
+        return projections.astype(np.float64), pair.astype(np.float64), window.astype(np.float64)
+
     def layer_coefficients(self) -> tuple[np.ndarray, np.ndarray]:
         """float64 ``[num_layers]`` each, ``(a, b)``: layer ``l`` costs ``a[l]·n + b[l]·n²`` FLOPs on ``n`` tokens.
+
+        Only for :attr:`quadratic` stacks; use :func:`stack_flops` otherwise.
+
+        Raises:
+            ValueError: a layer has a sliding window or the prompt's image attends both ways.
 
         Example:
             >>> LMShape(2, 2, 3, 1, 1, 2).layer_coefficients()[1].tolist()
             [4.0, 4.0]
         """
-        full_a, full_b = self._coefficients()
-        linear = np.array([kind == "linear_attention" for kind in self.kinds])
-        a = np.where(linear, 2.0 * self.linear_macs_per_token, full_a) if linear.any() else np.full(self.num_layers, full_a)
-        return a.astype(np.float64), np.where(linear, 0.0, full_b).astype(np.float64)
+        if not self.quadratic:
+            raise ValueError("this stack's FLOPs are not a·n + b·n² (sliding windows or image blocks); use stack_flops")
+        projections, pair, _ = self.layer_terms()
+        return projections + pair / 2.0, pair / 2.0
+
+
+def _pairs(n: np.ndarray, window: Any) -> np.ndarray:
+    """Causal query–key pairs of ``n`` tokens, each query reading at most ``window`` keys (0: all)."""
+    causal = n * (n + 1.0) / 2.0
+    window = np.asarray(window, dtype=np.float64)
+    capped = window * (window + 1.0) / 2.0 + (n - window) * window
+    return np.where((window > 0) & (n > window), capped, causal)
+
+
+def attention_pairs(shape: LMShape, tokens_per_layer: Any, visual_per_layer: Any = 0) -> np.ndarray:
+    """Query–key pairs each layer's attention scores (0 for linear-attention layers).
+
+    Args:
+        shape: the model sizes.
+        tokens_per_layer: token counts ``[..., num_layers]`` entering each layer.
+        visual_per_layer: the visual tokens among them (broadcast), for a stack whose image
+            tokens attend to each other both ways (:attr:`LMShape.bidirectional_visual`).
+
+    Returns:
+        float64 ``[..., num_layers]``: causal pairs (``T_W(n)`` under a window ``W``) plus ``k(k−1)/2``
+        for ``k`` visual tokens attending both ways.
+
+    Example:
+        >>> s = LMShape(2, 2, 3, 1, 1, 2, layer_kinds=("sliding_attention", "full_attention"), sliding_window=2)
+        >>> attention_pairs(s, [4, 4]).tolist()  # window 2: 1 + 2 + 2 + 2; causal: 10
+        [7.0, 10.0]
+    """
+    n = np.asarray(tokens_per_layer, dtype=np.float64)
+    _, pair, window = shape.layer_terms()
+    pairs = _pairs(n, window)
+    if shape.bidirectional_visual:
+        k = np.broadcast_to(np.asarray(visual_per_layer, dtype=np.float64), n.shape)
+        pairs = pairs + k * np.maximum(k - 1.0, 0.0) / 2.0
+    return np.where(pair > 0, pairs, 0.0)
 
 
 def _as_counts(values: Any, name: str) -> np.ndarray:
@@ -231,15 +321,20 @@ def layer_flops(shape: LMShape, n_tokens: Any) -> np.ndarray | float:
     return float(out) if out.ndim == 0 else out
 
 
-def stack_flops(shape: LMShape, tokens_per_layer: Any) -> np.ndarray:
+def stack_flops(shape: LMShape, tokens_per_layer: Any, visual_per_layer: Any = None) -> np.ndarray:
     """FLOPs of each layer of the stack on the tokens entering it, each layer by its own kind.
 
     Args:
         shape: the model sizes.
         tokens_per_layer: token counts ``[..., num_layers]`` (the last axis is the layer).
+        visual_per_layer: the visual tokens among them (same shape or broadcast); needed only
+            where :attr:`LMShape.bidirectional_visual` (the image's block attention), else ignored.
 
     Returns:
         float64 of the same shape.
+
+    Raises:
+        ValueError: counts negative or of the wrong shape, or visual counts missing where needed.
 
     Example:
         >>> s = LMShape(num_layers=2, hidden=2, intermediate=3, num_heads=1, num_kv_heads=1, head_dim=2)
@@ -251,17 +346,20 @@ def stack_flops(shape: LMShape, tokens_per_layer: Any) -> np.ndarray:
         raise ValueError(f"tokens_per_layer must be non-negative finite numbers, got {tokens_per_layer!r}")
     if n.ndim == 0 or n.shape[-1] != shape.num_layers:
         raise ValueError(f"tokens_per_layer has shape {n.shape}; its last axis needs one count per layer ({shape.num_layers})")
+    if shape.bidirectional_visual and visual_per_layer is None:
+        raise ValueError("this model's image tokens attend both ways: pass visual_per_layer to count their attention")
     n = n.astype(np.float64)
-    a, b = shape.layer_coefficients()
-    return a * n + b * n * n
+    projections, pair, _ = shape.layer_terms()
+    return projections * n + pair * attention_pairs(shape, n, 0 if visual_per_layer is None else visual_per_layer)
 
 
-def prefill_flops(shape: LMShape, tokens_entering_each_layer: Any) -> float:
+def prefill_flops(shape: LMShape, tokens_entering_each_layer: Any, visual_entering_each_layer: Any = None) -> float:
     """Prefill FLOPs of the whole decoder stack for one prompt.
 
     Args:
         shape: the model sizes.
         tokens_entering_each_layer: int ``[num_layers]``, tokens processed by each layer.
+        visual_entering_each_layer: the visual tokens among them (see :func:`stack_flops`).
 
     Returns:
         The sum over layers of :func:`layer_flops` (float).
@@ -276,7 +374,7 @@ def prefill_flops(shape: LMShape, tokens_entering_each_layer: Any) -> float:
         raise ValueError(
             f"tokens_entering_each_layer has shape {tokens.shape}; it needs one count per layer ({shape.num_layers},)"
         )
-    return float(np.sum(stack_flops(shape, tokens)))
+    return float(np.sum(stack_flops(shape, tokens, visual_entering_each_layer)))
 
 
 def scale_counts(k: Any, n_visual: Any, v_ref: int) -> np.ndarray:
@@ -332,7 +430,7 @@ def request_flops(shape: LMShape, keep: Any, n_other: int, n_before: int, n_text
     """
     k = np.atleast_2d(np.asarray(keep, dtype=np.float64))
     tokens = n_other + k
-    total = np.sum(stack_flops(shape, tokens), axis=1)
+    total = np.sum(stack_flops(shape, tokens, k), axis=1)
     if probe_macs is not None:
         for layer in probe_layers:
             before = k[:, layer - 1]
@@ -372,7 +470,8 @@ def fit_keep_counts(shape: LMShape, keep: Any, n_visual: int, n_other: int, n_be
     """
     k = np.asarray(keep, dtype=np.int64)
     cuts = np.nonzero(np.diff(k) < 0)[0] + 1
-    unpruned = float(np.sum(stack_flops(shape, np.full(k.shape, n_other + n_visual, dtype=np.float64))))
+    unpruned = float(np.sum(stack_flops(shape, np.full(k.shape, n_other + n_visual, dtype=np.float64),
+                                        np.full(k.shape, n_visual, dtype=np.float64))))
     limit = budget * unpruned
     if cuts.size == 0 or k[cuts[0]] == 0:  # nothing after a cut to scale
         return k, bool(request_flops(shape, k, n_other, n_before, n_text, probe_layers, probe_macs)[0] <= limit)

@@ -166,7 +166,7 @@ class RecipePolicy(Policy):
         if self.budget is not None:
             from .flops import LMShape
 
-            self._shape = LMShape.from_config(family.text_config(model))
+            self._shape = LMShape.from_config(family.text_config(model), bidirectional_visual=family.bidirectional_visual)
         return self.stage.attach(model) if self.stage is not None else []
 
     def _set_counts(self, n_visual: torch.Tensor, device: torch.device) -> None:

@@ -9,8 +9,8 @@
 # The project is installed editable with --no-deps, so the newest transformers is tested even when it lies
 # outside the declared range (the import-time warning then says so, and the tests still run).
 #
-# Which release: TRANSFORMERS_VERSION when set (e.g. to check an older bound), else the newest that
-# `pip index versions transformers` reports. The environment is cached per release: its marker holds the
+# Which release: TRANSFORMERS_VERSION when set (e.g. to check an older bound), else the newest of the four newest
+# `pip index versions transformers` reports that installs here. The environment is cached per release: its marker holds the
 # hash of this script, the python version and that release, so a second run takes seconds and a new
 # release on the registry rebuilds it.
 #
@@ -23,15 +23,36 @@ TORCH_PIN="torch==2.13.0"   # the CPU wheel on local disk; without the pin pip w
 
 log() { echo "transformers-env: $*" >&2; }
 
+env_dir_for() { echo "${TRANSFORMERS_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/recipe-compiler/transformers-env-$1}"; }
+marker_for() {
+    local hash
+    hash="$( { cat "${BASH_SOURCE[0]}"; "$PY" -c 'import sys; print(sys.version)'; echo "$1"; } | sha256sum | cut -c1-16)"
+    echo "$(env_dir_for "$1")/.recipe-compiler-env-$hash"
+}
+
 version="${TRANSFORMERS_VERSION:-}"
 if [[ -z "$version" ]]; then
-    version="$("$PY" -m pip index versions transformers 2>/dev/null | sed -n 's/^transformers (\(.*\))$/\1/p' | head -n 1)"
-    [[ -n "$version" ]] || { log "cannot ask the package registry for the newest transformers (pip index versions transformers failed)"; exit 2; }
+    # The newest release that installs here: a release can need a dependency this python or registry lacks
+    # (5.25.0 needs kernels>=0.19.1, which requires Python 3.12); then the next older one is tested, and the
+    # log says which and why. A release already built is taken without asking pip again.
+    releases="$("$PY" -m pip index versions transformers 2>/dev/null | sed -n 's/^Available versions: //p' | tr -d ',')"
+    [[ -n "$releases" ]] || { log "cannot ask the package registry for the newest transformers (pip index versions transformers failed)"; exit 2; }
+    for candidate in $(echo "$releases" | tr ' ' '\n' | grep -E '^[0-9]+\.[0-9]+\.[0-9]+$' | head -n 4); do
+        if [[ -f "$(marker_for "$candidate")" ]]; then
+            version="$candidate"
+            break
+        fi
+        if why="$("$PY" -m pip install --dry-run --quiet --ignore-installed "transformers==$candidate" "$TORCH_PIN" 2>&1 >/dev/null)"; then
+            version="$candidate"
+            break
+        fi
+        log "transformers $candidate cannot be installed here ($(echo "$why" | grep -v 'is ignored: it is neither' | grep ERROR | tail -n 1)); trying the release before it"
+    done
+    [[ -n "$version" ]] || { log "none of the four newest transformers releases installs here"; exit 2; }
 fi
-ENV_DIR="${TRANSFORMERS_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/recipe-compiler/transformers-env-$version}"
-
-inputs_hash="$( { cat "${BASH_SOURCE[0]}"; "$PY" -c 'import sys; print(sys.version)'; echo "$version"; } | sha256sum | cut -c1-16)"
-marker="$ENV_DIR/.recipe-compiler-env-$inputs_hash"
+ENV_DIR="$(env_dir_for "$version")"
+marker="$(marker_for "$version")"
+inputs_hash="$(basename "$marker" | sed 's/^.recipe-compiler-env-//')"
 project_marker="$ENV_DIR/.recipe-compiler-project"
 project_key="$ROOT $(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 

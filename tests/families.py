@@ -81,6 +81,7 @@ FAMILIES: list[FamilyCase] = [
     FamilyCase("tiny-llava-onevision", "<image>", ((64, 64), (160, 96)), view_sizes=_next_views),
     FamilyCase("tiny-qwen3-vl", _QWEN_IMAGE, ((64, 64), (88, 56))),
     FamilyCase("tiny-qwen3.5", _QWEN_IMAGE, ((64, 64), (88, 56))),
+    FamilyCase("tiny-gemma3", "<start_of_image>", ((128, 128), (160, 96))),  # every image is resized to the square input
 ]
 
 

@@ -66,6 +66,9 @@ def test_language_model_linear_flops_equal_the_flop_counter(case: FamilyCase):
     # A linear-attention layer's matrix products by its weights: all its terms but the conv and the state update.
     conv = (2 * shape.linear_key_heads * shape.linear_key_dim + shape.linear_value_heads * shape.linear_value_dim) * shape.linear_conv_kernel
     state = 3 * shape.linear_value_heads * shape.linear_key_dim * shape.linear_value_dim
-    per_layer = [layer_flops(shape, n) - attention if kind == "full_attention" else 2 * n * (shape.linear_macs_per_token - conv - state)
+    # Attention layers of either kind (full, sliding window) have the same projections and MLP.
+    per_layer = [2 * n * (shape.linear_macs_per_token - conv - state) if kind == "linear_attention" else layer_flops(shape, n) - attention
                  for kind in shape.kinds]
     assert linear == sum(per_layer)
+    projections, _, _ = shape.layer_terms()
+    assert linear == float(np.sum(projections * n)) - sum(2 * n * (conv + state) for kind in shape.kinds if kind == "linear_attention")

@@ -184,8 +184,9 @@ def _recompute_logits(model, inputs: dict, sequences: torch.Tensor) -> torch.Ten
     repeat = rows // inputs["input_ids"].shape[0]  # beam search expands every input row
     grow = lambda t, fill: torch.cat([t.repeat_interleave(repeat, dim=0), torch.full((rows, extra), fill, dtype=t.dtype)], 1)  # noqa: E731
     kwargs = {"input_ids": sequences, "attention_mask": grow(inputs["attention_mask"], 1)}
-    if "mm_token_type_ids" in inputs:
-        kwargs["mm_token_type_ids"] = grow(inputs["mm_token_type_ids"], 0)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # Gemma 3's image blocks are marked by token_type_ids
+        if key in inputs:
+            kwargs[key] = grow(inputs[key], 0)
     for key in ("pixel_values", "image_sizes", "image_grid_thw"):
         if key in inputs:
             kwargs[key] = inputs[key]
@@ -281,7 +282,9 @@ def _check_counts_and_cache(case, model, recipe, inputs, request, output, beams)
             width = prompt
         else:
             width = max(r - v + e[layer] for r, v, e in zip(real, n, expected))
-        assert cache_layer.keys.shape[2] == width + fed, f"layer {layer}: cache length differs from the recipe's"
+        window = getattr(cache_layer, "sliding_window", None)  # a sliding-window layer keeps the last window − 1 it was given
+        length = width + fed if window is None else min(width + fed, window - 1)
+        assert cache_layer.keys.shape[2] == length, f"layer {layer}: cache length differs from the recipe's"
 
 
 def _check_recompute(model, handle, inputs, output, shape: Shape):

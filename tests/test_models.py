@@ -73,7 +73,7 @@ def test_every_embedded_config_builds_a_llava_config(alias):
     config = AutoConfig.for_model(spec.config["model_type"], **fields)  # the family's own config class
     assert config.model_type == spec.config["model_type"] in FAMILIES
     assert "{prompt}" in spec.prompt_template
-    placeholders = ("<image>", "<|image_pad|>", "<IMG_CONTEXT>")  # LLaVA's, Qwen-VL's, InternVL's
+    placeholders = ("<image>", "<|image_pad|>", "<IMG_CONTEXT>", "<start_of_image>")  # LLaVA's, Qwen-VL's, InternVL's, Gemma 3's
     assert any(p in spec.prompt_template for p in placeholders)
     assert spec.description
 

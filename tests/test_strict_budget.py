@@ -56,16 +56,20 @@ def request_fractions(model, recipe, inputs, **options):
     visual = torch.stack(request.visual_per_layer, dim=1).numpy().astype(np.float64)
     before = request.roles.n_before.numpy().astype(np.float64)
     text = request.roles.text.sum(dim=1).numpy().astype(np.float64)
-    spent = stack_flops(shape, tokens).sum(axis=1)
+    spent = stack_flops(shape, tokens, visual).sum(axis=1)
     for layer in recipe.pruning_layers:
         spent += 2.0 * scorer.probe_macs(shape, tokens[:, layer - 1], visual[:, layer - 1], before, text)
     real = inputs["attention_mask"].sum(dim=1).numpy().astype(np.float64)  # before any pre-LLM stage
-    unpruned = stack_flops(shape, np.repeat(real[:, None], shape.num_layers, axis=1)).sum(axis=1)
+    n_visual = request.roles.n_visual_input.numpy().astype(np.float64)
+    unpruned = stack_flops(shape, np.repeat(real[:, None], shape.num_layers, axis=1),
+                           np.repeat(n_visual[:, None], shape.num_layers, axis=1)).sum(axis=1)
     # The least any schedule of this shape spends: every visual token gone at the first cut (its probe paid).
     first = recipe.pruning_layers[0]
     floor_tokens = np.repeat(real[:, None], shape.num_layers, axis=1)
     floor_tokens[:, first:] -= visual[:, :1]
-    floor = stack_flops(shape, floor_tokens).sum(axis=1)
+    floor_visual = np.repeat(visual[:, :1], shape.num_layers, axis=1)
+    floor_visual[:, first:] = 0
+    floor = stack_flops(shape, floor_tokens, floor_visual).sum(axis=1)
     for layer in recipe.pruning_layers:  # every pruning layer still probes, the later ones on no visual token
         floor += 2.0 * scorer.probe_macs(shape, floor_tokens[:, layer - 1], visual[:, 0] * (layer == first), before, text)
     return spent / unpruned, floor / unpruned, logits, torch.stack(request.visual_per_layer, dim=1)

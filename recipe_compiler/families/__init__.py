@@ -10,8 +10,8 @@ Example:
     >>> ALIASES["tiny-qwen2.5-vl"].config["model_type"]
     'qwen2_5_vl'
 """
-from .base import (ALIASES, FAMILIES, CompilerFamily, ModelSpec, PictureView, config_from_dict, family_of, register_family,
-                   registry_vision_flops, vision_shape)
+from .base import (ALIASES, FAMILIES, CompilerFamily, ModelSpec, PictureView, config_from_dict, family_of, lm_shape,
+                   register_family, registry_vision_flops, vision_shape)
 
 from . import llava  # noqa: F401
 from . import llava_next  # noqa: F401
@@ -21,6 +21,7 @@ from . import internvl  # noqa: F401
 from . import llava_onevision  # noqa: F401
 from . import qwen3_vl  # noqa: F401
 from . import qwen3_5  # noqa: F401
+from . import gemma3  # noqa: F401
 
-__all__ = ["ALIASES", "FAMILIES", "CompilerFamily", "ModelSpec", "PictureView", "config_from_dict", "family_of", "register_family",
-           "registry_vision_flops", "vision_shape"]
+__all__ = ["ALIASES", "FAMILIES", "CompilerFamily", "ModelSpec", "PictureView", "config_from_dict", "family_of", "lm_shape",
+           "register_family", "registry_vision_flops", "vision_shape"]

@@ -24,7 +24,7 @@ from runtime.families import family_for
 from runtime.registry import Registry
 
 from ..errors import ModelNotFoundError
-from ..flops import VisionShape, reference_encoder_flops
+from ..flops import LMShape, VisionShape, reference_encoder_flops
 
 FAMILIES = Registry("model family")
 """``model_type`` → :class:`CompilerFamily`; filled by the family modules."""
@@ -124,6 +124,17 @@ def vision_shape(config: Any) -> VisionShape:
     return FAMILIES[model_type].vision_shape(config)
 
 
+def lm_shape(model: Any) -> LMShape:
+    """The FLOPs shape of a model's language model, with what its family says about image attention.
+
+    Example:
+        >>> lm_shape(load_model("tiny-llava").model).num_layers   # doctest: +SKIP
+        8
+    """
+    family = family_for(model)
+    return LMShape.from_config(family.text_config(model), bidirectional_visual=family.bidirectional_visual)
+
+
 def config_from_dict(config_dict: dict) -> Any:
     """The transformers config object of an embedded config dict (any registered family).
 
@@ -221,6 +232,11 @@ class CompilerFamily:
                 except Exception:  # noqa: BLE001 - best effort, padding then needs pad_token from the user
                     pass
         return processor
+
+    def batch_images(self, images: list, texts: list) -> list:
+        """The ``images`` argument of the family's processor for a batch: ``images`` (one per prompt,
+        in order) as the processor takes them (a flat list by default)."""
+        return images
 
     # ------------------------------------------------------------------ vision FLOPs (never part of the budget)
     def vision_shape(self, config: Any) -> VisionShape:

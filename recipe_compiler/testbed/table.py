@@ -59,12 +59,13 @@ def build_entries(loaded: Any, calibration: Any, budgets: Sequence[float], *, lo
 
     from ..collect import collect_statistics
     from ..compile import CompileConfig, compile_recipe
+    from ..families import lm_shape
     from ..flops import LMShape
 
     model, processor = loaded.model, loaded.processor
     fp = model_fingerprint(model)
     v, layers = int(fp["visual_tokens"]), int(fp["num_layers"])
-    shape = LMShape.from_config(family_for(model).text_config(model))
+    shape = lm_shape(model)
     started = time.perf_counter()
     stats = collect_statistics(model, processor, calibration, format_prompt=loaded.format_prompt)
     log(f"calibration statistics on {len(calibration)} samples: {time.perf_counter() - started:.1f}s")
@@ -131,9 +132,10 @@ def measure(model: Any, batches: list, refs: list, recipe: Any) -> dict:
     from runtime.families import family_for
 
     from ..accuracy import accuracy_report
+    from ..families import lm_shape
     from ..flops import LMShape, layer_flops
 
-    shape = LMShape.from_config(family_for(model).text_config(model))
+    shape = lm_shape(model)
     correct, qtypes, pruned, full, kls, agree, visual = [], [], [], [], [], [], []
     with torch.no_grad(), recipe.apply(model) as handle:
         for (inputs, answers, batch), ref in zip(batches, refs):

@@ -131,6 +131,9 @@ class Family:
     """Decoder layer kinds (``text_config.layer_types``) the pruner handles for this family."""
     layer_kinds_hint = ""
     """Appended to the refusal of other layer kinds (e.g. the config switch that made them)."""
+    bidirectional_visual = False
+    """Whether the tokens of one image attend to each other both ways at prefill (Gemma 3), which
+    the FLOPs model counts."""
 
     pre_llm = False
     """Whether the family can run pre-LLM stages at all (it has views and a vision encoder hook)."""

@@ -9,15 +9,23 @@ masks, one per kind, and at prefill lets the tokens of one image attend to each 
 (``token_type_ids`` → block ids, or-ed into the causal mask). After pruning, :meth:`layer_mask`
 rebuilds both masks over the pruned sequence with the blocks of the *kept* image tokens, as the
 model builds them for a prompt holding only the kept tokens; decode steps need no blocks (the model
-passes none either). No pre-LLM stages yet (``pre_llm`` is False: each is refused by name).
+passes none either).
+
+Pre-LLM stages: each image is one view, the ``s × s`` grid of pooled tokens (``s² =
+mm_tokens_per_image``). The one vision signal is ``"attention"``: the attention each encoder patch
+receives at the feature layer (mean over heads and query patches; SigLIP has no CLS to read a row
+of), recomputed from that layer's input and averaged over each token's ``k × k`` pooling window.
+Stages that need a CLS token (``"features"``) or one token per encoder patch are refused with the
+reason.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .base import Family, register_family
+from ..errors import StageCannotRun
+from .base import Encoded, Family, Signal, View, register_family
 
 
 @register_family("gemma3")
@@ -25,13 +33,59 @@ class Gemma3Family(Family):
     """Gemma 3: one image run of ``mm_tokens_per_image`` tokens, sliding/global layers, bidirectional image blocks."""
 
     layer_kinds = ("full_attention", "sliding_attention")
+    bidirectional_visual = True
     text_fields = Family.text_fields + ("sliding_window", "layer_types", "query_pre_attn_scalar", "rope_parameters")
     vision_fields = Family.vision_fields
     top_fields = Family.top_fields + ("mm_tokens_per_image", "boi_token_index", "eoi_token_index")
     vllm_refusal = "Gemma 3 is not served by the vLLM plugin yet; serve it with the HF runtime (runtime.load(recipe).apply(model))"
 
+    pre_llm = True
+    signals = {
+        "attention": None,
+        "features": "its SigLIP encoder has no CLS token",
+        "encoder_patches": "its projector average-pools k × k encoder patches into one token",
+    }
+
     def reference_visual_tokens(self, config: Any) -> int:
         return int(config.mm_tokens_per_image)
+
+    # ------------------------------------------------------------------ pre-LLM stages
+    def vision_layers(self, model: Any) -> torch.nn.ModuleList:
+        """The SigLIP tower's ``encoder.layers`` (under ``vision_model`` in older transformers)."""
+        tower = self.base_model(model).vision_tower
+        encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
+        return encoder.layers
+
+    def default_feature_layer(self, model: Any) -> int:
+        return -1  # the projector reads the last layer (through the post-layernorm)
+
+    def signal_hooks(self, model: Any, capture: set, feature_layer: int | None, record: Callable[[str, torch.Tensor], None]) -> list:
+        if "attention" not in capture:
+            return []
+
+        def on_attention_input(module: Any, args: tuple, kwargs: dict) -> None:
+            record("attention", received_attention(module, args[0] if args else kwargs["hidden_states"]))
+
+        attn = self.vision_layers(model)[self.feature_encoder_layer(model, feature_layer)].self_attn
+        return [attn.register_forward_pre_hook(on_attention_input, with_kwargs=True)]
+
+    def views(self, model: Any, roles: Any, row: int, positions: torch.Tensor, encoded: Encoded, index: int,
+              signal: Signal) -> list[View]:
+        """One view per image: its ``s × s`` grid of pooled tokens; the signal pooled like the features."""
+        config = model.config
+        side = int(round(int(config.mm_tokens_per_image) ** 0.5))
+        if positions.numel() != side * side:
+            raise StageCannotRun(f"a Gemma 3 image has {positions.numel()} tokens, not the {side * side} of mm_tokens_per_image")
+        view = View(row, positions, (side, side))
+        attention = signal("attention")
+        if attention is not None:
+            patches = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+            if index >= attention.shape[0] or attention.shape[1] != patches * patches:
+                raise StageCannotRun(f"the encoder signal has {attention.shape[1]} patches, not {patches}²")
+            grid = attention[index].float().view(1, 1, patches, patches)
+            kernel = patches // side
+            view.attention = torch.nn.functional.avg_pool2d(grid, kernel, kernel).flatten()
+        return [view]
 
     def layer_mask(self, model: Any, kind: str, config: Any, hidden: torch.Tensor, mask2d: torch.Tensor, cache: Any,
                    layer: int, prompt_index: torch.Tensor, prefill: bool, base_kwargs: dict) -> Any:
@@ -59,3 +113,18 @@ def block_ids(token_types: torch.Tensor) -> torch.Tensor:
     image = token_types == 1
     starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
     return torch.where(image, starts.long().cumsum(dim=1) - 1, torch.full_like(token_types, -1))
+
+
+def received_attention(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """(N, P): the attention each patch receives in one SigLIP attention module, mean over heads and
+    query patches, recomputed from the module's input ``x`` (N, P, D)."""
+    with torch.no_grad():
+        n, t, _ = x.shape
+        heads, dim = module.num_heads, module.head_dim
+        q = module.q_proj(x).float().view(n, t, heads, dim).transpose(1, 2)
+        k = module.k_proj(x).float().view(n, t, heads, dim).transpose(1, 2)
+        received = torch.zeros(n, t, dtype=torch.float32, device=x.device)
+        for q0 in range(0, t, 1024):  # query blocks bound the memory to N·H·1024·P
+            probs = torch.softmax((q[:, :, q0:q0 + 1024] @ k.transpose(-1, -2)) * module.scale, dim=-1)
+            received += probs.sum(dim=(1, 2))
+        return received / (heads * t)

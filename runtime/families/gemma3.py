@@ -26,6 +26,7 @@ import torch
 
 from ..errors import StageCannotRun
 from .base import Encoded, Family, Signal, View, register_family
+from .llava_onevision import received_attention
 
 
 @register_family("gemma3")
@@ -114,17 +115,3 @@ def block_ids(token_types: torch.Tensor) -> torch.Tensor:
     starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
     return torch.where(image, starts.long().cumsum(dim=1) - 1, torch.full_like(token_types, -1))
 
-
-def received_attention(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """(N, P): the attention each patch receives in one SigLIP attention module, mean over heads and
-    query patches, recomputed from the module's input ``x`` (N, P, D)."""
-    with torch.no_grad():
-        n, t, _ = x.shape
-        heads, dim = module.num_heads, module.head_dim
-        q = module.q_proj(x).float().view(n, t, heads, dim).transpose(1, 2)
-        k = module.k_proj(x).float().view(n, t, heads, dim).transpose(1, 2)
-        received = torch.zeros(n, t, dtype=torch.float32, device=x.device)
-        for q0 in range(0, t, 1024):  # query blocks bound the memory to N·H·1024·P
-            probs = torch.softmax((q[:, :, q0:q0 + 1024] @ k.transpose(-1, -2)) * module.scale, dim=-1)
-            received += probs.sum(dim=(1, 2))
-        return received / (heads * t)

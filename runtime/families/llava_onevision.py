@@ -185,9 +185,9 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return out
 
 
-def received_attention(module: Any, x: torch.Tensor) -> torch.Tensor:
+def received_attention(module: Any, x: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """(N, P): the mean over heads and query rows of the attention each patch receives in one SigLIP
-    attention module, per crop, from the module's input ``x`` (N, P, D)."""
+    attention module, per crop, from the module's input ``x`` (N, P, D) (also Gemma 3's tower)."""
     with torch.no_grad():
         n, t, _ = x.shape
         heads, dim = module.num_heads, module.head_dim
@@ -195,5 +195,11 @@ def received_attention(module: Any, x: torch.Tensor) -> torch.Tensor:
         for crop in range(n):  # one crop at a time bounds the memory to H·T² (37 crops at 384 px)
             q = module.q_proj(x[crop]).float().view(t, heads, dim).transpose(0, 1)
             k = module.k_proj(x[crop]).float().view(t, heads, dim).transpose(0, 1)
-            out[crop] = torch.softmax((q @ k.transpose(-1, -2)) * module.scale, dim=-1).mean(dim=(0, 1))
+            if t <= block:
+                out[crop] = torch.softmax((q @ k.transpose(-1, -2)) * module.scale, dim=-1).mean(dim=(0, 1))
+                continue
+            total = torch.zeros(t, dtype=torch.float32, device=x.device)
+            for q0 in range(0, t, block):  # and query blocks to H·block·T (Gemma 3: 4096 patches)
+                total += torch.softmax((q[:, q0:q0 + block] @ k.transpose(-1, -2)) * module.scale, dim=-1).sum(dim=(0, 1))
+            out[crop] = total / (heads * t)
         return out

@@ -31,7 +31,10 @@ Each chunk multiplies its rows by the keys up to its last row (a staircase over 
 triangle), so the chunk size decides the probe's FLOPs. One size everywhere makes the FLOPs a
 recipe is compiled and verified with the FLOPs every device runs (:func:`row_sum_macs`); 64 keeps
 the staircase within 32 keys per row of the exact triangle and is the fastest on CPU (the score
-block stays in cache). The calibration pass is not budgeted and keeps the device default.
+block stays in cache). On a GPU it means more, smaller launches (a 3000-row LLaVA-NeXT probe is 47
+chunks; not yet timed on one): if that shows in ``bench/gpu.sh``, raise this one constant, and the
+counted FLOPs follow (:func:`row_sum_macs` reads it). The calibration pass is not budgeted and
+keeps the device default.
 """
 
 

@@ -104,3 +104,54 @@ def test_every_scorer_that_probes_declares_a_positive_cost(name):
         assert macs[0] > macs[1], "a probe on fewer tokens costs less"
     else:
         assert np.all(macs == 0)
+
+
+PROTECTED = {"tiny-llava-next", "tiny-llava-onevision"}  # newlines inside the image: FitPrune's span is an upper bound
+
+
+def _family_params():
+    from families import FAMILIES
+
+    return [pytest.param(case, id=case.name) for case in FAMILIES]
+
+
+@pytest.mark.parametrize("case", _family_params())
+@pytest.mark.parametrize("scorer", ["fitprune", "last-token"])
+def test_declared_probe_flops_match_torch_on_every_family(case, scorer, calibration, monkeypatch):
+    from runtime.families import family_for
+
+    from recipe_compiler.collect import model_inputs
+
+    loaded = case.load()
+    model = loaded.model
+    fingerprint = model_fingerprint(model)
+    v, layers = fingerprint["visual_tokens"], fingerprint["num_layers"]
+    cuts = [c for c in family_for(model).cut_layers(model) if c >= 1][:2]
+    keep = np.full(layers, v)
+    keep[cuts[0]:] = v // 2
+    keep[cuts[1]:] = v // 4
+    counted = []
+    original = attention.attention_row_sums
+
+    def counting(*args, **kwargs):
+        with FlopCounterMode(display=False) as counter:
+            out = original(*args, **kwargs)
+        counted.append(counter.get_total_flops())
+        return out
+
+    monkeypatch.setattr(attention, "attention_row_sums", counting)
+    inputs = model_inputs(model, loaded.processor, calibration.samples[:1], loaded.format_prompt)
+    recipe = Recipe(keep_count=keep, scorer=scorer, fingerprint=fingerprint)
+    with recipe.apply(model) as handle, torch.no_grad():
+        model(**inputs, use_cache=False)
+        request = handle.last_request
+    tokens = torch.stack(request.tokens_per_layer, dim=1)[0].numpy()
+    visual = torch.stack(request.visual_per_layer, dim=1)[0].numpy()
+    before, text = int(request.roles.n_before[0]), int(request.roles.text[0].sum())
+    shape = LMShape.from_config(family_for(model).text_config(model))
+    declared = [2 * SCORERS[scorer].probe_macs(shape, tokens[l - 1], visual[l - 1], before, text) for l in recipe.pruning_layers]
+    assert len(counted) == len(declared) == 2
+    if scorer == "fitprune" and case.name in PROTECTED:
+        assert all(0 < c <= d for c, d in zip(counted, declared)), (counted, declared)
+    else:
+        assert counted == declared

@@ -128,19 +128,7 @@ def collect_statistics(
     if head_reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"head_reduce must be one of {tuple(HEAD_REDUCTIONS)}, got {head_reduce!r}")
     check_inputs(model, processor, calibration, format_prompt=format_prompt)  # before any forward
-    family = family_for(model)
-    num_layers = len(family.layers(model))
-    stages = [STAGES[m] for m in supported_methods(model)]
-    prellm = set().union(*(stage.signals for stage in stages))
-    prellm = prellm if stages else False  # an empty set still records the stages that read no signal (G-Prune)
-    params = {key: stage.defaults[key] for stage in stages for key in stage.score_params if key in stage.defaults}
-    params.update(prellm_params or {})
-    if any("feature_layer" in stage.score_params for stage in stages):  # recorded as the hidden_states index, so -2 and depth-1 compare equal
-        params["feature_layer"] = family.resolve_feature_layer(model, params.get("feature_layer"))
-    else:
-        params.pop("feature_layer", None)
-    policy = StatisticsPolicy(num_layers, head_reduce, prellm=prellm, prellm_params=params,
-                              attention_layers=family.attention_layers(model))
+    policy, params = statistics_policy(model, head_reduce, prellm_params)
     mine = []
     with PruningHandle(model, policy), torch.no_grad():
         for index, (_, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
@@ -159,6 +147,31 @@ def collect_statistics(
 
         stats = replace(stats, prellm_params=json.dumps(params, sort_keys=True))
     return stats
+
+
+def statistics_policy(model: torch.nn.Module, head_reduce: str = "max", prellm_params: dict | None = None) -> tuple["StatisticsPolicy", dict]:
+    """The calibration pass's policy for ``model`` (every attention layer probed, the pre-LLM scores
+    of every stage the model supports) and the stage parameters those scores depend on.
+
+    :func:`collect_statistics` runs it; ``bench/compile.py`` times it against a plain forward.
+
+    Example:
+        >>> policy, params = statistics_policy(m.model)   # doctest: +SKIP
+    """
+    family = family_for(model)
+    num_layers = len(family.layers(model))
+    stages = [STAGES[m] for m in supported_methods(model)]
+    prellm = set().union(*(stage.signals for stage in stages))
+    prellm = prellm if stages else False  # an empty set still records the stages that read no signal (G-Prune)
+    params = {key: stage.defaults[key] for stage in stages for key in stage.score_params if key in stage.defaults}
+    params.update(prellm_params or {})
+    if any("feature_layer" in stage.score_params for stage in stages):  # recorded as the hidden_states index, so -2 and depth-1 compare equal
+        params["feature_layer"] = family.resolve_feature_layer(model, params.get("feature_layer"))
+    else:
+        params.pop("feature_layer", None)
+    policy = StatisticsPolicy(num_layers, head_reduce, prellm=prellm, prellm_params=params,
+                              attention_layers=family.attention_layers(model))
+    return policy, params
 
 
 def check_inputs(

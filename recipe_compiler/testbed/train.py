@@ -255,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight of the pooled object-level auxiliary loss (OBJECT_HEADS), relative to the per-patch one")
     parser.add_argument("--pos-scale", type=float, default=1.0,
                         help="initial vision position table: 2D sine-cosine times this (0: CLIP's default normal init)")
+    parser.add_argument("--hide-bg-minutes", type=float, default=20.0,
+                        help="stage 2 minutes during which question blocks do not see background patches ...")
+    parser.add_argument("--hide-bg-ramp", type=float, default=8.0,
+                        help="... fading out over the last this many of them (each background patch hidden with falling probability)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-scenes", type=int, default=100)
     parser.add_argument("--eval-every", type=float, default=5.0, help="minutes between held-out evaluations")
@@ -300,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         return torch.optim.AdamW(groups(stage), lr=args.lr, betas=(0.9, 0.98))
 
     stage, step, stage_step, elapsed, best = 1, 0, 0, 0.0, -1.0
+    p_hide = 0.0
     ckpt = out / "ckpt.pt"
     log = out / "log.jsonl"
     opt = make_opt(1)
@@ -394,7 +399,13 @@ def main(argv: list[str] | None = None) -> int:
             accs.update(obj_accs)
         penalty = torch.log(feats.float().pow(2).mean()) ** 2
         if stage == 2:
-            packed = pack(tokenizer, [[(q.prompt, q.answer) for q in sc.questions] for sc in scenes])
+            t2 = (elapsed - s1_budget) / 60.0
+            p_hide = min(1.0, max(0.0, (args.hide_bg_minutes - t2) / max(args.hide_bg_ramp, 1e-6)))
+            hide = None
+            if p_hide > 0:
+                bg = torch.from_numpy(np.stack([(sc.patch_labels[0] == 0) & (sc.patch_labels[2] == 0) for sc in scenes]))
+                hide = bg & (torch.from_numpy(rng.random(bg.shape)) < p_hide)
+            packed = pack(tokenizer, [[(q.prompt, q.answer) for q in sc.questions] for sc in scenes], hide=hide)
             logits, _ = packed_logits(model, packed, features=feats)
             lm_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), packed["targets"].flatten(),
                                                         ignore_index=-100)
@@ -415,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % 50 == 0:
             keys = sorted({k for w in window for k in w})
             rec = {"event": "train", "stage": stage, "step": step, "elapsed_s": round(elapsed, 1), "lr": round(lr, 6),
+                   "p_hide_bg": round(p_hide, 3) if stage == 2 else None,
                    "difficulty": round(d_max, 3),
                    **{k: round(float(np.mean([w[k] for w in window if k in w])), 4) for k in keys}}
             window.clear()

@@ -19,6 +19,10 @@ The recipe (see issue 11):
   init (std 0.02, ~5 % of a patch embedding) the pre-LayerNorm drowns it and the features never learn
   where they are (per-patch side stayed at chance, 0.48-0.53, over a whole 66-minute run; with the
   sine-cosine start it is 0.96 after 200 steps);
+* a stage-2 curriculum for retrieval: until ``--hide-bg-minutes`` (fading over the last
+  ``--hide-bg-ramp``) the question blocks do not see background patches, so a question chooses among
+  the ~20-40 object and tile tokens instead of 256; without it the LM stayed at the answer priors
+  for 1,600 stage-2 steps although the features carried every attribute;
 * a curriculum within each stage (plain backgrounds, few objects, bigger digit tiles first; difficulty
   ramps to 1 over the first 30 % of the stage); learning rate: warm-up, constant, then a linear decay
   to 5 % over the last ``--decay`` of stage 2.
@@ -240,7 +244,7 @@ def aux_loss_of(aux_head, feats, targets):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipe_compiler.testbed.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/testbed", help="run directory (checkpoints, log)")
-    parser.add_argument("--minutes", type=float, default=65.0, help="total training time budget (both stages)")
+    parser.add_argument("--minutes", type=float, default=72.0, help="total training time budget (both stages)")
     parser.add_argument("--stage1-minutes", type=float, default=22.0,
                         help="stage 1: vision tower + projector + aux head only (no LM forward)")
     parser.add_argument("--batch1", type=int, default=16, help="images per step in stage 1")
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight of the pooled object-level auxiliary loss (OBJECT_HEADS), relative to the per-patch one")
     parser.add_argument("--pos-scale", type=float, default=1.0,
                         help="initial vision position table: 2D sine-cosine times this (0: CLIP's default normal init)")
-    parser.add_argument("--hide-bg-minutes", type=float, default=20.0,
+    parser.add_argument("--hide-bg-minutes", type=float, default=35.5,
                         help="stage 2 minutes during which question blocks do not see background patches ...")
     parser.add_argument("--hide-bg-ramp", type=float, default=8.0,
                         help="... fading out over the last this many of them (each background patch hidden with falling probability)")

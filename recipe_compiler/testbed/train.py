@@ -244,7 +244,7 @@ def aux_loss_of(aux_head, feats, targets):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipe_compiler.testbed.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/testbed", help="run directory (checkpoints, log)")
-    parser.add_argument("--minutes", type=float, default=72.0, help="total training time budget (both stages)")
+    parser.add_argument("--minutes", type=float, default=80.0, help="total training time budget (both stages)")
     parser.add_argument("--stage1-minutes", type=float, default=22.0,
                         help="stage 1: vision tower + projector + aux head only (no LM forward)")
     parser.add_argument("--batch1", type=int, default=16, help="images per step in stage 1")

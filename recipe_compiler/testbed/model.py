@@ -103,12 +103,13 @@ def question_ids(tokenizer, prompt: str) -> list[int]:
 PREFIX_TEXT_IDS_LEN = 3  # <s> USER :
 
 
-def pack(tokenizer, questions: Sequence[Sequence[tuple[str, str]]], *, with_image: bool = True):
+def pack(tokenizer, questions: Sequence[Sequence[tuple[str, str]]], *, with_image: bool = True, hide=None):
     """Packed inputs for a batch of images, each with its ``(prompt, answer)`` list.
 
     Returns:
         dict with ``input_ids`` [B, L] (image placeholders included when ``with_image``),
-        ``position_ids`` [B, L], ``mask`` bool [B, 1, L, L] (True = may attend), ``targets`` [B, L]
+        ``position_ids`` [B, L], ``mask`` bool [B, 1, L, L] (True = may attend; with ``hide``, a bool
+        ``[B, 256]`` tensor, the question blocks do not see the visual tokens it marks), ``targets`` [B, L]
         (-100 except at the ``:`` before each answer, whose target is the answer's first token,
         and at the answer, whose target is ``</s>``), ``answer_pos`` list of (b, position, answer id).
     """
@@ -156,6 +157,11 @@ def pack(tokenizer, questions: Sequence[Sequence[tuple[str, str]]], *, with_imag
     same = (block[:, :, None] == block[:, None, :]) | (block[:, None, :] == 0)
     valid = (block >= 0)
     mask = causal[None] & same & valid[:, None, :] & valid[:, :, None]
+    if hide is not None and with_image:
+        start = len(prefix) - N_VISUAL
+        cols = torch.zeros((B, L), dtype=torch.bool)
+        cols[:, start:start + N_VISUAL] = hide
+        mask &= ~((block > 0)[:, :, None] & cols[:, None, :])
     # Padding rows attend to themselves only (keeps softmax finite; they carry no loss).
     mask |= torch.eye(L, dtype=torch.bool)[None]
     return {"input_ids": input_ids, "position_ids": position_ids, "mask": mask[:, None], "targets": targets,

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .task import (  # noqa: F401 - re-exported
-    ANSWERS, COLOUR_NAMES, COLOURS, COUNT_WORDS, DIGITS, GRID, IMAGE_SIZE, PATCH, PROMPT_WORDS, QTYPES, SHAPES, SIZES,
+    ANSWERS, COLOUR_NAMES, COLOURS, COUNT_WORDS, DIGITS, GRID, IMAGE_SIZE, PATCH, PROMPT_WORDS, QTYPES, SHAPES, SIZES, TILE,
 )
 
 # Seven-segment digits: segments a b c d e f g (top, top-right, bottom-right, bottom, bottom-left,
@@ -76,7 +76,8 @@ class Scene:
         digit: the digit on the tile.
         questions: one-word questions, a few per type.
         patch_labels: int64 ``[3, GRID * GRID]``: per patch (row-major) the colour (0 = none,
-            1..6), the shape (0 = none, 1..5) and the digit (0 = none, 1..10) under its centre.
+            1..6), the shape (0 = none, 1..5) and the digit (0 = none, 1..10) of the object or tile
+            covering most of the patch (at least `MIN_COVER` pixels).
         background: ``"plain"``, ``"gradient"``, ``"noise"`` or ``"photo"``.
     """
 
@@ -195,7 +196,7 @@ def make_scene(seed: int, index: int, difficulty: float = 1.0, per_type: int = 2
 
     # Digit tile first (it takes a big area).
     digit = DIGITS[int(rng.integers(10))]
-    tile = float(rng.integers(56 - int(10 * difficulty), 72 - int(10 * difficulty)))
+    tile = float(rng.integers(TILE[0] + int(6 * (1 - difficulty)), TILE[1] + int(6 * (1 - difficulty))))
     tx0 = float(rng.uniform(2, IMAGE_SIZE - tile - 2))
     ty0 = float(rng.uniform(2, IMAGE_SIZE - tile - 2))
     taken = [(tx0 + tile / 2, ty0 + tile / 2, tile * 0.72)]
@@ -237,8 +238,7 @@ def make_scene(seed: int, index: int, difficulty: float = 1.0, per_type: int = 2
         outline = (0, 0, 0) if rng.random() < 0.7 else (255, 255, 255)
         _draw_shape(draw, obj, COLOURS[obj.colour], outline, 2)
         _draw_shape(ldraw, obj, k + 1, None, 0)
-    centres = np.arange(GRID) * PATCH + PATCH // 2
-    lab = np.asarray(labels)[np.ix_(centres, centres)].reshape(-1)
+    lab = _patch_owner(np.asarray(labels), len(objects))
     patch_labels = np.zeros((3, GRID * GRID), dtype=np.int64)
     for k, obj in enumerate(objects):
         hit = lab == k + 1
@@ -248,6 +248,21 @@ def make_scene(seed: int, index: int, difficulty: float = 1.0, per_type: int = 2
 
     questions = _questions(rng, objects, digit, per_type)
     return Scene(image, tuple(objects), digit, questions, patch_labels, background)
+
+
+MIN_COVER = 25
+"""Pixels (of a patch's 196) an object or the digit tile must cover for the patch to be labelled with
+it; every object covers at least this much of some patch, however it falls on the grid."""
+
+
+def _patch_owner(label_map: np.ndarray, n_objects: int) -> np.ndarray:
+    """Per patch (row-major) the label value (object ``k + 1``, 255 for the tile, 0 for none) covering
+    most of its pixels, if it covers at least `MIN_COVER` of them."""
+    blocks = label_map.reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
+    values = np.asarray(list(range(1, n_objects + 1)) + [255])
+    cover = (blocks[:, :, None] == values[None, None, :]).sum(1)  # [256, K + 1]
+    best = cover.argmax(1)
+    return np.where(cover.max(1) >= MIN_COVER, values[best], 0)
 
 
 def _pick(rng: np.random.Generator, by_answer: dict[str, list[Question]], k: int) -> list[Question]:

@@ -18,7 +18,10 @@ COLOURS = {
 }
 COLOUR_NAMES = tuple(COLOURS)
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-SIZES = {"small": (13, 17), "large": (24, 30)}  # radius range in pixels
+# Radius ranges in pixels. Objects span 1-3 patches (14 px), so nearly every patch of an object holds
+# part of its outline and its shape can be read from the patch and its neighbours.
+SIZES = {"small": (8, 11), "large": (15, 19)}
+TILE = (38, 48)  # digit tile side in pixels (held-out difficulty); up to 6 px larger early in the curriculum
 COUNT_WORDS = ("zero", "one", "two", "three")
 DIGITS = tuple(str(d) for d in range(10))
 

@@ -11,18 +11,25 @@ The recipe (see issue 11):
   makes the loss blind to the projector's scale, which otherwise grows without bound;
 * a dense auxiliary loss (`AUX_HEADS`; weight 1 in stage 1, ``--aux`` in stage 2): a throwaway linear
   head on the projector outputs predicts each patch's colour, shape, digit, and for object patches the
-  object's size, side and colour count, plus an object-centre flag (not shipped);
-* a curriculum within each stage (plain backgrounds, few objects, big digit tiles first; difficulty
+  object's size, side and colour count, plus an object-centre flag; and a pooled one (`OBJECT_HEADS`,
+  ``--object-aux`` relative weight): a second throwaway head predicts each object's colour, shape, size,
+  side and colour count, and the digit, from the mean of the features over the object's (the tile's)
+  patches, which is how a question reads them (neither head is shipped);
+* the vision position table starts as a 2D sine-cosine pattern (``--pos-scale``): with CLIP's default
+  init (std 0.02, ~5 % of a patch embedding) the pre-LayerNorm drowns it and the features never learn
+  where they are (per-patch side stayed at chance, 0.48-0.53, over a whole 66-minute run; with the
+  sine-cosine start it is 0.96 after 200 steps);
+* a stage-2 curriculum for retrieval: until ``--hide-bg-minutes`` (fading over the last
+  ``--hide-bg-ramp``) the question blocks do not see background patches, so a question chooses among
+  the ~20-40 object and tile tokens instead of 256; without it the LM stayed at the answer priors
+  for 1,600 stage-2 steps although the features carried every attribute;
+* a curriculum within each stage (plain backgrounds, few objects, bigger digit tiles first; difficulty
   ramps to 1 over the first 30 % of the stage); learning rate: warm-up, constant, then a linear decay
   to 5 % over the last ``--decay`` of stage 2.
 
-Measured (run of 2026-12-02, log in ``bench/results/testbed-train-2stage-log.jsonl``): this recipe did
-not beat the single-stage one (43.1 % vs 42.6 % held-out). Its per-head auxiliary accuracies show why:
-only colour (pixel-local) was learned; side, shape and digit stayed at chance even in stage 1. A
-linear probe finds left/right decodable from the encoder input (90 %) but not from its later layers
-(63, 55, 53 %) nor the projector (50 %): the position embedding (RMS 0.21) is drowned by the patch
-embedding (RMS 3.9). Exempting embedding tables from weight decay did not lift side above chance in a
-5-minute stage-1 pilot (244 steps), so the cause is open; fix it before training longer.
+Measured: see ``bench/results/testbed-train-*-log.jsonl`` and the experiments table in the session
+notes; the previous recipe (CLIP default position init, per-patch aux only, larger objects) reached
+43.1 % held-out vs 38.4 % without the image, learning only colour.
 
 Runs on one thread. Checkpoints (``ckpt.pt``, resumable with ``--resume``; ``best.pt`` by held-out
 accuracy) and ``log.jsonl`` (loss, projector RMS, held-out accuracy with and without the image, per
@@ -118,6 +125,99 @@ def aux_targets(scene) -> "np.ndarray":
     return out
 
 
+OBJECT_HEADS = (("colour", 6), ("shape", 5), ("size", 2), ("side", 2), ("count", 4), ("digit", 10))
+"""The pooled auxiliary targets (name, classes): predicted from the mean of the projector outputs
+over one object's patches (colour, shape, size, side, how many objects share its colour) or over the
+digit tile's patches (digit). A question reads an object the same way, by attending to its patches,
+so these targets ask of the features only what the LM needs, and each is decidable from the bag of
+local edge and corner features of the object's patches (a single interior patch of a large shape is
+not)."""
+
+
+def object_targets(scene) -> "tuple[np.ndarray, np.ndarray]":
+    """Patch weights ``[K, 256]`` (rows sum to 1) and targets ``[K, len(OBJECT_HEADS)]`` (-1 where a head
+    does not apply) for the scene's objects that cover a patch centre and for its digit tile."""
+    import numpy as np
+
+    from .task import GRID, IMAGE_SIZE, PATCH
+
+    lab = scene.patch_labels
+    centres = (np.arange(GRID) * PATCH + PATCH // 2).astype(np.float64)
+    py, px = np.meshgrid(centres, centres, indexing="ij")
+    py, px = py.reshape(-1), px.reshape(-1)
+    objs = scene.objects
+    colour_count = {c: sum(o.colour == c for o in objs) for c in COLOUR_NAMES}
+    weights, targets = [], []
+    if objs:
+        dist = np.stack([(px - o.x) ** 2 + (py - o.y) ** 2 for o in objs])
+        match = np.stack([(lab[0] == COLOUR_NAMES.index(o.colour) + 1) & (lab[1] == SHAPES.index(o.shape) + 1)
+                          for o in objs])
+        owner = np.where(match.any(0), np.where(match, dist, np.inf).argmin(0), -1)
+        for k, o in enumerate(objs):
+            hit = owner == k
+            if not hit.any():
+                continue
+            weights.append(hit / hit.sum())
+            targets.append([COLOUR_NAMES.index(o.colour), SHAPES.index(o.shape), int(o.size == "large"),
+                            int(o.x >= IMAGE_SIZE / 2), min(colour_count[o.colour], 4) - 1, -1])
+    tile = lab[2] > 0
+    if tile.any():
+        weights.append(tile / tile.sum())
+        targets.append([-1, -1, -1, -1, -1, int(lab[2][tile][0]) - 1])
+    return np.asarray(weights, dtype=np.float32).reshape(-1, GRID * GRID), np.asarray(targets, dtype=np.int64).reshape(-1, len(OBJECT_HEADS))
+
+
+def object_batch(scenes) -> "tuple[torch.Tensor, torch.Tensor]":
+    """`object_targets` of each scene, padded to one ``[B, K, 256]`` / ``[B, K, H]`` pair (padding rows:
+    zero weights, targets -1)."""
+    import numpy as np
+    import torch
+
+    per = [object_targets(sc) for sc in scenes]
+    k = max(max(w.shape[0] for w, _ in per), 1)
+    W = np.zeros((len(scenes), k, per[0][0].shape[1]), dtype=np.float32)
+    T = np.full((len(scenes), k, len(OBJECT_HEADS)), -1, dtype=np.int64)
+    for b, (w, t) in enumerate(per):
+        W[b, :len(w)], T[b, :len(t)] = w, t
+    return torch.from_numpy(W), torch.from_numpy(T)
+
+
+def object_loss_of(obj_head, feats, weights, targets):
+    """Sum over `OBJECT_HEADS` of the cross-entropy of the pooled features. Returns (loss, accuracies)."""
+    import torch
+
+    logits = obj_head(torch.einsum("bkp,bpd->bkd", weights, feats))
+    total, accs, o = 0.0, {}, 0
+    for h, (name, n) in enumerate(OBJECT_HEADS):
+        lg, tg = logits[..., o:o + n], targets[..., h]
+        o += n
+        sel = tg >= 0
+        if bool(sel.any()):
+            total = total + torch.nn.functional.cross_entropy(lg[sel], tg[sel])
+            accs[f"o_{name}"] = float((lg[sel].argmax(-1) == tg[sel]).float().mean())
+    return total, accs
+
+
+def sincos_position_table(model, scale: float) -> None:
+    """Set the vision tower's learned position table to a 2D sine-cosine pattern of RMS ``scale/sqrt(2)``
+    (CLS row zero). CLIP's default (normal, std 0.02) is ~5 % of a patch embedding's size; the pre-LayerNorm
+    then drowns it and the patch features never learn where they are (side at chance)."""
+    import numpy as np
+    import torch
+
+    from .task import GRID
+
+    table = model.model.vision_tower.embeddings.position_embedding.weight
+    q = table.shape[1] // 4
+    omega = 1.0 / (100.0 ** (np.arange(q) / q))
+    ys, xs = np.meshgrid(np.arange(GRID), np.arange(GRID), indexing="ij")
+    ys, xs = ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega
+    emb = np.concatenate([np.sin(xs), np.cos(xs), np.sin(ys), np.cos(ys)], 1)
+    with torch.no_grad():
+        table.zero_()
+        table[1:, :4 * q] = torch.from_numpy(emb).to(table.dtype) * scale
+
+
 def aux_loss_of(aux_head, feats, targets):
     """Sum over `AUX_HEADS` of the per-patch cross-entropy; the object attributes (size, side,
     count) are scored on object patches only, so the easy background does not dominate them.
@@ -144,8 +244,8 @@ def aux_loss_of(aux_head, feats, targets):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipe_compiler.testbed.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/testbed", help="run directory (checkpoints, log)")
-    parser.add_argument("--minutes", type=float, default=90.0, help="total training time budget (both stages)")
-    parser.add_argument("--stage1-minutes", type=float, default=12.0,
+    parser.add_argument("--minutes", type=float, default=80.0, help="total training time budget (both stages)")
+    parser.add_argument("--stage1-minutes", type=float, default=22.0,
                         help="stage 1: vision tower + projector + aux head only (no LM forward)")
     parser.add_argument("--batch1", type=int, default=16, help="images per step in stage 1")
     parser.add_argument("--batch", type=int, default=4, help="images per step in stage 2")
@@ -155,6 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--penalty", type=float, default=0.1, help="weight of log(mean f^2)^2")
     parser.add_argument("--aux", type=float, default=0.5, help="stage 2 weight of the per-patch auxiliary loss")
+    parser.add_argument("--object-aux", type=float, default=1.0,
+                        help="weight of the pooled object-level auxiliary loss (OBJECT_HEADS), relative to the per-patch one")
+    parser.add_argument("--pos-scale", type=float, default=1.0,
+                        help="initial vision position table: 2D sine-cosine times this (0: CLIP's default normal init)")
+    parser.add_argument("--hide-bg-minutes", type=float, default=35.5,
+                        help="stage 2 minutes during which question blocks do not see background patches ...")
+    parser.add_argument("--hide-bg-ramp", type=float, default=8.0,
+                        help="... fading out over the last this many of them (each background patch hidden with falling probability)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-scenes", type=int, default=100)
     parser.add_argument("--eval-every", type=float, default=5.0, help="minutes between held-out evaluations")
@@ -176,11 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = testbed_tokenizer()
     model = build_model(args.seed)
     d = model.config.text_config.hidden_size
+    if args.pos_scale > 0:
+        sincos_position_table(model, args.pos_scale)
     aux_head = torch.nn.Linear(d, sum(n for _, n in AUX_HEADS))
+    obj_head = torch.nn.Linear(d, sum(n for _, n in OBJECT_HEADS))
     vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     vision_ids = {id(p) for p in vision}
     lm = [p for p in model.parameters() if id(p) not in vision_ids]
-    head = list(aux_head.parameters())
+    head = list(aux_head.parameters()) + list(obj_head.parameters())
     params = list(model.parameters()) + head
 
     def groups(stage: int) -> list[dict]:
@@ -197,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return torch.optim.AdamW(groups(stage), lr=args.lr, betas=(0.9, 0.98))
 
     stage, step, stage_step, elapsed, best = 1, 0, 0, 0.0, -1.0
+    p_hide = 0.0
     ckpt = out / "ckpt.pt"
     log = out / "log.jsonl"
     opt = make_opt(1)
@@ -204,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         aux_head.load_state_dict(state["aux"])
+        obj_head.load_state_dict(state["obj"])
         stage = state.get("stage", 2)
         opt = make_opt(stage)
         opt.load_state_dict(state["opt"])
@@ -216,20 +329,23 @@ def main(argv: list[str] | None = None) -> int:
     val = [make_scene(VAL_SEED, i) for i in range(args.eval_scenes)]
     val_pv = pixel_tensor([sc.image for sc in val[:64]])
     val_aux = torch.from_numpy(np.stack([aux_targets(sc) for sc in val[:64]]))
+    val_obj = object_batch(val[:64])
     budget = args.minutes * 60.0
     s1_budget = min(args.stage1_minutes * 60.0, budget)
     warmup = 100
 
     def save(path: Path, extra: dict | None = None) -> None:
         tmp = path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "aux": aux_head.state_dict(), "opt": opt.state_dict(),
+        torch.save({"model": model.state_dict(), "aux": aux_head.state_dict(), "obj": obj_head.state_dict(), "opt": opt.state_dict(),
                     "step": step, "stage": stage, "stage_step": stage_step, "elapsed": elapsed, "best": best,
                     **(extra or {})}, tmp)
         os.replace(tmp, path)
 
     def aux_eval() -> dict:
         with torch.no_grad():
-            _, accs = aux_loss_of(aux_head, image_features(model, val_pv), val_aux)
+            feats = image_features(model, val_pv)
+            _, accs = aux_loss_of(aux_head, feats, val_aux)
+            accs.update(object_loss_of(obj_head, feats, *val_obj)[1])
         return {k: round(v, 4) for k, v in accs.items()}
 
     def run_eval() -> dict:
@@ -281,9 +397,19 @@ def main(argv: list[str] | None = None) -> int:
         feats = image_features(model, pv)
         targets = torch.from_numpy(np.stack([aux_targets(sc) for sc in scenes]))
         aux_loss, accs = aux_loss_of(aux_head, feats, targets)
+        if args.object_aux:
+            obj_loss, obj_accs = object_loss_of(obj_head, feats, *object_batch(scenes))
+            aux_loss = aux_loss + args.object_aux * obj_loss
+            accs.update(obj_accs)
         penalty = torch.log(feats.float().pow(2).mean()) ** 2
         if stage == 2:
-            packed = pack(tokenizer, [[(q.prompt, q.answer) for q in sc.questions] for sc in scenes])
+            t2 = (elapsed - s1_budget) / 60.0
+            p_hide = min(1.0, max(0.0, (args.hide_bg_minutes - t2) / max(args.hide_bg_ramp, 1e-6)))
+            hide = None
+            if p_hide > 0:
+                bg = torch.from_numpy(np.stack([(sc.patch_labels[0] == 0) & (sc.patch_labels[2] == 0) for sc in scenes]))
+                hide = bg & (torch.from_numpy(rng.random(bg.shape)) < p_hide)
+            packed = pack(tokenizer, [[(q.prompt, q.answer) for q in sc.questions] for sc in scenes], hide=hide)
             logits, _ = packed_logits(model, packed, features=feats)
             lm_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), packed["targets"].flatten(),
                                                         ignore_index=-100)
@@ -304,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % 50 == 0:
             keys = sorted({k for w in window for k in w})
             rec = {"event": "train", "stage": stage, "step": step, "elapsed_s": round(elapsed, 1), "lr": round(lr, 6),
+                   "p_hide_bg": round(p_hide, 3) if stage == 2 else None,
                    "difficulty": round(d_max, 3),
                    **{k: round(float(np.mean([w[k] for w in window if k in w])), 4) for k in keys}}
             window.clear()

@@ -164,9 +164,7 @@ class RecipePolicy(Policy):
         language_model = family.language_model(model)
         self._context = {"final_norm": getattr(language_model, "norm", None)}
         if self.budget is not None:
-            from .flops import LMShape
-
-            self._shape = LMShape.from_config(family.text_config(model), bidirectional_visual=family.bidirectional_visual)
+            self._shape = family.flops_shape(model)
         return self.stage.attach(model) if self.stage is not None else []
 
     def _set_counts(self, n_visual: torch.Tensor, device: torch.device) -> None:

@@ -13,6 +13,7 @@ imports the families, one line each.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,8 +24,8 @@ import numpy as np
 from runtime.families import family_for
 from runtime.registry import Registry
 
-from ..errors import ModelNotFoundError
-from ..flops import LMShape, VisionShape, reference_encoder_flops
+from ..errors import CompileError, ModelNotFoundError
+from ..flops import LMShape, VisionShape, encoder_flops, reference_encoder_flops
 
 FAMILIES = Registry("model family")
 """``model_type`` → :class:`CompilerFamily`; filled by the family modules."""
@@ -131,8 +132,7 @@ def lm_shape(model: Any) -> LMShape:
         >>> lm_shape(load_model("tiny-llava").model).num_layers   # doctest: +SKIP
         8
     """
-    family = family_for(model)
-    return LMShape.from_config(family.text_config(model), bidirectional_visual=family.bidirectional_visual)
+    return family_for(model).flops_shape(model)
 
 
 def config_from_dict(config_dict: dict) -> Any:
@@ -193,6 +193,26 @@ def pad_token_id(config: Any) -> int | None:
         if isinstance(value, int) and value != image_token_id(config):
             return value
     return None
+
+
+def one_crop_per_image_flops(inputs: dict, shape: VisionShape, image_token_id: int) -> np.ndarray:
+    """float [B]: encoder + projector FLOPs of each prompt's images when each image is one crop of
+    ``shape.projected_per_crop`` placeholders (LLaVA-1.5, Gemma 3)."""
+    counts = (inputs["input_ids"] == image_token_id).sum(dim=1).tolist()
+    return np.array([encoder_flops(shape, crops=n // shape.projected_per_crop) for n in counts])
+
+
+def square_picture_view(positions: np.ndarray, family: str) -> list[PictureView]:
+    """One view: the processor's square input image under a ``side × side`` grid of ``positions``.
+
+    Raises:
+        CompileError: the positions are not a square number (``family`` names the expected layout).
+    """
+    n = int(positions.size)
+    side = math.isqrt(n)
+    if side * side != n:
+        raise CompileError(f"the kept-token picture needs a square grid of visual tokens ({family}); this image has {n}")
+    return [PictureView("", positions.reshape(side, side), "input")]
 
 
 class CompilerFamily:

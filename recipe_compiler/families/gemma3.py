@@ -25,15 +25,14 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import numpy as np
 
-from ..errors import CompileError
-from ..flops import VisionShape, encoder_flops
+from ..flops import VisionShape
 from ..tokenizer import builtin_tokenizer
-from .base import CompilerFamily, ModelSpec, PictureView, image_token_id, pad_token_id, register_family
+from .base import (CompilerFamily, ModelSpec, PictureView, image_token_id, one_crop_per_image_flops, pad_token_id, register_family,
+                   square_picture_view)
 
 GEMMA3_PROMPT_TEMPLATE = "<start_of_turn>user\n<start_of_image>{prompt}<end_of_turn>\n<start_of_turn>model\n"
 """Gemma 3 single-turn prompt (one image, then the question), as its chat template writes it."""
@@ -256,16 +255,11 @@ class Gemma3CompilerFamily(CompilerFamily):
 
     def vision_flops_per_row(self, model: Any, inputs: dict, shape: VisionShape, image_token_id: int) -> np.ndarray:
         """One crop per image, ``mm_tokens_per_image`` placeholders each."""
-        counts = (inputs["input_ids"] == image_token_id).sum(dim=1).tolist()
-        return np.array([encoder_flops(shape, crops=n // shape.projected_per_crop) for n in counts])
+        return one_crop_per_image_flops(inputs, shape, image_token_id)
 
     def picture_views(self, model: Any, inputs: dict, positions: np.ndarray) -> list[PictureView]:
         """One view: the square input image under its ``side × side`` grid of pooled tokens."""
-        n = int(positions.size)
-        side = math.isqrt(n)
-        if side * side != n:
-            raise CompileError(f"the kept-token picture needs a square grid of visual tokens (Gemma 3); this image has {n}")
-        return [PictureView("", positions.reshape(side, side), "input")]
+        return square_picture_view(positions, "Gemma 3")
 
     def resize_language_model(self, config: dict, text: dict) -> dict:
         """A copy with the language model resized; heads of ``hidden / heads`` and the query scale following them."""

@@ -15,18 +15,17 @@ Example:
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from runtime.families import FAMILIES as RUNTIME_FAMILIES
 
-from ..errors import CompileError
-from ..flops import LMShape, VisionShape, encoder_flops
+from ..flops import LMShape, VisionShape
 from ..testbed.model import CONFIG as _TESTBED_CONFIG
 from ..tokenizer import IMAGE_TOKEN, builtin_tokenizer
-from .base import CLIP_MEAN, CLIP_STD, CompilerFamily, ModelSpec, PictureView, pad_token_id, register_family
+from .base import (CLIP_MEAN, CLIP_STD, CompilerFamily, ModelSpec, PictureView, one_crop_per_image_flops, pad_token_id,
+                   register_family, square_picture_view)
 
 LLAVA_15_PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 """The LLaVA-1.5 single-turn prompt; ``{prompt}`` is replaced by the user's question."""
@@ -285,13 +284,8 @@ class LlavaCompilerFamily(CompilerFamily):
 
     def vision_flops_per_row(self, model: Any, inputs: dict, shape: VisionShape, image_token_id: int) -> np.ndarray:
         """One crop per image: ``projected_per_crop`` placeholders each."""
-        counts = (inputs["input_ids"] == image_token_id).sum(dim=1).tolist()
-        return np.array([encoder_flops(shape, crops=n // shape.projected_per_crop) for n in counts])
+        return one_crop_per_image_flops(inputs, shape, image_token_id)
 
     def picture_views(self, model: Any, inputs: dict, positions: np.ndarray) -> list[PictureView]:
         """One view: the model's input image (the processor's square crop) under its ``side × side`` grid."""
-        n = int(positions.size)
-        side = math.isqrt(n)
-        if side * side != n:
-            raise CompileError(f"the kept-token picture needs a square grid of visual tokens (LLaVA-1.5); this image has {n}")
-        return [PictureView("", positions.reshape(side, side), "input")]
+        return square_picture_view(positions, "LLaVA-1.5")

@@ -165,6 +165,12 @@ class Family:
     def text_config(self, model: Any) -> Any:
         return self.language_model(model).config
 
+    def flops_shape(self, model: Any) -> Any:
+        """The language model's :class:`runtime.flops.LMShape`, with what the family says about image attention."""
+        from ..flops import LMShape
+
+        return LMShape.from_config(self.text_config(model), bidirectional_visual=self.bidirectional_visual)
+
     def layers(self, model: Any) -> torch.nn.ModuleList:
         """The decoder layers the pruner hooks.
 

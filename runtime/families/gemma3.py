@@ -26,7 +26,7 @@ import torch
 
 from ..errors import StageCannotRun
 from .base import Encoded, Family, Signal, View, register_family
-from .llava_onevision import received_attention
+from .llava_onevision import siglip_signal_hooks
 
 
 @register_family("gemma3")
@@ -61,14 +61,7 @@ class Gemma3Family(Family):
         return -1  # the projector reads the last layer (through the post-layernorm)
 
     def signal_hooks(self, model: Any, capture: set, feature_layer: int | None, record: Callable[[str, torch.Tensor], None]) -> list:
-        if "attention" not in capture:
-            return []
-
-        def on_attention_input(module: Any, args: tuple, kwargs: dict) -> None:
-            record("attention", received_attention(module, args[0] if args else kwargs["hidden_states"]))
-
-        attn = self.vision_layers(model)[self.feature_encoder_layer(model, feature_layer)].self_attn
-        return [attn.register_forward_pre_hook(on_attention_input, with_kwargs=True)]
+        return siglip_signal_hooks(self, model, capture, feature_layer, record)
 
     def views(self, model: Any, roles: Any, row: int, positions: torch.Tensor, encoded: Encoded, index: int,
               signal: Signal) -> list[View]:

@@ -135,14 +135,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return Family.stage_precondition(self, model)  # LLaVA's 'default' rule is for CLIP's CLS
 
     def signal_hooks(self, model: Any, capture: set, feature_layer: int | None, record: Callable[[str, torch.Tensor], None]) -> list:
-        if "attention" not in capture:
-            return []
-
-        def on_attention_input(module: Any, args: tuple, kwargs: dict) -> None:
-            record("attention", received_attention(module, args[0] if args else kwargs["hidden_states"]))
-
-        attn = self.vision_layers(model)[self.feature_encoder_layer(model, feature_layer)].self_attn
-        return [attn.register_forward_pre_hook(on_attention_input, with_kwargs=True)]
+        return siglip_signal_hooks(self, model, capture, feature_layer, record)
 
     def image_layout(self, arguments: dict) -> list | None:
         """Each image's ``(height, width, multi)``: its size and whether its prompt holds several images."""
@@ -183,6 +176,20 @@ class LlavaOnevisionFamily(LlavaNextFamily):
                 view.attention = packed[part.cpu()].to(positions.device)
             out.append(view)
         return out
+
+
+def siglip_signal_hooks(family: Family, model: Any, capture: set, feature_layer: int | None,
+                        record: Callable[[str, torch.Tensor], None]) -> list:
+    """:meth:`Family.signal_hooks` of a SigLIP tower (no CLS): ``"attention"`` is :func:`received_attention`
+    at the feature layer, read from the input of that layer's ``self_attn``."""
+    if "attention" not in capture:
+        return []
+
+    def on_attention_input(module: Any, args: tuple, kwargs: dict) -> None:
+        record("attention", received_attention(module, args[0] if args else kwargs["hidden_states"]))
+
+    attn = family.vision_layers(model)[family.feature_encoder_layer(model, feature_layer)].self_attn
+    return [attn.register_forward_pre_hook(on_attention_input, with_kwargs=True)]
 
 
 def received_attention(module: Any, x: torch.Tensor, block: int = 1024) -> torch.Tensor:

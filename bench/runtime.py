@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import math
 import statistics as stats
 import time
 
@@ -40,6 +41,7 @@ from common import emit, load_average, machine, paired, prepare, rotated, timed
 from oracle import capture_schedule, oracle_language_model
 
 from recipe_compiler.compile import CompileConfig, compile_recipe
+from recipe_compiler.errors import BudgetError
 from recipe_compiler.evaluate import kv_bytes
 from runtime import attention
 
@@ -106,11 +108,22 @@ def main() -> None:
     d = args.decode_tokens
     results = []
     for budget in [float(b) for b in args.budgets.split(",")]:
-        compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt, statistics=statistics)
+        requested = budget
+        try:
+            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt, statistics=statistics)
+        except BudgetError as exc:
+            # The model's prompts are mostly text (a tiny family's image layout): time the nearest schedule that
+            # still keeps some visual tokens instead, and say so in the row.
+            budget = round(math.ceil(exc.smallest_budget * 100) / 100 + 0.02, 2)
+            print(f"{exc}; timing budget {budget} instead", flush=True)
+            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt, statistics=statistics)
         recipe, fraction = compiled.recipe, compiled.verification.flops_fraction
         handles = []
         apply, remove = (lambda: handles.append(recipe.apply(model))), (lambda: handles.pop().remove())
         row = {"budget": budget, "flops_fraction": round(fraction, 6), "keep_count": recipe.keep_count.tolist()}
+        if requested != budget:
+            row["requested_budget"] = requested
+            row["requested_budget_infeasible"] = "dropping every visual token cannot reach it on these prompts"
         if recipe.pruning_layers:
             schedule, pruned_out = capture_schedule(model, recipe, inputs)
             with oracle_language_model(model, schedule), torch.no_grad():

@@ -149,8 +149,9 @@ def attention_row_sums(
         q = query[:, :, start:end].float().reshape(batch, kv_heads, heads // kv_heads * rows, -1)
         scores = torch.matmul(q, key_t[..., :keys]).view(batch, heads, rows, keys).mul_(scaling)
         if attention_mask is None:
-            future = key_pos[None, :keys] > torch.arange(start + offset, end + offset, device=query.device)[:, None]
-            scores.masked_fill_(future, lowest)
+            # Only the chunk's last ``rows`` keys can lie after a row: mask that square, not the whole block.
+            diagonal = scores[..., keys - rows:]
+            diagonal.masked_fill_(key_pos[None, keys - rows:keys] > key_pos[start + offset:end + offset, None], lowest)
         elif attention_mask.dtype == torch.bool:
             scores.masked_fill_(~attention_mask[:, :, start:end, :keys], lowest)
         else:

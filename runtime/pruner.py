@@ -255,6 +255,8 @@ class _Request:
     tokens_per_layer: list = field(default_factory=list)  # (B,) real tokens entering each layer
     visual_per_layer: list = field(default_factory=list)  # (B,) visual tokens entering each layer
     kept_visual: dict = field(default_factory=dict)  # layer -> (prompt index, kept-visual mask), (B, L)
+    counted_roles: Any = None  # the roles ``counts`` were taken from
+    counts: tuple = ()  # ((B,) real tokens, (B,) visual tokens) of ``counted_roles``
 
     @property
     def selection(self) -> dict:
@@ -599,8 +601,12 @@ class PruningHandle:
 
     # ----------------------------------------------------------------------------- prefill
     def _count(self, request: _Request) -> None:
-        request.tokens_per_layer.append(request.roles.valid.sum(dim=1))
-        request.visual_per_layer.append(request.roles.visual.sum(dim=1))
+        # The roles change only at pruning layers: the counts of the layers between are the same tensors.
+        if request.counted_roles is not request.roles:
+            request.counted_roles = request.roles
+            request.counts = (request.roles.valid.sum(dim=1), request.roles.visual.sum(dim=1))
+        request.tokens_per_layer.append(request.counts[0])
+        request.visual_per_layer.append(request.counts[1])
 
     def _prune(self, layer: int, request: _Request, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         roles = request.roles

@@ -170,7 +170,6 @@ def main() -> None:
         overhead_ms = sum(overhead.values())
         wall_ms = stats.mean(walls) * 1000
         lm_unpruned, lm_pruned = base_pf["median_ms"] - vision_ms, pruned_pf["median_ms"] - vision_ms
-        lm_unpruned, lm_pruned = base_pf["median_ms"] - vision_ms, pruned_pf["median_ms"] - vision_ms
         row.update({
             "prefill_ms": round(pruned_pf["median_ms"], 2),
             "unpruned_prefill_ms": round(base_pf["median_ms"], 2),

@@ -260,12 +260,11 @@ def compile_recipe(
             model, processor, calibration, config, statistics, shape, fingerprint, v_ref, timings, step, share, common
         )
     if config.pre_llm == NO_STAGE and config.budget < smallest * (1 - BUDGET_RTOL):  # a stage lowers the floor
-        error = BudgetError(
+        raise BudgetError(
             f"budget {config.budget:g} cannot be met: even dropping every visual token after layer {min(cuts, default=shape.num_layers) - 1} spends "
-            f"{smallest:.4f} of the prefill FLOPs on these prompts; use --budget {math.ceil(smallest * 1000) / 1000:g} or more"
+            f"{smallest:.4f} of the prefill FLOPs on these prompts; use --budget {math.ceil(smallest * 1000) / 1000:g} or more",
+            smallest_budget=smallest,
         )
-        error.smallest_budget = smallest
-        raise error
 
     started = time.perf_counter()
     table = divergence_table(statistics, config.scorer, v_ref=v_ref)

@@ -11,7 +11,17 @@ class CompileError(Exception):
 
 
 class BudgetError(CompileError):
-    """The FLOPs budget is out of range or cannot be met by any schedule."""
+    """The FLOPs budget is out of range or cannot be met by any schedule.
+
+    Attributes:
+        smallest_budget: when even dropping every visual token misses the budget, the FLOPs
+            fraction that doing so spends on these prompts (the floor any schedule can reach);
+            None for every other budget error.
+    """
+
+    def __init__(self, message: str, smallest_budget: float | None = None):
+        super().__init__(message)
+        self.smallest_budget = smallest_budget
 
 
 class CalibrationDataError(CompileError):

@@ -138,7 +138,10 @@ def attention_row_sums(
     # A finite floor instead of -inf: a fully masked row (left padding of another sample) softmaxes
     # to uniform instead of NaN, and its row weight is zero, so no NaN-cleaning pass is needed.
     lowest = torch.finfo(torch.float32).min
-    key_pos = torch.arange(k_len, device=query.device)
+    # Causal: a chunk's rows see every key up to its own last row, and only the square of its last
+    # ``rows`` keys holds keys after some row (above the diagonal): the mask is that square's upper triangle.
+    square = min(chunk, last + 1 - first)
+    future = torch.ones(square, square, dtype=torch.bool, device=query.device).triu_(1) if attention_mask is None else None
     for start in range(first, last + 1, chunk):
         end = min(start + chunk, last + 1)
         row_weight = weights[:, :, start:end]
@@ -149,9 +152,7 @@ def attention_row_sums(
         q = query[:, :, start:end].float().reshape(batch, kv_heads, heads // kv_heads * rows, -1)
         scores = torch.matmul(q, key_t[..., :keys]).view(batch, heads, rows, keys).mul_(scaling)
         if attention_mask is None:
-            # Only the chunk's last ``rows`` keys can lie after a row: mask that square, not the whole block.
-            diagonal = scores[..., keys - rows:]
-            diagonal.masked_fill_(key_pos[None, keys - rows:keys] > key_pos[start + offset:end + offset, None], lowest)
+            scores[..., keys - rows:].masked_fill_(future[:rows, :rows], lowest)
         elif attention_mask.dtype == torch.bool:
             scores.masked_fill_(~attention_mask[:, :, start:end, :keys], lowest)
         else:

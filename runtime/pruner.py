@@ -600,19 +600,25 @@ class PruningHandle:
         return hook
 
     # ----------------------------------------------------------------------------- prefill
-    def _count(self, request: _Request) -> None:
+    @staticmethod
+    def _counts(request: _Request) -> tuple:
+        """((B,) real tokens, (B,) visual tokens) of the request's current roles."""
         # The roles change only at pruning layers: the counts of the layers between are the same tensors.
         if request.counted_roles is not request.roles:
             request.counted_roles = request.roles
             request.counts = (request.roles.valid.sum(dim=1), request.roles.visual.sum(dim=1))
-        request.tokens_per_layer.append(request.counts[0])
-        request.visual_per_layer.append(request.counts[1])
+        return request.counts
+
+    def _count(self, request: _Request) -> None:
+        tokens, visual = self._counts(request)
+        request.tokens_per_layer.append(tokens)
+        request.visual_per_layer.append(visual)
 
     def _prune(self, layer: int, request: _Request, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         roles = request.roles
         if not request.tokens_per_layer:  # layers before the first pruning layer run unpruned
-            request.tokens_per_layer = [roles.valid.sum(dim=1)] * layer
-            request.visual_per_layer = [roles.visual.sum(dim=1)] * layer
+            tokens, visual = self._counts(request)
+            request.tokens_per_layer, request.visual_per_layer = [tokens] * layer, [visual] * layer
         if self._replay is not None and layer in self._replay:
             wanted = self._replay[layer]
             kept_visual = torch.zeros_like(roles.visual)

@@ -87,8 +87,9 @@ class Evaluation:
 
 
 def kv_bytes(cache: Any) -> int:
-    """Bytes held by a ``DynamicCache`` (keys and values of every layer)."""
-    return int(sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
+    """Bytes held by a transformers cache: every tensor its layers hold (keys and values; the
+    convolution and recurrent states of a linear-attention layer, as Qwen3.5 has)."""
+    return int(sum(value.nbytes for layer in cache.layers for value in vars(layer).values() if isinstance(value, torch.Tensor)))
 
 
 def _alternate(baseline: Callable, candidate: Callable, setup: Callable, teardown: Callable, repeats: int, device: str) -> tuple[list, list]:

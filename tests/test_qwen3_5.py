@@ -122,3 +122,21 @@ def test_a_compiled_recipe_cuts_only_after_attention_layers_and_verifies_within_
     cuts = [int(l) for l in np.nonzero(np.diff(keep) < 0)[0] + 1]
     assert cuts and set(cuts) <= {2, 4, 6}
     assert result.verification.flops_fraction <= 0.6 + 1e-9
+
+
+def test_kv_bytes_counts_every_state_a_linear_attention_cache_holds():
+    # Qwen3.5's cache mixes full-attention layers (keys, values) with linear-attention ones (a conv
+    # state and a recurrent state, no keys): recipe-eval and the bench report the bytes of both.
+    from recipe_compiler.evaluate import kv_bytes
+
+    loaded = CASE.load()
+    text = loaded.processor.tokenizer("a short prompt", return_tensors="pt")
+    with torch.no_grad():
+        cache = loaded.model(**text, use_cache=True).past_key_values
+    by_hand = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "conv_states", "recurrent_states"):
+            value = getattr(layer, name, None)
+            by_hand += value.nbytes if isinstance(value, torch.Tensor) else 0
+    assert any(getattr(layer, "recurrent_states", None) is not None for layer in cache.layers)
+    assert kv_bytes(cache) == by_hand > 0

@@ -48,7 +48,7 @@ import os
 import time
 from pathlib import Path
 
-from .model import CONFIG, build_model, image_features, pack, packed_logits, pixel_tensor
+from .model import CONFIG, PREFIX_TEXT_IDS_LEN, build_model, image_features, pack, packed_logits, pixel_tensor
 from .scenes import COLOUR_NAMES, QTYPES, SHAPES, make_scene
 from .vocab import testbed_tokenizer
 
@@ -198,6 +198,75 @@ def object_loss_of(obj_head, feats, weights, targets):
     return total, accs
 
 
+def evidence_patches(scene) -> "list[np.ndarray]":
+    """Per question of ``scene`` (in order), bool ``[256]``: the patches holding its evidence — those
+    of the objects whose colour or shape the prompt names, or the digit tile for the digit question
+    (empty where nothing in the picture matches: a ``zero`` count, an absent pair)."""
+    import numpy as np
+
+    lab = scene.patch_labels
+    out = []
+    for q in scene.questions:
+        words = set(q.prompt.split())
+        hit = np.zeros(lab.shape[1], dtype=bool)
+        if q.qtype == "digit":
+            hit |= lab[2] > 0
+        for k, c in enumerate(COLOUR_NAMES):
+            if c in words:
+                hit |= lab[0] == k + 1
+        for k, sh in enumerate(SHAPES):
+            if sh in words:
+                hit |= lab[1] == k + 1
+        out.append(hit)
+    return out
+
+
+class AnswerAttention:
+    """Attention of the answer rows to the picture at one LM layer, for the retrieval loss.
+
+    A forward pre-hook on the layer's attention keeps its normed input and rotary tables; after the
+    forward, :meth:`mass` recomputes (with gradient) the head-mean softmax of just the answer rows and
+    returns the probability each puts on its evidence patches. Removed with :meth:`remove`."""
+
+    def __init__(self, model, layer: int):
+        self.attn = model.model.language_model.layers[layer].self_attn
+        self.seen: dict = {}
+        self.handle = self.attn.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs):
+        self.seen = {"hidden": kwargs.get("hidden_states", args[0] if args else None),
+                     "rope": kwargs["position_embeddings"], "mask": kwargs.get("attention_mask")}
+
+    def mass(self, rows_b, rows_pos, evidence, image_start: int):
+        """Evidence mass ``[N]`` of the ``N`` answer rows ``(rows_b, rows_pos)``; ``evidence`` bool ``[N, 256]``."""
+        import torch
+
+        hidden, (cos, sin), mask = self.seen["hidden"], self.seen["rope"], self.seen["mask"]
+        a = self.attn
+        B, L, _ = hidden.shape
+        q = a.q_proj(hidden[rows_b, rows_pos]).view(len(rows_b), -1, a.head_dim)  # [N, H, hd]
+        k = a.k_proj(hidden).view(B, L, -1, a.head_dim).transpose(1, 2)  # [B, KV, L, hd]
+        q_cos, q_sin = cos[rows_b, rows_pos][:, None], sin[rows_b, rows_pos][:, None]
+        q = q * q_cos + _rotate_half(q) * q_sin
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        k = k[rows_b].repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [N, H, L, hd]
+        scores = torch.einsum("nhd,nhld->nhl", q, k) * a.scaling
+        allowed = mask[rows_b, 0, rows_pos] if mask.dtype == torch.bool else mask[rows_b, 0, rows_pos] > -1
+        probs = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min).softmax(-1).mean(1)  # [N, L]
+        picture = probs[:, image_start:image_start + evidence.shape[1]]
+        return (picture * evidence).sum(-1)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 def sincos_position_table(model, scale: float) -> None:
     """Set the vision tower's learned position table to a 2D sine-cosine pattern of RMS ``scale/sqrt(2)``
     (CLS row zero). CLIP's default (normal, std 0.02) is ~5 % of a patch embedding's size; the pre-LayerNorm
@@ -263,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="stage 2 minutes during which question blocks do not see background patches ...")
     parser.add_argument("--hide-bg-ramp", type=float, default=8.0,
                         help="... fading out over the last this many of them (each background patch hidden with falling probability)")
+    parser.add_argument("--retrieval", type=float, default=0.0,
+                        help="weight of the retrieval loss -log(evidence mass) of the answer rows' head-mean attention ...")
+    parser.add_argument("--retrieval-layer", type=int, default=1, help="... at this LM layer ...")
+    parser.add_argument("--retrieval-minutes", type=float, default=0.0,
+                        help="... for this many stage-2 minutes (then off, so the attention is the model's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-scenes", type=int, default=100)
     parser.add_argument("--eval-every", type=float, default=5.0, help="minutes between held-out evaluations")
@@ -410,10 +484,24 @@ def main(argv: list[str] | None = None) -> int:
                 bg = torch.from_numpy(np.stack([(sc.patch_labels[0] == 0) & (sc.patch_labels[2] == 0) for sc in scenes]))
                 hide = bg & (torch.from_numpy(rng.random(bg.shape)) < p_hide)
             packed = pack(tokenizer, [[(q.prompt, q.answer) for q in sc.questions] for sc in scenes], hide=hide)
-            logits, _ = packed_logits(model, packed, features=feats)
+            use_retrieval = args.retrieval > 0 and t2 < args.retrieval_minutes
+            probe = AnswerAttention(model, args.retrieval_layer) if use_retrieval else None
+            try:
+                logits, _ = packed_logits(model, packed, features=feats)
+            finally:
+                if probe is not None:
+                    probe.remove()
             lm_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), packed["targets"].flatten(),
                                                         ignore_index=-100)
             loss = lm_loss + args.penalty * penalty + args.aux * aux_loss
+            if probe is not None:
+                evidence = torch.from_numpy(np.stack([e for sc in scenes for e in evidence_patches(sc)]))
+                rows = torch.tensor([(b, pos) for b, pos, _ in packed["answer_pos"]])
+                has = evidence.any(1)
+                mass = probe.mass(rows[has, 0], rows[has, 1], evidence[has], PREFIX_TEXT_IDS_LEN)
+                retrieval_loss = -torch.log(mass + 1e-6).mean()
+                loss = loss + args.retrieval * retrieval_loss
+                accs["retr_mass"] = float(mass.detach().mean())
         else:
             lm_loss = torch.zeros(())
             loss = aux_loss + args.penalty * penalty

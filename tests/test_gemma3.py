@@ -89,3 +89,25 @@ def test_compile_meets_the_budget_and_refuses_cls_stages_with_the_reason(tiny):
     with pytest.raises(ValueError, match="no CLS token"):
         compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(0.45, pre_llm="cls-inflection", batch_size=2),
                        format_prompt=tiny.format_prompt)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_direct_sliding_mask_equals_transformers_composition(tiny, seed):
+    # The pruner builds a pruned prefill's sliding-layer mask without transformers' vmap path; it
+    # must be the very tensor create_causal_mask gives for AND(window, OR(causal, image block)) and padding.
+    from transformers.masking_utils import blockwise_overlay, create_causal_mask, sliding_window_overlay
+
+    from runtime.families.gemma3 import block_ids, sliding_block_mask
+
+    generator = torch.Generator().manual_seed(seed)
+    config = tiny.model.model.language_model.config
+    batch, length, window = 3, 40 + seed * 7, config.sliding_window
+    token_types = (torch.rand(batch, length, generator=generator) < 0.5).long()
+    token_types[:, :3] = 0  # text first, as in a prompt
+    padding = torch.ones(batch, length, dtype=torch.bool)
+    padding[1, :seed + 2] = False  # left padding in one row
+    blocks = block_ids(token_types * padding)
+    hidden = torch.zeros(batch, length, config.hidden_size)
+    expected = create_causal_mask(config, hidden, padding, None, position_ids=None, or_mask_function=blockwise_overlay(blocks),
+                                  and_mask_function=sliding_window_overlay(window))
+    assert window < length and torch.equal(sliding_block_mask(blocks, padding, window), expected)

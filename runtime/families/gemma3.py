@@ -93,8 +93,35 @@ class Gemma3Family(Family):
         blocks = block_ids(kept).to(hidden.device)
         if kind != "sliding_attention":
             return create_causal_mask(config, hidden, mask2d, cache, position_ids=None, block_sequence_ids=blocks, layer_idx=layer)
+        if _boolean_masks(config) and (cache is None or cache.get_seq_length(layer) == 0) and mask2d.shape[1] == hidden.shape[1]:
+            return sliding_block_mask(blocks, mask2d.to(hidden.device).bool(), config.sliding_window)
         return create_causal_mask(config, hidden, mask2d, cache, position_ids=None, or_mask_function=blockwise_overlay(blocks),
                                   and_mask_function=sliding_window_overlay(config.sliding_window), layer_idx=layer)
+
+
+def _boolean_masks(config: Any) -> bool:
+    """Whether the layers take transformers' boolean SDPA masks (True = attend)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    return ALL_MASK_ATTENTION_FUNCTIONS.get(config._attn_implementation) is sdpa_mask
+
+
+def sliding_block_mask(blocks: torch.Tensor, padding: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, 1, L, L) bool: Gemma 3's sliding-layer prefill mask, ``window ∧ (causal ∨ same image block) ∧ key not padding``.
+
+    What ``create_causal_mask`` builds from ``or_mask_function=blockwise_overlay`` and
+    ``and_mask_function=sliding_window_overlay`` for a prefill on an empty cache, without the
+    per-element ``vmap`` those custom functions force (about 6 ms of a 400-token prompt on one core).
+
+    Example:
+        >>> sliding_block_mask(torch.tensor([[-1, 0, 0, -1]]), torch.ones(1, 4, dtype=torch.bool), 2)[0, 0].int().tolist()
+        [[1, 0, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    """
+    position = torch.arange(blocks.shape[1], device=blocks.device)
+    offset = position[:, None] - position[None, :]  # query minus key
+    same_block = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    allowed = ((offset >= 0)[None] | same_block) & (offset < window)[None] & padding[:, None, :]
+    return allowed[:, None]
 
 
 def block_ids(token_types: torch.Tensor) -> torch.Tensor:

@@ -170,16 +170,18 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def prepare(model_name: str, samples: int, batch: int, device: str, dtype: str):
+def prepare(model_name: str, samples: int, batch: int, device: str, dtype: str, head_reduce: str = "max"):
     """What every runtime bench starts from: a random model of ``model_name``, ``samples``
-    calibration samples and their statistics, and ``batch`` held-out prompts as model inputs."""
+    calibration samples and their statistics (heads combined by ``head_reduce``, the recipes'
+    scorer's), and ``batch`` held-out prompts as model inputs."""
     from recipe_compiler.calibration import load_calibration
     from recipe_compiler.collect import collect_statistics, model_inputs
     from recipe_compiler.models import build_random
 
     loaded = build_random(spec_for(model_name), device=device, dtype=dtype)
     calibration = load_calibration(samples=samples)
-    statistics = collect_statistics(loaded.model, loaded.processor, calibration, format_prompt=loaded.format_prompt)
+    statistics = collect_statistics(loaded.model, loaded.processor, calibration, format_prompt=loaded.format_prompt,
+                                    head_reduce=head_reduce)
     prompts = load_calibration(split="heldout").samples[:batch]
     inputs = model_inputs(loaded.model, loaded.processor, prompts, loaded.format_prompt)
     return loaded, calibration, statistics, inputs

@@ -4,9 +4,11 @@ Stages: load the model, read and validate the calibration set, calibrate (statis
 (``optimal`` and ``fitprune``), verify, write. The calibration overhead compares the statistics
 pass's forward (the calibration policy's hooks: every attention layer's text, visual and last-token
 rows, and the pre-LLM scores) with a plain SDPA forward of the same pre-processed batches, alternating
-the two batch by batch (``--repeats`` rounds, medians per batch), and the peak memory each adds
-above what the process held before it (Linux: the resident high-water mark, reset before each run
-through ``/proc/self/clear_refs``; on a GPU ``torch.cuda.max_memory_allocated``).
+the two batch by batch (``--repeats`` rounds, medians per batch), and the peak tensor memory each
+adds above what was alive before it (on a GPU ``torch.cuda.max_memory_allocated``; on the CPU the
+profiler's memory timeline, the same quantity), with the resident high-water mark beside it on the
+CPU (reset before each run through ``/proc/self/clear_refs``; it also counts how the C allocator
+keeps freed blocks, so it moves between runs).
 
     python bench/compile.py                     # tiny-llava on the shipped calibration set
     python bench/compile.py --model mid --samples 8 --out bench/results/compile-mid-cpu.json
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import emit, machine, spec_for
+from common import emit, load_average, machine, spec_for
 
 from recipe_compiler.calibration import load_calibration, load_image
 from recipe_compiler.collect import collect_statistics, statistics_policy
@@ -57,46 +59,82 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def tensor_peak_bytes(fn, device: str) -> int:
+    """Peak bytes of live tensors ``fn()`` adds above those alive when it starts.
+
+    On a GPU ``torch.cuda.max_memory_allocated``; on the CPU the same quantity from the profiler's
+    memory timeline (every tensor allocation and free, in order), which, unlike the resident size,
+    does not depend on how the C allocator keeps or returns freed blocks.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    import json
+
+    with torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    totals = [sum(categories) for categories in sizes]
+    return int(max(totals) - totals[0]) if totals else 0
+
+
 def alternating_overhead(model, encoded: list, repeats: int, device: str) -> dict:
     """Plain SDPA forward vs the calibration pass's forward on the same batches, alternating batch by batch.
 
     Returns:
-        medians per batch summed over the batches (seconds), their ratio, and the peak memory each
-        forward adds above the process's resident size before it (its largest over the batches).
+        medians per batch summed over the batches (seconds) and their ratio; the peak tensor memory
+        each forward adds (:func:`tensor_peak_bytes`, its largest over the batches, measured in
+        separate forwards so the profiler does not touch the timings), and on the CPU also the
+        resident high-water mark each adds above the process's resident size before it.
     """
     from runtime.pruner import PruningHandle
 
     policy, _ = statistics_policy(model)
     plain, stats = [[] for _ in encoded], [[] for _ in encoded]
-    peak = {"plain": 0, "statistics": 0}
-    with torch.no_grad():
-        model(**encoded[0], use_cache=False, logits_to_keep=1)  # warm-up, both paths
+    rss = {"plain": 0, "statistics": 0}
+
+    def run_plain(inputs):
+        model(**inputs, use_cache=False, logits_to_keep=1)
+
+    def run_statistics(inputs):
         with PruningHandle(model, policy):
-            model(**encoded[0], use_cache=False, logits_to_keep=1)
+            model(**inputs, use_cache=False, logits_to_keep=1)
+        policy.rows.clear()
+
+    with torch.no_grad():
+        run_plain(encoded[0])  # warm-up, both paths
+        run_statistics(encoded[0])
         for _ in range(repeats):
             for i, inputs in enumerate(encoded):
-                base = _peak_reset(device)
-                start = time.perf_counter()
-                model(**inputs, use_cache=False, logits_to_keep=1)
-                plain[i].append(time.perf_counter() - start)
-                peak["plain"] = max(peak["plain"], _peak_bytes(device, base))
-                with PruningHandle(model, policy):
+                for name, run, times in (("plain", run_plain, plain), ("statistics", run_statistics, stats)):
                     base = _peak_reset(device)
                     start = time.perf_counter()
-                    model(**inputs, use_cache=False, logits_to_keep=1)
-                    stats[i].append(time.perf_counter() - start)
-                    peak["statistics"] = max(peak["statistics"], _peak_bytes(device, base))
-                policy.rows.clear()
+                    run(inputs)
+                    times[i].append(time.perf_counter() - start)
+                    rss[name] = max(rss[name], _peak_bytes(device, base))
+        peak = {name: max(tensor_peak_bytes(lambda: run(inputs), device) for inputs in encoded)
+                for name, run in (("plain", run_plain), ("statistics", run_statistics))}
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     plain_s, stats_s = sum(map(median, plain)), sum(map(median, stats))
-    return {
+    result = {
         "method": f"alternating plain / statistics forward per batch, {repeats} rounds, medians per batch",
         "plain_sdpa_forward_s": round(plain_s, 4),
         "statistics_forward_s": round(stats_s, 4),
         "ratio": round(stats_s / plain_s, 3),
-        "peak_added_bytes": peak,
+        "peak_tensor_bytes": peak,
         "peak_ratio": round(peak["statistics"] / max(peak["plain"], 1), 3),
     }
+    if not device.startswith("cuda"):
+        result["resident_peak_added_bytes"] = rss
+        result["resident_peak_ratio"] = round(rss["statistics"] / max(rss["plain"], 1), 3)
+    return result
 
 
 def main() -> None:
@@ -108,8 +146,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of plain / statistics forwards")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a shared CPU")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = load_average()
 
     stages: dict[str, float] = {}
     start = time.perf_counter()
@@ -155,6 +197,8 @@ def main() -> None:
         "budget": args.budget,
         "samples": len(calibration),
         "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "load_average_start_end": load_start + load_average(),
         "stages_s": {k: round(v, 4) for k, v in stages.items()},
         "searches": searches,
         "calibration_overhead": overhead,

@@ -77,13 +77,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a shared CPU")
+    parser.add_argument("--scorer", help="the recipes' run-time scorer (default: fitprune, the compiler's)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_avg_start = load_average()
 
-    loaded, calibration, statistics, inputs = prepare(args.model, args.samples, args.batch, args.device, args.dtype)
+    head_reduce = CompileConfig(1.0, scorer=args.scorer).head_reduce
+    loaded, calibration, statistics, inputs = prepare(args.model, args.samples, args.batch, args.device, args.dtype, head_reduce)
     model = loaded.model
 
     def prefill():
@@ -110,13 +112,13 @@ def main() -> None:
     for budget in [float(b) for b in args.budgets.split(",")]:
         requested = budget
         try:
-            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt, statistics=statistics)
+            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget, scorer=args.scorer), format_prompt=loaded.format_prompt, statistics=statistics)
         except BudgetError as exc:
             # The model's prompts are mostly text (a tiny family's image layout): time the nearest schedule that
             # still keeps some visual tokens instead, and say so in the row.
             budget = round(math.ceil(exc.smallest_budget * 100) / 100 + 0.02, 2)
             print(f"{exc}; timing budget {budget} instead", flush=True)
-            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt, statistics=statistics)
+            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget, scorer=args.scorer), format_prompt=loaded.format_prompt, statistics=statistics)
         recipe, fraction = compiled.recipe, compiled.verification.flops_fraction
         handles = []
         apply, remove = (lambda: handles.append(recipe.apply(model))), (lambda: handles.pop().remove())
@@ -213,6 +215,7 @@ def main() -> None:
                   "random_weights": True, "dtype": args.dtype, "device": args.device},
         "prompt_tokens": int(inputs["attention_mask"].sum(1).max()),
         "batch": args.batch,
+        "scorer": args.scorer or "fitprune",
         "calibration_samples": args.samples,
         "decode_tokens": d,
         "unpruned": {"kv_bytes": unpruned_kv, "vision_encoder_ms": round(vision_ms, 2)},

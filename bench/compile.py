@@ -3,8 +3,8 @@
 Stages: load the model, read and validate the calibration set, calibrate (statistics), search
 (``optimal`` and ``fitprune``), verify, write. The calibration overhead compares the statistics
 pass's forward (the calibration policy's hooks: every attention layer's text, visual and last-token
-rows, and the pre-LLM scores) with a plain SDPA forward of the same pre-processed batches, alternating
-the two batch by batch (``--repeats`` rounds, medians per batch), and the peak tensor memory each
+rows, and the pre-LLM scores; and the ``text`` objective's pass, text and last-token rows only) with a
+plain SDPA forward of the same pre-processed batches, alternating the three batch by batch (``--repeats`` rounds, medians per batch), and the peak tensor memory each
 adds above what was alive before it (on a GPU ``torch.cuda.max_memory_allocated``; on the CPU the
 profiler's memory timeline, the same quantity), with the resident high-water mark beside it on the
 CPU (reset before each run through ``/proc/self/clear_refs``; it also counts how the C allocator
@@ -86,50 +86,59 @@ def tensor_peak_bytes(fn, device: str) -> int:
 
 
 def alternating_overhead(model, encoded: list, repeats: int, device: str) -> dict:
-    """Plain SDPA forward vs the calibration pass's forward on the same batches, alternating batch by batch.
+    """Plain SDPA forward vs the calibration pass's forwards on the same batches, alternating batch by batch.
+
+    The calibration forwards: ``statistics`` (every query row: text, visual, last; the default
+    ``text+visual`` objective and FitPrune's rule) and ``text_statistics`` (text and last rows only:
+    the ``text`` objective), both with the pre-LLM scores.
 
     Returns:
-        medians per batch summed over the batches (seconds) and their ratio; the peak tensor memory
-        each forward adds (:func:`tensor_peak_bytes`, its largest over the batches, measured in
-        separate forwards so the profiler does not touch the timings), and on the CPU also the
-        resident high-water mark each adds above the process's resident size before it.
+        medians per batch summed over the batches (seconds) and each pass's ratio to the plain one;
+        the peak tensor memory each forward adds (:func:`tensor_peak_bytes`, its largest over the
+        batches, measured in separate forwards so the profiler does not touch the timings), and on
+        the CPU also the resident high-water mark each adds above the process's resident size before it.
     """
     from runtime.pruner import PruningHandle
 
-    policy, _ = statistics_policy(model)
-    plain, stats = [[] for _ in encoded], [[] for _ in encoded]
-    rss = {"plain": 0, "statistics": 0}
+    policies = {name: statistics_policy(model, rows=rows)[0] for name, rows in (("statistics", "all"), ("text_statistics", "text"))}
 
     def run_plain(inputs):
         model(**inputs, use_cache=False, logits_to_keep=1)
 
-    def run_statistics(inputs):
-        with PruningHandle(model, policy):
-            model(**inputs, use_cache=False, logits_to_keep=1)
-        policy.rows.clear()
+    def calibrating(policy):
+        def run(inputs):
+            with PruningHandle(model, policy):
+                model(**inputs, use_cache=False, logits_to_keep=1)
+            policy.rows.clear()
+        return run
 
+    runs = {"plain": run_plain, **{name: calibrating(policy) for name, policy in policies.items()}}
+    times = {name: [[] for _ in encoded] for name in runs}
+    rss = {name: 0 for name in runs}
     with torch.no_grad():
-        run_plain(encoded[0])  # warm-up, both paths
-        run_statistics(encoded[0])
+        for run in runs.values():  # warm-up, every path
+            run(encoded[0])
         for _ in range(repeats):
             for i, inputs in enumerate(encoded):
-                for name, run, times in (("plain", run_plain, plain), ("statistics", run_statistics, stats)):
+                for name, run in runs.items():
                     base = _peak_reset(device)
                     start = time.perf_counter()
                     run(inputs)
-                    times[i].append(time.perf_counter() - start)
+                    times[name][i].append(time.perf_counter() - start)
                     rss[name] = max(rss[name], _peak_bytes(device, base))
-        peak = {name: max(tensor_peak_bytes(lambda: run(inputs), device) for inputs in encoded)
-                for name, run in (("plain", run_plain), ("statistics", run_statistics))}
+        peak = {name: max(tensor_peak_bytes(lambda: run(inputs), device) for inputs in encoded) for name, run in runs.items()}
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    plain_s, stats_s = sum(map(median, plain)), sum(map(median, stats))
+    seconds = {name: sum(map(median, per_batch)) for name, per_batch in times.items()}
     result = {
-        "method": f"alternating plain / statistics forward per batch, {repeats} rounds, medians per batch",
-        "plain_sdpa_forward_s": round(plain_s, 4),
-        "statistics_forward_s": round(stats_s, 4),
-        "ratio": round(stats_s / plain_s, 3),
+        "method": f"alternating plain / statistics / text-statistics forward per batch, {repeats} rounds, medians per batch",
+        "plain_sdpa_forward_s": round(seconds["plain"], 4),
+        "statistics_forward_s": round(seconds["statistics"], 4),
+        "text_statistics_forward_s": round(seconds["text_statistics"], 4),
+        "ratio": round(seconds["statistics"] / seconds["plain"], 3),
+        "text_ratio": round(seconds["text_statistics"] / seconds["plain"], 3),
         "peak_tensor_bytes": peak,
         "peak_ratio": round(peak["statistics"] / max(peak["plain"], 1), 3),
+        "text_peak_ratio": round(peak["text_statistics"] / max(peak["plain"], 1), 3),
     }
     if not device.startswith("cuda"):
         result["resident_peak_added_bytes"] = rss
@@ -145,7 +154,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of plain / statistics forwards")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of plain / statistics / text-statistics forwards")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a shared CPU")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -175,8 +184,10 @@ def main() -> None:
     stages["calibrate"] = time.perf_counter() - start
 
     searches = {}
-    for search in ("optimal", "fitprune"):
-        result = compile_recipe(model, processor, calibration, CompileConfig(args.budget, search=search, batch_size=args.batch_size),
+    variants = {"optimal": {"search": "optimal"}, "fitprune": {"search": "fitprune"},
+                "optimal, text objective, text-mean": {"search": "optimal", "objective": "text", "scorer": "text-mean"}}
+    for search, options in variants.items():
+        result = compile_recipe(model, processor, calibration, CompileConfig(args.budget, batch_size=args.batch_size, **options),
                                 format_prompt=loaded.format_prompt, statistics=stats)
         searches[search] = {
             "search_s": round(result.timings["search"], 4),

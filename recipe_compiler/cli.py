@@ -51,6 +51,12 @@ def _scorers():
     return SCORERS.names()
 
 
+def _objectives():
+    from .compile import OBJECTIVES
+
+    return list(OBJECTIVES)
+
+
 def _head_reductions():
     from runtime.methods.heads import HEAD_REDUCTIONS
 
@@ -106,6 +112,9 @@ def _compile_command():
                   help="run-time scorer recorded in the recipe (default: fitprune; a peer search uses its own)")
     @click.option("--head-reduce", cls=Opt, group=SEARCH, type=RegistryChoice(_head_reductions, metavar="REDUCTION"),
                   help="how attention heads are combined (default: the scorer's own)")
+    @click.option("--objective", cls=Opt, group=SEARCH, type=RegistryChoice(_objectives, metavar="OBJECTIVE"), default="text+visual", show_default=True,
+                  help="attention whose lost mass the search minimises: text+visual (FitPrune's) or text (text queries only; "
+                       "calibration then computes no visual query row; needs --scorer text-mean or last-token)")
     @click.option("--search-param", cls=Opt, group=SEARCH, multiple=True, type=Parsed(_search_param, "NAME=VALUE"), metavar="NAME=VALUE",
                   help="a peer method's setting, repeatable (e.g. --search fastv --search-param layer=3)")
     @click.option("--pre-llm", cls=Opt, group=PRE, type=RegistryChoice(_stages, metavar="STAGE"), default="none", show_default=True,
@@ -192,7 +201,7 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
                                gprune={k: v for k, v in (("threshold", args.gprune_threshold), ("temperature", args.gprune_temperature),
                                                          ("steps", args.gprune_steps)) if v is not None} or None,
                                fopru_feature_layer=args.fopru_feature_layer, inflection_detector=args.inflection_detector,
-                               search_params=dict(args.search_param) or None)
+                               search_params=dict(args.search_param) or None, objective=args.objective)
         dtype = parse_dtype(args.dtype)
         check_device(args.device)
         if args.device_map is not None and sharding.world > 1:
@@ -263,7 +272,7 @@ def _summary(args: argparse.Namespace, result, timings: dict, output: Path) -> d
         "divergence": result.divergence, "divergence_nested": result.nested_divergence, "divergence_verified": v.divergence,
         "kl": v.kl, "top1_agreement": v.top1_agreement, "search": args.search,
         "search_params": result.recipe.provenance.get("search_params", {}), "scorer": result.recipe.scorer,
-        "head_reduce": result.recipe.head_reduce, "pre_llm": result.recipe.pre_llm, "model": args.model,
+        "head_reduce": result.recipe.head_reduce, "objective": args.objective, "pre_llm": result.recipe.pre_llm, "model": args.model,
         "vision_encoder_flops": v.vision_flops, "vision_share": v.vision_share if v.vision_flops is not None else None,
         "seconds": {k: round(t, 3) for k, t in timings.items()}, "output": str(output),
         "statistics": args.save_stats,

@@ -27,11 +27,20 @@ from .statistics import PRELLM_SCORES, Statistics
 
 
 
+STATISTICS_ROWS = ("all", "text")
+"""Which query rows a calibration pass probes: every row (text, visual, last) or the text and last rows."""
+
+
 class StatisticsPolicy(Policy):
     """Prunes nothing; at every layer records cross, self and last-row attention per visual token."""
 
     def __init__(self, num_layers: int, head_reduce: str = "max", prellm: bool | set = False, prellm_params: dict | None = None,
-                 attention_layers: tuple | None = None) -> None:
+                 attention_layers: tuple | None = None, rows: str = "all") -> None:
+        if rows not in STATISTICS_ROWS:
+            raise ValueError(f"rows must be one of {STATISTICS_ROWS}, got {rows!r}")
+        # "text": only the text rows and the last row are probed (no visual query row: the probe
+        # starts after the image), so self_attn is not recorded.
+        self.visual_rows = rows == "all"
         # Only layers with attention rows are probed; the others' statistics stay NaN (Qwen3.5's linear attention).
         self.probe_layers = tuple(range(num_layers)) if attention_layers is None else tuple(attention_layers)
         self.head_reduce = head_reduce
@@ -79,16 +88,18 @@ class StatisticsPolicy(Policy):
     def row_groups(self, layer: int, roles: Roles) -> torch.Tensor:
         last = torch.zeros_like(roles.text)
         last[:, -1] = True
-        return torch.stack([roles.text, roles.visual, last], dim=1).float()
+        groups = [roles.text, roles.visual, last] if self.visual_rows else [roles.text, last]
+        return torch.stack(groups, dim=1).float()
 
     def on_probe(self, layer: int, sums: torch.Tensor, roles: Roles) -> None:
         sums = sums.float().cpu()
         for row, entry in enumerate(self._batch):
             visual = roles.visual[row].cpu()
-            columns = sums[row][:, visual]  # (3, v) in prompt order
+            columns = sums[row][:, visual]  # (groups, v) in prompt order
             entry["cross"][layer] = (columns[0] / max(entry["n_text"], 1)).numpy()
-            entry["self"][layer] = (columns[1] / max(entry["n_visual"], 1)).numpy()
-            entry["last"][layer] = columns[2].numpy()
+            if self.visual_rows:
+                entry["self"][layer] = (columns[1] / max(entry["n_visual"], 1)).numpy()
+            entry["last"][layer] = columns[-1].numpy()
 
 
 def collect_statistics(
@@ -102,6 +113,7 @@ def collect_statistics(
     progress: Callable[[int], None] | None = None,
     sharding: Sharding = SINGLE,
     prellm_params: dict | None = None,
+    rows: str = "all",
 ) -> Statistics:
     """Run the calibration set through ``model`` and collect attention statistics at every layer.
 
@@ -118,6 +130,9 @@ def collect_statistics(
         prellm_params: the parameters the recorded pre-LLM scores depend on (each stage's
             ``score_params``: G-Prune ``threshold``, ``temperature``, ``steps``, default 0.5, 0.03,
             5; the FoPru ``feature_layer``, default the model's).
+        rows: ``"all"`` (text, visual and last-token query rows: every objective and scorer) or
+            ``"text"`` (text and last-token rows only: the ``text`` objective's statistics, with
+            ``self_attn`` None; the probes skip every visual query row).
 
     Returns:
         :class:`Statistics` with S = len(calibration) samples.
@@ -128,7 +143,7 @@ def collect_statistics(
     if head_reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"head_reduce must be one of {tuple(HEAD_REDUCTIONS)}, got {head_reduce!r}")
     check_inputs(model, processor, calibration, format_prompt=format_prompt)  # before any forward
-    policy, params = statistics_policy(model, head_reduce, prellm_params)
+    policy, params = statistics_policy(model, head_reduce, prellm_params, rows)
     mine = []
     with PruningHandle(model, policy), torch.no_grad():
         for index, (_, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
@@ -140,8 +155,9 @@ def collect_statistics(
             mine.append((index, policy.rows[before:]))
             if progress is not None:
                 progress(len(batch))
-    rows = [row for batch_rows in sharding.gather(mine) for row in batch_rows]
-    stats = _assemble(rows, head_reduce, json.dumps(model_fingerprint(model), sort_keys=True), calibration.fingerprint())
+    gathered = [row for batch_rows in sharding.gather(mine) for row in batch_rows]
+    stats = _assemble(gathered, head_reduce, json.dumps(model_fingerprint(model), sort_keys=True), calibration.fingerprint(),
+                      visual_rows=policy.visual_rows)
     if stats.prellm:
         from dataclasses import replace
 
@@ -149,7 +165,8 @@ def collect_statistics(
     return stats
 
 
-def statistics_policy(model: torch.nn.Module, head_reduce: str = "max", prellm_params: dict | None = None) -> tuple["StatisticsPolicy", dict]:
+def statistics_policy(model: torch.nn.Module, head_reduce: str = "max", prellm_params: dict | None = None,
+                      rows: str = "all") -> tuple["StatisticsPolicy", dict]:
     """The calibration pass's policy for ``model`` (every attention layer probed, the pre-LLM scores
     of every stage the model supports) and the stage parameters those scores depend on.
 
@@ -170,7 +187,7 @@ def statistics_policy(model: torch.nn.Module, head_reduce: str = "max", prellm_p
     else:
         params.pop("feature_layer", None)
     policy = StatisticsPolicy(num_layers, head_reduce, prellm=prellm, prellm_params=params,
-                              attention_layers=family.attention_layers(model))
+                              attention_layers=family.attention_layers(model), rows=rows)
     return policy, params
 
 
@@ -284,7 +301,7 @@ def model_inputs(model: torch.nn.Module, processor: Any, batch: Sequence, format
     return inputs
 
 
-def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp: str) -> Statistics:
+def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp: str, visual_rows: bool = True) -> Statistics:
     samples, layers = len(rows), len(rows[0]["cross"])
     width = max(r["n_visual"] for r in rows)
     arrays = {name: np.full((samples, layers, width), np.nan, dtype=np.float32) for name in ("cross", "self", "last")}
@@ -302,7 +319,7 @@ def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp:
     return Statistics(
         prellm=prellm,
         cross=arrays["cross"],
-        self_attn=arrays["self"],
+        self_attn=arrays["self"] if visual_rows else None,
         last=arrays["last"],
         n_visual=np.array([r["n_visual"] for r in rows], dtype=np.int64),
         n_text=np.array([r["n_text"] for r in rows], dtype=np.int64),

@@ -38,6 +38,10 @@ from .verify import Verification, verify_recipe
 BUDGET_RTOL = 1e-9
 
 
+OBJECTIVES = {"text+visual": "all", "text": "text"}
+"""Search objective (``--objective``) → the query rows its calibration statistics need."""
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """What to compile. Validated on construction; each error names the bad value and the range.
@@ -62,6 +66,11 @@ class CompileConfig:
             ``vision_feature_layer`` convention, negative allowed; default: the model's).
         inflection_detector: ``cls-inflection``'s knee detector, ``kneedle`` (default) or
             ``max-curvature``.
+        objective: the attention distributions whose lost mass the search minimises (an
+            :data:`OBJECTIVES` name): ``text+visual`` (default; the text queries' and the visual
+            queries' attention to the image, as FitPrune) or ``text`` (the text queries' alone: the
+            calibration pass then computes no visual query row, so it costs about a plain forward;
+            needs a scorer that ranks without them, e.g. ``text-mean`` or ``last-token``).
 
     Example:
         >>> CompileConfig(budget=0.45).search
@@ -79,6 +88,7 @@ class CompileConfig:
     fopru_feature_layer: int | None = None
     inflection_detector: str | None = None
     search_params: dict | None = None
+    objective: str = "text+visual"
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -128,6 +138,20 @@ class CompileConfig:
         self._check_applies("--inflection-detector", self.inflection_detector, "inflection_detector")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == "text":
+            if SCORERS[self.scorer].needs_visual_rows:
+                raise ValueError(f"--objective text collects no visual query rows, but the {self.scorer} scorer ranks by them; "
+                                 "use --scorer text-mean or --scorer last-token with it, or --objective text+visual")
+            if search.needs_visual_rows:
+                raise ValueError(f"--objective text collects no visual query rows, but --search {self.search} weighs them; "
+                                 "use a table search (--search optimal) with it, or --objective text+visual")
+
+    @property
+    def statistics_rows(self) -> str:
+        """The query rows the calibration pass probes for this objective (``collect_statistics(rows=)``)."""
+        return OBJECTIVES[self.objective]
 
     def _resolve_method(self) -> None:
         """Fill the scorer, head reduction and peer settings from the search and scorer definitions."""
@@ -239,10 +263,12 @@ def compile_recipe(
     if statistics is None:
         statistics = collect_statistics(
             model, processor, calibration, head_reduce=config.head_reduce,
-            progress=step("calibrate", share), prellm_params=prellm_params, **common,
+            progress=step("calibrate", share), prellm_params=prellm_params, rows=config.statistics_rows, **common,
         )
     else:
         _check_statistics(statistics, fingerprint, calibration, config, prellm_params)
+        if config.objective == "text":  # full statistics serve the text objective too: its term alone
+            statistics = statistics.text_rows_only()
     timings["calibrate"] = time.perf_counter() - started
 
     search = SEARCHES[config.search]
@@ -311,6 +337,7 @@ def compile_recipe(
         "search": config.search,
         "search_params": search_params,
         "head_reduce": config.head_reduce,
+        "objective": config.objective,
         "divergence": round(float(divergence), 9),
         "divergence_nested": round(float(nested), 9),
         "calibration": {"fingerprint": calibration.fingerprint(), "samples": len(calibration)},
@@ -432,6 +459,7 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
         "search": config.search,
         "search_params": search_params,
         "head_reduce": config.head_reduce,
+        "objective": config.objective,
         "divergence": round(float(chosen.divergence), 9),
         "divergence_nested": round(float(nested), 9),
         "calibration": {"fingerprint": calibration.fingerprint(), "samples": len(calibration)},
@@ -504,6 +532,9 @@ def _check_statistics(stats: Statistics, fingerprint: dict, calibration: Calibra
                 raise StatisticsError(mismatch)
     if stats.head_reduce != config.head_reduce:
         raise StatisticsError(f"the saved statistics use head_reduce={stats.head_reduce!r}, not {config.head_reduce!r}")
+    if stats.text_only and config.objective != "text":
+        raise StatisticsError(f"the saved statistics are text-only (collected for --objective text); --objective {config.objective} "
+                              "also needs the visual query rows: recollect them without --stats, or pass --objective text")
 
 
 def _versions() -> dict:

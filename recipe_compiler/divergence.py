@@ -3,7 +3,8 @@
 Pure numpy. METHODS.md §2: keeping a set of visual tokens entering layer ``l`` loses the attention
 mass the dropped ones carried in layer ``l``'s text→visual (``cross``) and visual→visual
 (``self_attn``) distributions; the divergence is ``−log(1 − lost)`` (the KL of the renormalised
-kept distribution to the original), averaged over the two. The ranking entering layer ``l`` comes
+kept distribution to the original), averaged over the two. Text-only statistics (the ``text``
+objective) hold only ``cross``: the divergence is then its term alone. The ranking entering layer ``l`` comes
 from layer ``l − 1``'s statistics, as at run time (the scorer sees the attention of the layer
 before the cut).
 
@@ -92,7 +93,10 @@ def ranking_scores(stats: Statistics, scorer: str) -> np.ndarray:
 
 def _base_scores(stats: Statistics, scorer: str, layers: Any) -> np.ndarray:
     """The scorer's value from the statistics of ``layers`` (float64 [S, len(layers), V])."""
-    return SCORERS[scorer].from_statistics(stats.cross[:, layers], stats.self_attn[:, layers], stats.last[:, layers], stats.n_text)
+    if stats.text_only and SCORERS[scorer].needs_visual_rows:
+        raise ValueError(f"scorer {scorer!r} ranks by the visual query rows, which text-only statistics do not hold")
+    self_attn = None if stats.text_only else stats.self_attn[:, layers]
+    return SCORERS[scorer].from_statistics(stats.cross[:, layers], self_attn, stats.last[:, layers], stats.n_text)
 
 
 def _ranking_layers(stats: Statistics) -> np.ndarray:
@@ -144,7 +148,8 @@ def divergence_table(
     (highest kept; among ties the later position, as the runtime), keep ``k_s = round_half_up(k·n_visual/G)``
     where ``G`` is the grid (``v_ref``, default the widest sample ``V``);
     ``lost_cross`` = mass of ``cross[s, l] / sum(cross[s, l])`` on the dropped tokens, likewise
-    ``lost_self``; ``D_s = ½·(−log max(1 − lost_cross, 1e-6) − log max(1 − lost_self, 1e-6))``.
+    ``lost_self``; ``D_s = ½·(−log max(1 − lost_cross, 1e-6) − log max(1 − lost_self, 1e-6))``
+    (text-only statistics: ``D_s = −log max(1 − lost_cross, 1e-6)``).
 
     Args:
         stats: calibration statistics.
@@ -206,7 +211,7 @@ def divergence_table(
         order = order_best_first(key)  # best first; ties: the later position (the runtime's rule)
         index = np.broadcast_to(ks[:, None, :], (S, n, grid + 1))
         total = np.zeros((S, n, grid + 1), dtype=np.float64)
-        for values in (stats.cross, stats.self_attn):
+        for values in stats.distributions:
             p = np.where(valid, _normalised(values[:, start:stop]), 0.0)
             p_sorted = np.take_along_axis(p, order, axis=-1)
             # lost(k) = mass of ranks k..V-1: a reverse cumulative sum, exactly 0 at k = V.
@@ -214,7 +219,7 @@ def divergence_table(
             lost[..., :V] = np.cumsum(p_sorted[..., ::-1], axis=-1)[..., ::-1]
             lost_at_k = np.take_along_axis(lost, index, axis=-1)
             total += -np.log(np.maximum(1.0 - lost_at_k, _MIN_KEPT))
-        table[start:stop] = 0.5 * np.mean(total, axis=0)
+        table[start:stop] = np.mean(total, axis=0) / len(stats.distributions)
     return table
 
 
@@ -222,11 +227,11 @@ def _pre_dropped_divergence(stats: Statistics, alive: np.ndarray, n_visual: np.n
     """Mean layer-0 divergence of dropping the non-``alive`` tokens before the language model."""
     valid = np.arange(stats.cross.shape[2])[None, :] < n_visual[:, None]
     total = np.zeros(stats.cross.shape[0], dtype=np.float64)
-    for values in (stats.cross, stats.self_attn):
+    for values in stats.distributions:
         p = np.where(valid, _normalised(values[:, 0]), 0.0)
         lost = np.sum(np.where(alive, 0.0, p), axis=-1)
         total += -np.log(np.maximum(1.0 - lost, _MIN_KEPT))
-    return float(0.5 * np.mean(total))
+    return float(np.mean(total) / len(stats.distributions))
 
 
 def schedule_objective(table: Any, keep_counts: Any) -> float:
@@ -331,7 +336,8 @@ def kept_set_divergence(stats: Statistics, alive: np.ndarray) -> np.ndarray:
 
     ``D_s,l = ½·(−log max(1 − lost_cross, 1e-6) − log max(1 − lost_self, 1e-6))`` where ``lost``
     is the mass of layer ``l``'s normalised ``cross`` (``self_attn``) on the tokens not alive, the
-    definition :func:`divergence_table` uses for a top-k set.
+    definition :func:`divergence_table` uses for a top-k set (text-only statistics: the ``cross``
+    term alone).
 
     Args:
         stats: calibration statistics.
@@ -353,11 +359,11 @@ def kept_set_divergence(stats: Statistics, alive: np.ndarray) -> np.ndarray:
         raise ValueError(f"alive must be a bool [S, L, V] = {(S, L, V)} array, got {alive.shape}")
     valid = (np.arange(V)[None, :] < np.asarray(stats.n_visual)[:, None])[:, None, :]
     total = np.zeros((S, L), dtype=np.float64)
-    for values in (stats.cross, stats.self_attn):
+    for values in stats.distributions:
         p = np.where(valid, _normalised(values), 0.0)
         lost = np.sum(np.where(alive, 0.0, p), axis=-1)
         total += -np.log(np.maximum(1.0 - lost, _MIN_KEPT))
-    return 0.5 * np.mean(total, axis=0)
+    return np.mean(total, axis=0) / len(stats.distributions)
 
 
 def nested_divergence(

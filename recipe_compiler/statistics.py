@@ -25,7 +25,8 @@ class Statistics:
         cross: float32 [S, L, V]. Mean over text queries (every real token after the last visual
             token) of ``A[q, j]``.
         self_attn: float32 [S, L, V]. Sum over visual queries of ``A[q, j]``, divided by the
-            sample's visual-token count.
+            sample's visual-token count; None in text-only statistics (collected with
+            ``rows="text"`` for the ``text`` objective: no visual query row is computed).
         last: float32 [S, L, V]. ``A[last prompt token, j]`` (the FastV / PyramidDrop row).
         n_visual: int64 [S]. Visual tokens of each sample.
         n_text: int64 [S]. Text tokens after the image (the queries averaged into ``cross``).
@@ -48,7 +49,7 @@ class Statistics:
     """
 
     cross: np.ndarray
-    self_attn: np.ndarray
+    self_attn: np.ndarray | None
     last: np.ndarray
     n_visual: np.ndarray
     n_text: np.ndarray
@@ -93,10 +94,29 @@ class Statistics:
     @property
     def w_self(self) -> np.ndarray:
         """Sum of ``self_attn`` over each sample's visual tokens, float64 [S, L]."""
+        if self.self_attn is None:
+            raise ValueError("these statistics are text-only (no visual query rows); FitPrune's rule needs them")
         return np.nansum(self.self_attn.astype(np.float64), axis=-1)
 
+    @property
+    def text_only(self) -> bool:
+        """Whether the statistics hold only the text and last-token rows (no ``self_attn``)."""
+        return self.self_attn is None
 
-_ARRAYS = ("cross", "self_attn", "last", "n_visual", "n_text", "n_tokens")
+    @property
+    def distributions(self) -> tuple:
+        """The attention distributions over the visual tokens whose lost mass the divergence averages:
+        ``(cross, self_attn)``, or ``(cross,)`` for text-only statistics."""
+        return (self.cross,) if self.self_attn is None else (self.cross, self.self_attn)
+
+    def text_rows_only(self) -> "Statistics":
+        """The same statistics without the visual rows (what a text-only pass would have collected)."""
+        from dataclasses import replace
+
+        return replace(self, self_attn=None)
+
+
+_ARRAYS = ("cross", "last", "n_visual", "n_text", "n_tokens")  # and self_attn unless text-only
 _STATS_SCHEMA = "recipe_compiler.statistics/1"
 # Each pre-LLM stage's recorded scores (its ``statistic``), then each token's view and grid row.
 PRELLM_SCORES = (*dict.fromkeys(stage.statistic for stage in STAGES.values()), "view", "grid_row")
@@ -129,6 +149,8 @@ def save_statistics(stats: Statistics, path) -> None:
         "prellm_params": stats.prellm_params,
     }
     arrays = {name: np.ascontiguousarray(getattr(stats, name)) for name in _ARRAYS}
+    if stats.self_attn is not None:
+        arrays["self_attn"] = np.ascontiguousarray(stats.self_attn)
     arrays.update({f"prellm_{name}": np.ascontiguousarray(value) for name, value in stats.prellm.items()})
     if stats.n_before is not None:
         arrays["n_before"] = np.ascontiguousarray(stats.n_before, dtype=np.int64)
@@ -170,7 +192,7 @@ def load_statistics(path) -> Statistics:
     if metadata.get("schema") != _STATS_SCHEMA or any(name not in arrays for name in _ARRAYS):
         raise StatisticsError(f"{path} is not a recipe-compiler statistics file (schema {metadata.get('schema')!r})")
     s, l, v = arrays["cross"].shape if arrays["cross"].ndim == 3 else (0, 0, 0)
-    if s == 0 or any(arrays[n].shape != (s, l, v) for n in ("self_attn", "last")) or any(arrays[n].shape != (s,) for n in ("n_visual", "n_text", "n_tokens")):
+    if s == 0 or any(arrays[n].shape != (s, l, v) for n in ("self_attn", "last") if n in arrays) or any(arrays[n].shape != (s,) for n in ("n_visual", "n_text", "n_tokens")):
         raise StatisticsError(f"{path} has inconsistent array shapes; recollect the statistics")
     prellm = {name: arrays[f"prellm_{name}"] for name in PRELLM_SCORES if f"prellm_{name}" in arrays}
     if any(value.shape != (s, v) for value in prellm.values()):
@@ -179,6 +201,7 @@ def load_statistics(path) -> Statistics:
         raise StatisticsError(f"{path} has an inconsistent n_before shape; recollect the statistics")
     return Statistics(
         **{name: arrays[name] for name in _ARRAYS},
+        self_attn=arrays.get("self_attn"),
         n_before=arrays.get("n_before"),
         prellm=prellm,
         prellm_params=metadata.get("prellm_params", ""),

@@ -69,6 +69,9 @@ class Search:
         params: a peer method's settings (``--search-param NAME=VALUE``): name → :class:`Param`.
         example: a peer method's paper-default schedule, ``example(num_layers, v_ref) -> keep``
             (budget-free; the production matrix runs it).
+        needs_visual_rows: whether it reads the visual query rows' statistics (``self_attn``)
+            itself, beyond the divergence (FitPrune's rule weighs both distributions), so it cannot
+            run on text-only statistics.
     """
 
     name: str
@@ -80,6 +83,7 @@ class Search:
     scorer: str | None = None
     params: dict = field(default_factory=dict)
     example: Callable | None = None
+    needs_visual_rows: bool = False
 
     @property
     def in_the_loop(self) -> bool:

@@ -213,7 +213,7 @@ BISECTION_TOL = 0.01
 EVALUATIONS = 7  # alpha bisections at BISECTION_TOL: ceil(log2(1 / 0.01))
 
 
-@register_search("fitprune", in_the_loop=True, title="FitPrune", passes=EVALUATIONS)
+@register_search("fitprune", in_the_loop=True, title="FitPrune", passes=EVALUATIONS, needs_visual_rows=True)
 def run_fitprune(model: torch.nn.Module, processor: Any, calibration: CalibrationSet, stats: Statistics, shape: LMShape,
                  budget: float, v_ref: int, *, progress: Callable[[int], None] | None = None, pre_llm: dict | None = None,
                  scorer: str = "fitprune", **common: Any) -> tuple[np.ndarray, dict, dict]:

@@ -67,6 +67,9 @@ class Scorer:
     input_offsets: tuple = ()
     """Layers, relative to each pruning layer (0: the pruning layer itself, −1: the probed one),
     whose inputs :meth:`on_layer_input` receives."""
+    needs_visual_rows = False
+    """Whether :meth:`from_statistics` reads ``self_attn`` (the visual query rows), which text-only
+    calibration statistics do not hold."""
 
     def unsupported_reason(self, model) -> str | None:
         """Why this scorer cannot run on ``model`` (one line naming the missing part), or None."""

@@ -14,6 +14,7 @@ from .base import Scorer, register_scorer
 @register_scorer("fitprune")
 class FitPrune(Scorer):
     probe_groups = 2  # text rows, visual rows
+    needs_visual_rows = True
 
     def probe_first_row(self, n_tokens, n_visual, n_before, n_text):
         # From the first visual row to the last text row: the span holds every row after the

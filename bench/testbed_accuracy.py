@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -29,11 +30,13 @@ def main(argv=None) -> int:
     parser.add_argument("--heldout-seed", type=int, default=2)
     parser.add_argument("--calib-seed", type=int, default=3)
     parser.add_argument("--calib-scenes", type=int, default=4)
-    parser.add_argument("--budgets", default="0.6,0.45,0.3,0.2")
+    parser.add_argument("--budgets", default="0.6,0.45,0.3,0.2,64-tokens",
+                        help="comma-separated budgets; 64-tokens: the FLOPs of 64 visual tokens through every layer")
     parser.add_argument("--searches", default="optimal,gsearch,psigmoid,fitprune")
     parser.add_argument("--stages", default="g-prune,fopru-rank,fopru-row,random")
     parser.add_argument("--no-cls-inflection", action="store_true")
     parser.add_argument("--no-random-scorer", action="store_true")
+    parser.add_argument("--no-text-objective", action="store_true")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-reference", action="store_true", help="skip keep-all and no-image (a second shard)")
     parser.add_argument("--merge", nargs="+", help="merge shard JSON files into --out (and plot) instead of measuring")
@@ -49,7 +52,7 @@ def main(argv=None) -> int:
     from recipe_compiler.models import load_model
     from recipe_compiler.testbed.make import write_dataset
     from recipe_compiler.testbed.table import (
-        build_entries, measure, measure_without_image, plot_table, prepare_batches, unpruned_reference,
+        TEXT_OBJECTIVE, build_entries, measure, measure_without_image, plot_table, prepare_batches, unpruned_reference,
     )
 
     t_all = time.perf_counter()
@@ -62,10 +65,10 @@ def main(argv=None) -> int:
     calib = load_calibration(str(work / "calib"))
     loaded = load_model("testbed-llava")
     log(f"{loaded.source}; {len(heldout)} held-out questions (seed {args.heldout_seed}), {len(calib)} calibration (seed {args.calib_seed})")
-    budgets = [float(b) for b in args.budgets.split(",") if b]
+    budgets = [float(b) if b != "64-tokens" else sixty_four_token_budget(loaded, calib) for b in args.budgets.split(",") if b]
     entries = build_entries(loaded, calib, budgets, log=log, searches=[s for s in args.searches.split(",") if s],
                             stages=[s for s in args.stages.split(",") if s], cls_inflection=not args.no_cls_inflection,
-                            random_scorer=not args.no_random_scorer)
+                            random_scorer=not args.no_random_scorer, text_objective=not args.no_text_objective)
     batches = prepare_batches(loaded, heldout.samples, args.batch_size)
     t0 = time.perf_counter()
     refs = unpruned_reference(loaded.model, batches)
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
     else:
         entries = [e for e in entries if e.budget is not None]
     # The lines that matter most first, so an interrupted run still has them at every budget.
-    priority = ["keep-all", "optimal", "random", "fitprune", "random (in-LLM)", "gsearch", "psigmoid", "g-prune",
+    priority = ["keep-all", "optimal", "random", "fitprune", "random (in-LLM)", TEXT_OBJECTIVE, "gsearch", "psigmoid", "g-prune",
                 "fopru-rank", "fopru-row", "cls-inflection", "divprune", "visionzip", "vtc-cls", "prumerge-plus"]
     entries.sort(key=lambda e: priority.index(e.method) if e.method in priority else len(priority))
     for entry in entries:
@@ -102,6 +105,23 @@ def main(argv=None) -> int:
     plot_table(table, out.with_suffix(".png"))
     log(f"wrote {out} and {out.with_suffix('.png')} in {time.perf_counter() - t_all:.0f}s")
     return 0
+
+
+def sixty_four_token_budget(loaded, calibration) -> float:
+    """The FLOPs fraction of keeping 64 visual tokens through every layer on ``calibration`` (the
+    "64 tokens" point of the papers), rounded down to 4 decimals so a 64-token stage meets it."""
+    import numpy as np
+
+    from recipe_compiler.collect import model_inputs
+    from recipe_compiler.families import lm_shape
+    from recipe_compiler.flops import layer_flops
+
+    shape = lm_shape(loaded.model)
+    inputs = model_inputs(loaded.model, loaded.processor, calibration.samples, loaded.format_prompt)
+    visual = (inputs["input_ids"] == loaded.model.config.image_token_id).sum(1).numpy()
+    other = inputs["attention_mask"].sum(1).numpy() - visual
+    fraction = float(np.mean(layer_flops(shape, other + 64)) / np.mean(layer_flops(shape, other + visual)))
+    return math.floor(fraction * 1e4) / 1e4
 
 
 def merge(paths, out: Path) -> int:

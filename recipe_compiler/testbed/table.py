@@ -7,8 +7,8 @@ KL and top-1 agreement against the unpruned prefill, which is run once and share
 
 Recipes (per budget): the four searches (``optimal``, ``gsearch``, ``psigmoid``, ``fitprune``; scorer
 fitprune), every fixed-ratio pre-LLM stage alone at the ratio whose FLOPs meet the budget (no in-LLM
-pruning; ``random`` is the chance baseline), ``cls-inflection`` as compiled, and the ``random`` in-LLM
-scorer with the optimal schedule. Plus keep-all and the image removed (every visual token dropped
+pruning; ``random`` is the chance baseline), ``cls-inflection`` as compiled, the ``random`` in-LLM
+scorer with the optimal schedule, and the optimal search on the ``text`` objective (text-mean scorer). Plus keep-all and the image removed (every visual token dropped
 on entry to layer 0).
 
 Example:
@@ -25,6 +25,7 @@ import numpy as np
 
 SEARCH_NAMES = ("optimal", "gsearch", "psigmoid", "fitprune")
 PURE_STAGES = ("g-prune", "fopru-rank", "fopru-row", "random")
+TEXT_OBJECTIVE = "optimal · text objective"  # the optimal search on the text term alone, text-mean scorer
 
 
 @dataclass
@@ -52,7 +53,7 @@ def stage_ratio_for_budget(shape: Any, n_other: np.ndarray, v: int, budget: floa
 
 def build_entries(loaded: Any, calibration: Any, budgets: Sequence[float], *, log: Callable[[str], None] = print,
                   searches: Sequence[str] = SEARCH_NAMES, stages: Sequence[str] = PURE_STAGES,
-                  cls_inflection: bool = True, random_scorer: bool = True) -> list[Entry]:
+                  cls_inflection: bool = True, random_scorer: bool = True, text_objective: bool = True) -> list[Entry]:
     """Compile (or construct) every recipe of the table on ``calibration``."""
     from runtime import Recipe
     from runtime.families import family_for, model_fingerprint
@@ -98,6 +99,8 @@ def build_entries(loaded: Any, calibration: Any, budgets: Sequence[float], *, lo
             compiled("cls-inflection", budget, pre_llm="cls-inflection")
         if random_scorer:
             compiled("random (in-LLM)", budget, scorer="random")
+        if text_objective:
+            compiled(TEXT_OBJECTIVE, budget, objective="text", scorer="text-mean")
     return entries
 
 

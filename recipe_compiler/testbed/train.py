@@ -198,25 +198,38 @@ def object_loss_of(obj_head, feats, weights, targets):
     return total, accs
 
 
-def evidence_patches(scene) -> "list[np.ndarray]":
-    """Per question of ``scene`` (in order), bool ``[256]``: the patches holding its evidence — those
-    of the objects whose colour or shape the prompt names, or the digit tile for the digit question
-    (empty where nothing in the picture matches: a ``zero`` count, an absent pair)."""
+EVIDENCE_RULES = ("object", "union")
+
+
+def evidence_patches(scene, rule: str = "object") -> "list[np.ndarray]":
+    """Per question of ``scene`` (in order), bool ``[256]``: the patches holding its evidence.
+
+    The digit question: the digit tile. A question naming a colour or a shape: the patches of that
+    colour or shape; an ``exists`` question naming both: with ``rule="object"`` the patches of an
+    object of that colour *and* shape (none when the answer is no), with ``rule="union"`` those of
+    either. Empty where nothing in the picture matches (a ``zero`` count, an absent pair).
+    """
     import numpy as np
 
     lab = scene.patch_labels
     out = []
     for q in scene.questions:
         words = set(q.prompt.split())
-        hit = np.zeros(lab.shape[1], dtype=bool)
-        if q.qtype == "digit":
-            hit |= lab[2] > 0
+        colour = np.zeros(lab.shape[1], dtype=bool)
+        shape = np.zeros(lab.shape[1], dtype=bool)
         for k, c in enumerate(COLOUR_NAMES):
             if c in words:
-                hit |= lab[0] == k + 1
+                colour |= lab[0] == k + 1
         for k, sh in enumerate(SHAPES):
             if sh in words:
-                hit |= lab[1] == k + 1
+                shape |= lab[1] == k + 1
+        named_colour, named_shape = any(c in words for c in COLOUR_NAMES), any(sh in words for sh in SHAPES)
+        if q.qtype == "digit":
+            hit = lab[2] > 0
+        elif named_colour and named_shape and rule == "object":
+            hit = colour & shape
+        else:
+            hit = colour | shape
         out.append(hit)
     return out
 
@@ -337,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrieval-layer", type=int, default=1, help="... at this LM layer ...")
     parser.add_argument("--retrieval-minutes", type=float, default=0.0,
                         help="... for this many stage-2 minutes (then off, so the attention is the model's own)")
+    parser.add_argument("--evidence", choices=EVIDENCE_RULES, default="object",
+                        help="evidence of an exists question: the patches of an object of both the colour and the shape "
+                             "(object) or of either (union)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-scenes", type=int, default=100)
     parser.add_argument("--eval-every", type=float, default=5.0, help="minutes between held-out evaluations")
@@ -396,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(state["opt"])
         step, elapsed, best = state["step"], state["elapsed"], state.get("best", -1.0)
         stage_step = state.get("stage_step", step)
-        _log(log, {"event": "resume", "step": step, "stage": stage, "elapsed_s": round(elapsed, 1)})
+        _log(log, {"event": "resume", "step": step, "stage": stage, "elapsed_s": round(elapsed, 1), "args": vars(args)})
     else:
         _log(log, {"event": "start", "config": CONFIG, "args": vars(args),
                    "params": sum(p.numel() for p in model.parameters())})
@@ -495,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         ignore_index=-100)
             loss = lm_loss + args.penalty * penalty + args.aux * aux_loss
             if probe is not None:
-                evidence = torch.from_numpy(np.stack([e for sc in scenes for e in evidence_patches(sc)]))
+                evidence = torch.from_numpy(np.stack([e for sc in scenes for e in evidence_patches(sc, args.evidence)]))
                 rows = torch.tensor([(b, pos) for b, pos, _ in packed["answer_pos"]])
                 has = evidence.any(1)
                 mass = probe.mass(rows[has, 0], rows[has, 1], evidence[has], PREFIX_TEXT_IDS_LEN)

@@ -77,14 +77,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a shared CPU")
-    parser.add_argument("--scorer", help="the recipes' run-time scorer (default: fitprune, the compiler's)")
+    parser.add_argument("--search", default="optimal", help="the recipes' search (a peer method's, e.g. dart, brings its scorer)")
+    parser.add_argument("--scorer", help="the recipes' run-time scorer (default: the search's, else fitprune)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_avg_start = load_average()
 
-    head_reduce = CompileConfig(1.0, scorer=args.scorer).head_reduce
+    config = CompileConfig(1.0, search=args.search, scorer=args.scorer)
+    head_reduce = config.head_reduce
     loaded, calibration, statistics, inputs = prepare(args.model, args.samples, args.batch, args.device, args.dtype, head_reduce)
     model = loaded.model
 
@@ -112,13 +114,13 @@ def main() -> None:
     for budget in [float(b) for b in args.budgets.split(",")]:
         requested = budget
         try:
-            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget, scorer=args.scorer), format_prompt=loaded.format_prompt, statistics=statistics)
+            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget, search=args.search, scorer=args.scorer), format_prompt=loaded.format_prompt, statistics=statistics)
         except BudgetError as exc:
             # The model's prompts are mostly text (a tiny family's image layout): time the nearest schedule that
             # still keeps some visual tokens instead, and say so in the row.
             budget = round(math.ceil(exc.smallest_budget * 100) / 100 + 0.02, 2)
             print(f"{exc}; timing budget {budget} instead", flush=True)
-            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget, scorer=args.scorer), format_prompt=loaded.format_prompt, statistics=statistics)
+            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget, search=args.search, scorer=args.scorer), format_prompt=loaded.format_prompt, statistics=statistics)
         recipe, fraction = compiled.recipe, compiled.verification.flops_fraction
         handles = []
         apply, remove = (lambda: handles.append(recipe.apply(model))), (lambda: handles.pop().remove())
@@ -130,7 +132,8 @@ def main() -> None:
             schedule, pruned_out = capture_schedule(model, recipe, inputs)
             with oracle_language_model(model, schedule), torch.no_grad():
                 oracle_out = model(**inputs, use_cache=True, logits_to_keep=1)
-            lengths = lambda out: [layer.keys.shape[2] for layer in out.past_key_values.layers]  # noqa: E731
+            # Attention layers' cache lengths (a linear-attention layer holds fixed-size states, no keys).
+            lengths = lambda out: [layer.keys.shape[2] for layer in out.past_key_values.layers if getattr(layer, "keys", None) is not None]  # noqa: E731
             if lengths(oracle_out) != lengths(pruned_out):
                 raise RuntimeError(f"oracle cache lengths {lengths(oracle_out)} differ from the pruned run's {lengths(pruned_out)}")
             row["oracle_max_abs_logit_diff"] = float((oracle_out.logits - pruned_out.logits).abs().max())
@@ -215,7 +218,8 @@ def main() -> None:
                   "random_weights": True, "dtype": args.dtype, "device": args.device},
         "prompt_tokens": int(inputs["attention_mask"].sum(1).max()),
         "batch": args.batch,
-        "scorer": args.scorer or "fitprune",
+        "search": args.search,
+        "scorer": config.scorer,
         "calibration_samples": args.samples,
         "decode_tokens": d,
         "unpruned": {"kv_bytes": unpruned_kv, "vision_encoder_ms": round(vision_ms, 2)},

@@ -23,6 +23,12 @@ The recipe (see issue 11):
   ``--hide-bg-ramp``) the question blocks do not see background patches, so a question chooses among
   the ~20-40 object and tile tokens instead of 256; without it the LM stayed at the answer priors
   for 1,600 stage-2 steps although the features carried every attribute;
+* a retrieval curriculum (``--retrieval``, weight 0.5, for the first ``--retrieval-minutes`` of stage 2,
+  then off): the answer row's head-mean attention at LM layer ``--retrieval-layer`` (1) is pulled onto the
+  question's evidence patches (:func:`evidence_patches`: the patches of the colour or shape the prompt names,
+  the digit tile), loss ``-log(evidence mass)``. Without it the LM read only colour and digit (51.5 % after
+  80 minutes); with it the shipped run reached 80 % on the logged held-out seed after 48 stage-2 minutes;
+  after the loss is switched off the model's attention is its own;
 * a curriculum within each stage (plain backgrounds, few objects, bigger digit tiles first; difficulty
   ramps to 1 over the first 30 % of the stage); learning rate: warm-up, constant, then a linear decay
   to 5 % over the last ``--decay`` of stage 2.
@@ -326,8 +332,8 @@ def aux_loss_of(aux_head, feats, targets):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipe_compiler.testbed.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/testbed", help="run directory (checkpoints, log)")
-    parser.add_argument("--minutes", type=float, default=80.0, help="total training time budget (both stages)")
-    parser.add_argument("--stage1-minutes", type=float, default=22.0,
+    parser.add_argument("--minutes", type=float, default=68.0, help="total training time budget (both stages)")
+    parser.add_argument("--stage1-minutes", type=float, default=20.0,
                         help="stage 1: vision tower + projector + aux head only (no LM forward)")
     parser.add_argument("--batch1", type=int, default=16, help="images per step in stage 1")
     parser.add_argument("--batch", type=int, default=4, help="images per step in stage 2")
@@ -341,16 +347,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight of the pooled object-level auxiliary loss (OBJECT_HEADS), relative to the per-patch one")
     parser.add_argument("--pos-scale", type=float, default=1.0,
                         help="initial vision position table: 2D sine-cosine times this (0: CLIP's default normal init)")
-    parser.add_argument("--hide-bg-minutes", type=float, default=35.5,
+    parser.add_argument("--hide-bg-minutes", type=float, default=10.0,
                         help="stage 2 minutes during which question blocks do not see background patches ...")
-    parser.add_argument("--hide-bg-ramp", type=float, default=8.0,
+    parser.add_argument("--hide-bg-ramp", type=float, default=5.0,
                         help="... fading out over the last this many of them (each background patch hidden with falling probability)")
-    parser.add_argument("--retrieval", type=float, default=0.0,
+    parser.add_argument("--retrieval", type=float, default=0.5,
                         help="weight of the retrieval loss -log(evidence mass) of the answer rows' head-mean attention ...")
     parser.add_argument("--retrieval-layer", type=int, default=1, help="... at this LM layer ...")
-    parser.add_argument("--retrieval-minutes", type=float, default=0.0,
+    parser.add_argument("--retrieval-minutes", type=float, default=32.0,
                         help="... for this many stage-2 minutes (then off, so the attention is the model's own)")
-    parser.add_argument("--evidence", choices=EVIDENCE_RULES, default="object",
+    parser.add_argument("--evidence", choices=EVIDENCE_RULES, default="union",
                         help="evidence of an exists question: the patches of an object of both the colour and the shape "
                              "(object) or of either (union)")
     parser.add_argument("--seed", type=int, default=0)

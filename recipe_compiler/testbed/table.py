@@ -67,16 +67,26 @@ def build_entries(loaded: Any, calibration: Any, budgets: Sequence[float], *, lo
     fp = model_fingerprint(model)
     v, layers = int(fp["visual_tokens"]), int(fp["num_layers"])
     shape = lm_shape(model)
-    started = time.perf_counter()
-    stats = collect_statistics(model, processor, calibration, format_prompt=loaded.format_prompt)
-    log(f"calibration statistics on {len(calibration)} samples: {time.perf_counter() - started:.1f}s")
+    by_reduction: dict = {}
+
+    def statistics_for(head_reduce: str):
+        # One calibration pass per head reduction (FitPrune's max; the peers' mean), shared by every recipe.
+        if head_reduce not in by_reduction:
+            started = time.perf_counter()
+            by_reduction[head_reduce] = collect_statistics(model, processor, calibration, format_prompt=loaded.format_prompt,
+                                                           head_reduce=head_reduce)
+            log(f"calibration statistics ({head_reduce} over heads) on {len(calibration)} samples: {time.perf_counter() - started:.1f}s")
+        return by_reduction[head_reduce]
+
+    stats = statistics_for("max")
     entries = [Entry("keep-all", None, Recipe.keep_all(fp))]
 
     def compiled(method: str, budget: float, **kw) -> None:
         t0 = time.perf_counter()
         try:
-            result = compile_recipe(model, processor, calibration, CompileConfig(budget=budget, **kw),
-                                    format_prompt=loaded.format_prompt, statistics=stats)
+            config = CompileConfig(budget=budget, **kw)
+            result = compile_recipe(model, processor, calibration, config, format_prompt=loaded.format_prompt,
+                                    statistics=statistics_for(config.head_reduce))
         except Exception as exc:  # noqa: BLE001 - a method that cannot meet a budget is reported, not fatal
             log(f"  {method} @ {budget}: not compiled ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
             return

@@ -205,7 +205,8 @@ def plot_table(table: dict, path: Any) -> None:
     import matplotlib.pyplot as plt
 
     rows = table["rows"]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # about twenty lines: ten colours would repeat
     ref = {r["method"]: r for r in rows if r["budget"] is None}
     for name, style in (("keep-all", "-"), ("no image", ":")):
         if name in ref:

@@ -67,12 +67,9 @@ def tensor_peak_bytes(fn, device: str) -> int:
     does not depend on how the C allocator keeps or returns freed blocks.
     """
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = _peak_reset(device)
         fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return _peak_bytes(device, base)
     import json
 
     with torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:

@@ -85,7 +85,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_avg_start = load_average()
 
-    config = CompileConfig(1.0, search=args.search, scorer=args.scorer)
+    config_at = lambda budget: CompileConfig(budget, search=args.search, scorer=args.scorer)  # noqa: E731
+    config = config_at(1.0)
     head_reduce = config.head_reduce
     loaded, calibration, statistics, inputs = prepare(args.model, args.samples, args.batch, args.device, args.dtype, head_reduce)
     model = loaded.model
@@ -114,13 +115,13 @@ def main() -> None:
     for budget in [float(b) for b in args.budgets.split(",")]:
         requested = budget
         try:
-            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget, search=args.search, scorer=args.scorer), format_prompt=loaded.format_prompt, statistics=statistics)
+            compiled = compile_recipe(model, loaded.processor, calibration, config_at(budget), format_prompt=loaded.format_prompt, statistics=statistics)
         except BudgetError as exc:
             # The model's prompts are mostly text (a tiny family's image layout): time the nearest schedule that
             # still keeps some visual tokens instead, and say so in the row.
             budget = round(math.ceil(exc.smallest_budget * 100) / 100 + 0.02, 2)
             print(f"{exc}; timing budget {budget} instead", flush=True)
-            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget, search=args.search, scorer=args.scorer), format_prompt=loaded.format_prompt, statistics=statistics)
+            compiled = compile_recipe(model, loaded.processor, calibration, config_at(budget), format_prompt=loaded.format_prompt, statistics=statistics)
         recipe, fraction = compiled.recipe, compiled.verification.flops_fraction
         handles = []
         apply, remove = (lambda: handles.append(recipe.apply(model))), (lambda: handles.pop().remove())

@@ -304,7 +304,8 @@ def model_inputs(model: torch.nn.Module, processor: Any, batch: Sequence, format
 def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp: str, visual_rows: bool = True) -> Statistics:
     samples, layers = len(rows), len(rows[0]["cross"])
     width = max(r["n_visual"] for r in rows)
-    arrays = {name: np.full((samples, layers, width), np.nan, dtype=np.float32) for name in ("cross", "self", "last")}
+    names = ("cross", "self", "last") if visual_rows else ("cross", "last")
+    arrays = {name: np.full((samples, layers, width), np.nan, dtype=np.float32) for name in names}
     for s, row in enumerate(rows):
         for name in arrays:
             for layer, values in enumerate(row[name]):
@@ -319,7 +320,7 @@ def _assemble(rows: list[dict], head_reduce: str, model_fp: str, calibration_fp:
     return Statistics(
         prellm=prellm,
         cross=arrays["cross"],
-        self_attn=arrays["self"] if visual_rows else None,
+        self_attn=arrays.get("self"),
         last=arrays["last"],
         n_visual=np.array([r["n_visual"] for r in rows], dtype=np.int64),
         n_text=np.array([r["n_text"] for r in rows], dtype=np.int64),

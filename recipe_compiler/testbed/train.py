@@ -259,6 +259,7 @@ class AnswerAttention:
     def mass(self, rows_b, rows_pos, evidence, image_start: int):
         """Evidence mass ``[N]`` of the ``N`` answer rows ``(rows_b, rows_pos)``; ``evidence`` bool ``[N, 256]``."""
         import torch
+        from transformers.models.llama.modeling_llama import rotate_half
 
         hidden, (cos, sin), mask = self.seen["hidden"], self.seen["rope"], self.seen["mask"]
         a = self.attn
@@ -266,8 +267,8 @@ class AnswerAttention:
         q = a.q_proj(hidden[rows_b, rows_pos]).view(len(rows_b), -1, a.head_dim)  # [N, H, hd]
         k = a.k_proj(hidden).view(B, L, -1, a.head_dim).transpose(1, 2)  # [B, KV, L, hd]
         q_cos, q_sin = cos[rows_b, rows_pos][:, None], sin[rows_b, rows_pos][:, None]
-        q = q * q_cos + _rotate_half(q) * q_sin
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        q = q * q_cos + rotate_half(q) * q_sin
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         k = k[rows_b].repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [N, H, L, hd]
         scores = torch.einsum("nhd,nhld->nhl", q, k) * a.scaling
         allowed = mask[rows_b, 0, rows_pos] if mask.dtype == torch.bool else mask[rows_b, 0, rows_pos] > -1
@@ -277,13 +278,6 @@ class AnswerAttention:
 
     def remove(self) -> None:
         self.handle.remove()
-
-
-def _rotate_half(x):
-    import torch
-
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def sincos_position_table(model, scale: float) -> None:

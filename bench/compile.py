@@ -181,14 +181,17 @@ def main() -> None:
     stages["calibrate"] = time.perf_counter() - start
 
     searches = {}
-    variants = {"optimal": {"search": "optimal"}, "fitprune": {"search": "fitprune"},
-                "optimal, text objective, text-mean": {"search": "optimal", "objective": "text", "scorer": "text-mean"}}
+    variants = {"optimal": {"search": "optimal", "pre_llm": "none"}, "fitprune": {"search": "fitprune"},
+                "optimal, text objective, text-mean": {"search": "optimal", "objective": "text", "scorer": "text-mean", "pre_llm": "none"},
+                "default (pre-llm auto)": {}}
     for search, options in variants.items():
         result = compile_recipe(model, processor, calibration, CompileConfig(args.budget, batch_size=args.batch_size, **options),
                                 format_prompt=loaded.format_prompt, statistics=stats)
         searches[search] = {
             "search_s": round(result.timings["search"], 4),
             "verify_s": round(result.timings["verify"], 4),
+            **({"select_s": round(result.timings["select"], 4)} if "select" in result.timings else {}),
+            "pre_llm": result.recipe.pre_llm.get("method"),
             "flops_fraction": round(result.verification.flops_fraction, 6),
             "divergence": round(result.divergence, 6),
             "kl": round(result.verification.kl, 6),

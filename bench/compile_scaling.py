@@ -54,7 +54,7 @@ def main() -> None:
                 model(**model_inputs(model, loaded.processor, batch, loaded.format_prompt), use_cache=False)
         plain_s = time.perf_counter() - start
 
-        result = compile_recipe(model, loaded.processor, calibration, CompileConfig(args.budget, batch_size=args.batch_size),
+        result = compile_recipe(model, loaded.processor, calibration, CompileConfig(args.budget, batch_size=args.batch_size, pre_llm="none"),
                                 format_prompt=loaded.format_prompt)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:

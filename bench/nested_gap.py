@@ -48,7 +48,7 @@ def main() -> None:
             for scorer in ("fitprune", "text-mean", "last-token"):
                 for search in ("optimal", "gsearch", "psigmoid"):
                     started = time.perf_counter()
-                    config = CompileConfig(budget=budget, scorer=scorer, search=search)
+                    config = CompileConfig(budget=budget, scorer=scorer, search=search, pre_llm="none")
                     try:
                         result = compile_recipe(loaded.model, loaded.processor, calibration, config,
                                                 format_prompt=loaded.format_prompt, statistics=collected.get(config.head_reduce))

@@ -55,7 +55,7 @@ def main() -> None:
     results = []
     for budget in [float(b) for b in args.budgets.split(",")]:
         try:
-            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt, statistics=stats)
+            compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget, pre_llm="none"), format_prompt=loaded.format_prompt, statistics=stats)
         except BudgetError as error:  # e.g. few visual tokens next to long byte-level prompts
             results.append({"budget": budget, "infeasible": str(error)})
             continue

@@ -79,13 +79,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 is steadier on a shared CPU")
     parser.add_argument("--search", default="optimal", help="the recipes' search (a peer method's, e.g. dart, brings its scorer)")
     parser.add_argument("--scorer", help="the recipes' run-time scorer (default: the search's, else fitprune)")
+    parser.add_argument("--pre-llm", default="none", help="the recipes' pre-LLM stage (default none: the in-LLM schedule alone)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_avg_start = load_average()
 
-    config_at = lambda budget: CompileConfig(budget, search=args.search, scorer=args.scorer)  # noqa: E731
+    # The in-LLM runtime against its oracle: no pre-LLM stage unless asked (--pre-llm; the default compile's auto may pick one).
+    config_at = lambda budget: CompileConfig(budget, search=args.search, scorer=args.scorer, pre_llm=args.pre_llm)  # noqa: E731
     config = config_at(1.0)
     head_reduce = config.head_reduce
     loaded, calibration, statistics, inputs = prepare(args.model, args.samples, args.batch, args.device, args.dtype, head_reduce)

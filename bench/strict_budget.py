@@ -70,7 +70,7 @@ def main() -> None:
     prompts = held_out()
     rows, stats = [], None
     for budget in [float(b) for b in args.budgets.split(",")]:
-        compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget), format_prompt=loaded.format_prompt,
+        compiled = compile_recipe(model, loaded.processor, calibration, CompileConfig(budget, pre_llm="none"), format_prompt=loaded.format_prompt,
                                   statistics=stats)
         stats, recipe = compiled.statistics, compiled.recipe
         per_prompt = []

@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cls-inflection", action="store_true")
     parser.add_argument("--no-random-scorer", action="store_true")
     parser.add_argument("--no-text-objective", action="store_true")
+    parser.add_argument("--no-default", action="store_true", help="skip the default compile (--pre-llm auto)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-reference", action="store_true", help="skip keep-all and no-image (a second shard)")
     parser.add_argument("--merge", nargs="+", help="merge shard JSON files into --out (and plot) instead of measuring")
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     from recipe_compiler.models import load_model
     from recipe_compiler.testbed.make import write_dataset
     from recipe_compiler.testbed.table import (
-        TEXT_OBJECTIVE, build_entries, measure, measure_without_image, plot_table, prepare_batches, unpruned_reference,
+        DEFAULT, TEXT_OBJECTIVE, build_entries, measure, measure_without_image, plot_table, prepare_batches, unpruned_reference,
     )
 
     t_all = time.perf_counter()
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     budgets = [float(b) if b != "64-tokens" else sixty_four_token_budget(loaded, calib) for b in args.budgets.split(",") if b]
     entries = build_entries(loaded, calib, budgets, log=log, searches=[s for s in args.searches.split(",") if s],
                             stages=[s for s in args.stages.split(",") if s], cls_inflection=not args.no_cls_inflection,
-                            random_scorer=not args.no_random_scorer, text_objective=not args.no_text_objective)
+                            random_scorer=not args.no_random_scorer, text_objective=not args.no_text_objective,
+                            default=not args.no_default)
     batches = prepare_batches(loaded, heldout.samples, args.batch_size)
     t0 = time.perf_counter()
     refs = unpruned_reference(loaded.model, batches)
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     else:
         entries = [e for e in entries if e.budget is not None]
     # The lines that matter most first, so an interrupted run still has them at every budget.
-    priority = ["keep-all", "optimal", "random", "fitprune", "random (in-LLM)", TEXT_OBJECTIVE, "gsearch", "psigmoid", "g-prune",
+    priority = ["keep-all", DEFAULT, "optimal", "random", "fitprune", "random (in-LLM)", TEXT_OBJECTIVE, "gsearch", "psigmoid", "g-prune",
                 "fopru-rank", "fopru-row", "cls-inflection", "divprune", "visionzip", "vtc-cls", "prumerge-plus"]
     entries.sort(key=lambda e: priority.index(e.method) if e.method in priority else len(priority))
     for entry in entries:
@@ -136,8 +138,9 @@ def merge(paths, out: Path) -> int:
     table["budgets"] = sorted({b for s in shards for b in s["budgets"]}, reverse=True)
     rows = [r for s in shards for r in s["rows"]]
     table["rows"] = sorted(rows, key=lambda r: (r["budget"] is not None, -(r["budget"] or 0)))
-    table["wall_s"] = [s.get("wall_s") for s in shards]
-    table["shards"] = len(shards)
+    # A shard may itself be a merged table (a later shard adds lines to it): keep one wall time per measured shard.
+    table["wall_s"] = [w for s in shards for w in (s["wall_s"] if isinstance(s.get("wall_s"), list) else [s.get("wall_s")])]
+    table["shards"] = len(table["wall_s"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")
     plot_table(table, out.with_suffix(".png"))

@@ -117,8 +117,10 @@ def _compile_command():
                        "calibration then computes no visual query row; needs --scorer text-mean or last-token)")
     @click.option("--search-param", cls=Opt, group=SEARCH, multiple=True, type=Parsed(_search_param, "NAME=VALUE"), metavar="NAME=VALUE",
                   help="a peer method's setting, repeatable (e.g. --search fastv --search-param layer=3)")
-    @click.option("--pre-llm", cls=Opt, group=PRE, type=RegistryChoice(_stages, metavar="STAGE"), default="none", show_default=True,
-                  help="pre-LLM stage (drops tokens before the language model); auto compares them all and prints a candidate table")
+    @click.option("--pre-llm", cls=Opt, group=PRE, type=RegistryChoice(_stages, metavar="STAGE"),
+                  help="pre-LLM stage (drops tokens before the language model); auto compares them all, none included "
+                       "(default: auto with a table search, none with a model-in-the-loop or peer search; "
+                       "named explicitly, auto also prints its candidate table)")
     @click.option("--pre-llm-ratio", cls=Opt, group=PRE, type=click.FloatRange(0, 1, min_open=True),
                   help="keep ratio of a fixed-ratio pre-LLM stage in (0, 1] (default: the best of a grid)")
     @click.option("--gprune-threshold", cls=Opt, group=PRE, type=click.FloatRange(-1, 1), help="G-Prune similarity threshold in [-1, 1] (default: 0.5)")
@@ -244,12 +246,14 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
     if args.pre_llm == "auto":  # the candidate table, then the usual summary line
         print(result.details["pre_llm_table"])
     stage = result.recipe.pre_llm
-    stage_text = "" if stage["method"] == "none" else f" | pre-llm {stage['method']}" + (f" {stage['keep_ratio']:g}" if "keep_ratio" in stage else "")
+    compared = "pre_llm_table" in result.details  # auto chose the stage, possibly none
+    stage_text = ((" | pre-llm none" if compared else "") if stage["method"] == "none"
+                  else f" | pre-llm {stage['method']}" + (f" {stage['keep_ratio']:g}" if "keep_ratio" in stage else ""))
     found = result.recipe.provenance.get("search_params", {})
     method = SEARCHES[args.search]
     if method.is_method:  # what the peer method chose, e.g. "fastv K=2 keep 130"
         stage_text += " | " + method.name + " " + " ".join(f"{k} {v}" for k, v in found.items() if k != "method")
-    stage_times = " ".join(f"{k} {timings[k]:.1f}s" for k in ("load", "calibrate", "search", "verify", "write"))
+    stage_times = " ".join(f"{k} {timings[k]:.1f}s" for k in ("load", "calibrate", "search", "select", "verify", "write") if k in timings)
     from .flops import format_flops
 
     # Not part of the budget: the vision encoder's own cost and the visual tokens' own FLOPs fraction.
@@ -277,7 +281,7 @@ def _summary(args: argparse.Namespace, result, timings: dict, output: Path) -> d
         "seconds": {k: round(t, 3) for k, t in timings.items()}, "output": str(output),
         "statistics": args.save_stats,
     }
-    if args.pre_llm == "auto":
+    if "pre_llm_table" in result.details:  # the stages compared (--pre-llm auto, named or the default)
         summary["pre_llm_table"] = result.details["pre_llm_table"]
     return summary
 

@@ -3,14 +3,15 @@
 A method name maps to compile options (:class:`recipe_compiler.compile.CompileConfig` fields)
 through registries, never a switch in this module:
 
-1. :data:`COMPARISONS`, names registered with :func:`register_comparison` (our searches under
-   their short names, the seed stages under the names papers use: ``gprune``, ``fopru``);
+1. :data:`COMPARISONS`, names registered with :func:`register_comparison` (``default``: the
+   compile with no options, i.e. ``--pre-llm auto``; our searches under their short names, in the
+   language model alone; the seed stages under the names papers use: ``gprune``, ``fopru``);
 2. otherwise a pre-LLM stage of that name (:data:`runtime.methods.stages.STAGES`): a
    fixed-ratio stage runs **alone**, as its paper runs it, at the largest keep ratio whose FLOPs
    meet the budget (no in-LLM schedule); a stage with its own count gets the schedule search for
    the rest;
 3. otherwise a schedule search of that name (:data:`recipe_compiler.search.SEARCHES`; the peer
-   in-LLM methods FastV, PyramidDrop, … register theirs there).
+   in-LLM methods FastV, PyramidDrop, … register theirs there), with no pre-LLM stage.
 
 A name none of them knows is listed as unavailable with the reason, so a method appears in the
 comparison as soon as its module is registered. Each method is compiled at each budget on the
@@ -70,7 +71,8 @@ def register_comparison(name: str, alone: bool = False, **options: Any) -> Compa
     return entry
 
 
-register_comparison("optimal", search="optimal")  # ours: the exact searched schedule (fitprune scorer)
+register_comparison("default")  # what recipe-compile does with no options: optimal with --pre-llm auto
+register_comparison("optimal", search="optimal", pre_llm="none")  # ours in the language model alone: the exact searched schedule
 register_comparison("fitprune", search="fitprune")  # FitPrune's model-in-the-loop bisection
 register_comparison("gprune", alone=True, pre_llm="g-prune")
 register_comparison("fopru", alone=True, pre_llm="fopru-rank")
@@ -90,8 +92,8 @@ def resolve(name: str) -> tuple[dict | None, bool, str]:
         return dict(entry.options), entry.alone, ""
     if name in STAGES:
         return {"pre_llm": name}, STAGES[name].fixed_ratio and not STAGES[name].own_schedule, ""
-    if name in SEARCHES:
-        return {"search": name}, False, ""
+    if name in SEARCHES:  # the search's own schedule, in the language model alone
+        return {"search": name, "pre_llm": "none"}, False, ""
     return None, False, (f"{UNAVAILABLE}: no comparison, pre-LLM stage or schedule search is named {name!r} "
                          f"(known: {', '.join(known_names())})")
 

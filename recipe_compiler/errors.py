@@ -14,9 +14,10 @@ class BudgetError(CompileError):
     """The FLOPs budget is out of range or cannot be met by any schedule.
 
     Attributes:
-        smallest_budget: when even dropping every visual token misses the budget, the FLOPs
-            fraction that doing so spends on these prompts (the floor any schedule can reach);
-            None for every other budget error.
+        smallest_budget: when no schedule the compiler can build meets the budget, the FLOPs
+            fraction of the cheapest one on these prompts (in-LLM only: dropping every visual token
+            after the first prunable layer; with a pre-LLM stage: its cheapest candidate); None for
+            every other budget error.
     """
 
     def __init__(self, message: str, smallest_budget: float | None = None):

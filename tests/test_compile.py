@@ -120,7 +120,8 @@ def test_a_budget_at_the_floor_compiles_to_the_cheapest_schedule(tiny, calibrati
     budget = min_feasible_budget(shape, stats.n_other, stats.n_visual, v_ref, probes=scorer_probes(shape, stats, "fitprune", v_ref))
     for _ in range(-ulps):
         budget = float(np.nextafter(budget, 0.0))
-    result = compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(budget, search=search),
+    # The in-LLM floor: without a pre-LLM stage (the default, auto, may meet it with a stage instead).
+    result = compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(budget, search=search, pre_llm="none"),
                             format_prompt=tiny.format_prompt, statistics=stats)
     assert result.recipe.keep_count[1:].max() == 0  # every visual token gone after layer 0
     assert result.verification.flops_fraction <= budget * (1 + BUDGET_RTOL)

@@ -5,8 +5,9 @@ against the one-token answer (exact match; every testbed answer is one token), t
 token counts that really entered each layer (the same sum as :func:`recipe_compiler.verify.verify_recipe`),
 KL and top-1 agreement against the unpruned prefill, which is run once and shared by all recipes.
 
-Recipes (per budget): the four searches (``optimal``, ``gsearch``, ``psigmoid``, ``fitprune``; scorer
-fitprune), every fixed-ratio pre-LLM stage alone at the ratio whose FLOPs meet the budget (no in-LLM
+Recipes (per budget): the default compile (``CompileConfig(budget)``: ``--pre-llm auto``, the
+stage with the least measured drift, ``none`` included), the four searches alone in the language
+model (``optimal``, ``gsearch``, ``psigmoid``, ``fitprune``; scorer fitprune; no pre-LLM stage), every fixed-ratio pre-LLM stage alone at the ratio whose FLOPs meet the budget (no in-LLM
 pruning; ``random`` is the chance baseline), ``cls-inflection`` as compiled, the ``random`` in-LLM
 scorer with the optimal schedule, and the optimal search on the ``text`` objective (text-mean scorer). Plus keep-all and the image removed (every visual token dropped
 on entry to layer 0).
@@ -26,6 +27,7 @@ import numpy as np
 SEARCH_NAMES = ("optimal", "gsearch", "psigmoid", "fitprune")
 PURE_STAGES = ("g-prune", "fopru-rank", "fopru-row", "random")
 TEXT_OBJECTIVE = "optimal · text objective"  # the optimal search on the text term alone, text-mean scorer
+DEFAULT = "default (auto)"  # CompileConfig(budget): the optimal search with --pre-llm auto
 
 
 @dataclass
@@ -53,7 +55,8 @@ def stage_ratio_for_budget(shape: Any, n_other: np.ndarray, v: int, budget: floa
 
 def build_entries(loaded: Any, calibration: Any, budgets: Sequence[float], *, log: Callable[[str], None] = print,
                   searches: Sequence[str] = SEARCH_NAMES, stages: Sequence[str] = PURE_STAGES,
-                  cls_inflection: bool = True, random_scorer: bool = True, text_objective: bool = True) -> list[Entry]:
+                  cls_inflection: bool = True, random_scorer: bool = True, text_objective: bool = True,
+                  default: bool = True) -> list[Entry]:
     """Compile (or construct) every recipe of the table on ``calibration``."""
     from runtime import Recipe
     from runtime.families import family_for, model_fingerprint
@@ -96,8 +99,10 @@ def build_entries(loaded: Any, calibration: Any, budgets: Sequence[float], *, lo
 
     n_other = np.asarray(stats.n_other, dtype=np.int64)
     for budget in budgets:
-        for search in searches:
-            compiled(search, budget, search=search)
+        if default:
+            compiled(DEFAULT, budget)
+        for search in searches:  # the in-LLM schedule alone: what each search finds
+            compiled(search, budget, search=search, pre_llm="none")
         for stage in stages:
             ratio = stage_ratio_for_budget(shape, n_other, v, budget)
             try:
@@ -108,9 +113,9 @@ def build_entries(loaded: Any, calibration: Any, budgets: Sequence[float], *, lo
         if cls_inflection:
             compiled("cls-inflection", budget, pre_llm="cls-inflection")
         if random_scorer:
-            compiled("random (in-LLM)", budget, scorer="random")
+            compiled("random (in-LLM)", budget, scorer="random", pre_llm="none")
         if text_objective:
-            compiled(TEXT_OBJECTIVE, budget, objective="text", scorer="text-mean")
+            compiled(TEXT_OBJECTIVE, budget, objective="text", scorer="text-mean", pre_llm="none")
     return entries
 
 
@@ -214,8 +219,8 @@ def plot_table(table: dict, path: Any) -> None:
     methods = [m for m in dict.fromkeys(r["method"] for r in rows if r["budget"] is not None)]
     for m in methods:
         pts = sorted((r["flops_fraction"], 100 * r["accuracy"]) for r in rows if r["method"] == m)
-        ax.plot(*zip(*pts), marker="o", ms=4, lw=1.4 if m not in ("random", "random (in-LLM)") else 1.0,
-                ls="--" if m.startswith("random") else "-", label=m)
+        ax.plot(*zip(*pts), marker="o", ms=6 if m == DEFAULT else 4, lw=3.0 if m == DEFAULT else 1.4 if not m.startswith("random") else 1.0,
+                ls="--" if m.startswith("random") else "-", label=m, **({"color": "k", "zorder": 5} if m == DEFAULT else {}))
     ax.set_xlabel("verified language-model prefill FLOPs (fraction of unpruned)")
     ax.set_ylabel(f"exact-match accuracy, % ({rows[0]['n']} held-out questions)")
     ax.set_title(f"testbed-llava: accuracy vs FLOPs (seed {table['heldout_seed']}, unseen in training)")

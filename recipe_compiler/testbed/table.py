@@ -8,7 +8,8 @@ KL and top-1 agreement against the unpruned prefill, which is run once and share
 Recipes (per budget): the default compile (``CompileConfig(budget)``: ``--pre-llm auto``, the
 stage with the least measured drift, ``none`` included), the four searches alone in the language
 model (``optimal``, ``gsearch``, ``psigmoid``, ``fitprune``; scorer fitprune; no pre-LLM stage), every fixed-ratio pre-LLM stage alone at the ratio whose FLOPs meet the budget (no in-LLM
-pruning; ``random`` is the chance baseline), ``cls-inflection`` as compiled, the ``random`` in-LLM
+pruning; ``random`` is the chance baseline; a stage whose count is the image's own, PruMerge+, is
+compiled with the optimal search for the rest of the budget), ``cls-inflection`` as compiled, the ``random`` in-LLM
 scorer with the optimal schedule, and the optimal search on the ``text`` objective (text-mean scorer). Plus keep-all and the image removed (every visual token dropped
 on entry to layer 0).
 
@@ -60,6 +61,7 @@ def build_entries(loaded: Any, calibration: Any, budgets: Sequence[float], *, lo
     """Compile (or construct) every recipe of the table on ``calibration``."""
     from runtime import Recipe
     from runtime.families import family_for, model_fingerprint
+    from runtime.methods.stages import STAGES
 
     from ..collect import collect_statistics
     from ..compile import CompileConfig, compile_recipe
@@ -104,6 +106,9 @@ def build_entries(loaded: Any, calibration: Any, budgets: Sequence[float], *, lo
         for search in searches:  # the in-LLM schedule alone: what each search finds
             compiled(search, budget, search=search, pre_llm="none")
         for stage in stages:
+            if not STAGES[stage].fixed_ratio:  # its count is the image's own (PruMerge+): compiled, the search fills the budget
+                compiled(stage, budget, pre_llm=stage)
+                continue
             ratio = stage_ratio_for_budget(shape, n_other, v, budget)
             try:
                 entries.append(Entry(stage, budget, Recipe(keep_count=np.full(layers, v, dtype=np.int64), scorer="fitprune",

@@ -126,18 +126,23 @@ def dart_keep(
         txt_piv = txt_pos[order_best_first(norms[b, txt_pos])[: min(pivot_text, txt_pos.numel())]]
         base = int(offset[b])
         order = pivot_order((img_piv - base).tolist(), (txt_piv - base).tolist())
-        available = im[b].clone()
-        available[img_piv] = False
         chosen = torch.zeros(L, dtype=torch.bool, device=im.device)
         chosen[img_piv] = True
         unit = h[b].to(work_dtype(h))
-        for pivot in order:
-            candidates = torch.nonzero(available).flatten()
-            if candidates.numel() == 0:
+        # Every pivot's cosine similarity to every image token in one product (the reference computes
+        # one pivot at a time over the tokens left); the pivots then take their picks in order.
+        pivots = torch.tensor(order, dtype=torch.long, device=im.device) + base
+        normed = torch.nn.functional.normalize(unit, dim=-1, eps=1e-8)
+        similarity = normed[pivots] @ normed[img_pos].T
+        available = ~chosen[img_pos]  # over img_pos: not an image pivot, not taken yet
+        left = int(available.sum())
+        for row in range(len(order)):
+            if left == 0:
                 break
-            similarity = torch.nn.functional.cosine_similarity(unit[pivot + base][None, :], unit[candidates], dim=-1)
-            take = candidates[order_best_first(-similarity)[: min(per, candidates.numel())]]
-            chosen[take] = True
+            n = min(per, left)
+            take = order_best_first(-similarity[row], available)[:n]
             available[take] = False
+            left -= n
+        chosen[img_pos[~available]] = True
         keep[b] = chosen
     return keep[0] if single else keep

@@ -157,7 +157,8 @@ def test_verification_agrees_with_the_nested_prediction(case, calibration):
     loaded = case.load()
     collected = {}
     for scorer in ("text-mean", "last-token", "fitprune"):
-        config = CompileConfig(0.45, scorer=scorer, batch_size=3)  # each scorer's own head reduction (last-token: mean)
+        # The in-LLM schedule alone (what the nested prediction models); each scorer's own head reduction (last-token: mean).
+        config = CompileConfig(0.45, scorer=scorer, batch_size=3, pre_llm="none")
         if config.head_reduce not in collected:
             collected[config.head_reduce] = collect_statistics(loaded.model, loaded.processor, calibration, head_reduce=config.head_reduce,
                                                                format_prompt=loaded.format_prompt, batch_size=3)

@@ -36,13 +36,27 @@ def held_out():
 
 @pytest.fixture(scope="module")
 def recipes(tiny, calibration):
+    """The in-LLM schedule alone (its floor is computed below); the default's stage is checked separately."""
     out, stats = {}, None
     for budget in (0.45, 0.3):
-        result = compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(budget), format_prompt=tiny.format_prompt,
-                                statistics=stats)
+        result = compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(budget, pre_llm="none"),
+                                format_prompt=tiny.format_prompt, statistics=stats)
         stats = result.statistics
         out[budget] = result.recipe
     return out
+
+
+@pytest.mark.parametrize("budget", [0.45, 0.3])
+def test_the_default_recipe_with_its_stage_holds_every_held_out_request_within_budget(tiny, calibration, budget):
+    recipe = compile_recipe(tiny.model, tiny.processor, calibration, CompileConfig(budget), format_prompt=tiny.format_prompt).recipe
+    for sample in held_out():
+        inputs = make_inputs(tiny, [sample])
+        default, _, _, _ = request_fractions(tiny.model, recipe, inputs)
+        strict, _, _, kept = request_fractions(tiny.model, recipe, inputs, strict_budget=True)
+        assert strict[0] <= budget * (1 + 1e-12), (recipe.pre_llm, sample.prompt, strict[0])
+        if default[0] <= budget:
+            assert strict[0] == default[0]
+        assert torch.all(kept[0, 1:] <= kept[0, :-1])
 
 
 def request_fractions(model, recipe, inputs, **options):

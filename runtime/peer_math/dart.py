@@ -35,7 +35,7 @@ import torch
 
 from ._common import as_batch, check_count, order_best_first, work_dtype
 
-__all__ = ["DEFAULT_LAYER", "DEFAULT_BUDGET", "DEFAULT_PIVOTS", "token_topk", "retained_count", "pivot_order", "dart_keep"]
+__all__ = ["DEFAULT_LAYER", "DEFAULT_BUDGET", "DEFAULT_PIVOTS", "token_topk", "retained_count", "pivot_order", "dart_keep", "select_row"]
 
 DEFAULT_LAYER = 2
 DEFAULT_BUDGET = 128
@@ -118,31 +118,44 @@ def dart_keep(
     offset = torch.argmax(va.int(), dim=1)  # first real token of each row
     keep = torch.zeros(B, L, dtype=torch.bool, device=im.device)
     for b in range(B):
-        img_pos = torch.nonzero(im[b]).flatten()
-        if img_pos.numel() == 0:
-            continue
-        txt_pos = torch.nonzero(tx[b]).flatten()
-        img_piv = img_pos[order_best_first(norms[b, img_pos])[: min(pivot_image, img_pos.numel())]]
-        txt_piv = txt_pos[order_best_first(norms[b, txt_pos])[: min(pivot_text, txt_pos.numel())]]
-        base = int(offset[b])
-        order = pivot_order((img_piv - base).tolist(), (txt_piv - base).tolist())
-        chosen = torch.zeros(L, dtype=torch.bool, device=im.device)
-        chosen[img_piv] = True
-        unit = h[b].to(work_dtype(h))
-        # Every pivot's cosine similarity to every image token in one product (the reference computes
-        # one pivot at a time over the tokens left); the pivots then take their picks in order.
-        pivots = torch.tensor(order, dtype=torch.long, device=im.device) + base
-        normed = torch.nn.functional.normalize(unit, dim=-1, eps=1e-8)
-        similarity = normed[pivots] @ normed[img_pos].T
-        available = ~chosen[img_pos]  # over img_pos: not an image pivot, not taken yet
-        left = int(available.sum())
-        for row in range(len(order)):
-            if left == 0:
-                break
-            n = min(per, left)
-            take = order_best_first(-similarity[row], available)[:n]
-            available[take] = False
-            left -= n
-        chosen[img_pos[~available]] = True
-        keep[b] = chosen
+        normed = torch.nn.functional.normalize(h[b].to(work_dtype(h)), dim=-1, eps=1e-8)
+        keep[b] = select_row(norms[b], normed, im[b], tx[b], per, pivot_image, pivot_text, int(offset[b]))[0]
     return keep[0] if single else keep
+
+
+def select_row(norms: torch.Tensor, normed: torch.Tensor, image: torch.Tensor, text: torch.Tensor, per: int,
+               pivot_image: int = 4, pivot_text: int = 4, base: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row of :func:`dart_keep` from its precomputed parts (the runtime's scorer reuses them).
+
+    Args:
+        norms: (L,) the key L1 norms; ``normed``: (L, C) the final-normed hidden states, unit length.
+        image, text: (L,) bool candidates and text-pivot positions; ``per``: :func:`token_topk`.
+        base: the row's first real token (pivot order counts positions from it).
+
+    Returns:
+        ``(keep, pivots)``: (L,) bool of the image tokens kept, and the pivot positions (image pivots
+        first, then text pivots, each largest norm first).
+    """
+    img_pos, txt_pos = torch.nonzero(image).flatten(), torch.nonzero(text).flatten()
+    chosen = torch.zeros(image.shape[0], dtype=torch.bool, device=image.device)
+    if img_pos.numel() == 0:
+        return chosen, img_pos
+    img_piv = img_pos[order_best_first(norms[img_pos])[: min(pivot_image, img_pos.numel())]]
+    txt_piv = txt_pos[order_best_first(norms[txt_pos])[: min(pivot_text, txt_pos.numel())]]
+    order = pivot_order((img_piv - base).tolist(), (txt_piv - base).tolist())
+    chosen[img_piv] = True
+    # Every pivot's cosine similarity to every image token in one product (the reference computes
+    # one pivot at a time over the tokens left); the pivots then take their picks in order.
+    pivots = torch.tensor(order, dtype=torch.long, device=image.device) + base
+    similarity = normed[pivots] @ normed[img_pos].T
+    available = ~chosen[img_pos]  # over img_pos: not an image pivot, not taken yet
+    left = int(available.sum())
+    for row in range(len(order)):
+        if left == 0:
+            break
+        n = min(per, left)
+        take = order_best_first(-similarity[row], available)[:n]
+        available[take] = False
+        left -= n
+    chosen[img_pos[~available]] = True
+    return chosen, torch.cat([img_piv, txt_piv])

@@ -50,7 +50,9 @@ class Dart(Scorer):
         keys, hidden = keys.to(device), hidden.to(device)
         pivot_image, pivot_text = reference.DEFAULT_PIVOTS
         scores = torch.full(roles.visual.shape, float("-inf"), device=device)
-        norms = keys.float().abs().sum(dim=-1).sum(dim=1)  # (B, L): L1 norm of the concatenated heads
+        keys = keys.permute(0, 2, 1, 3).reshape(keys.shape[0], keys.shape[2], -1)  # (B, L, H·D), as dart_keep reads them
+        norms = keys.float().abs().sum(dim=-1)  # (B, L): L1 norm of the concatenated heads
+        offset = torch.argmax(roles.valid.int(), dim=1)  # first real token of each row
         for b in range(roles.visual.shape[0]):
             image, text = roles.visual[b], roles.text[b]
             n_image, k = int(image.sum()), int(n_keep[b])
@@ -59,12 +61,9 @@ class Dart(Scorer):
             images = min(pivot_image, n_image, k)
             pivots = images + min(pivot_text, int(text.sum()))
             per = (k - images) // pivots
-            chosen = reference.dart_keep(keys[b:b + 1], hidden[b:b + 1], image[None], text[None], budget=per * (images + pivot_text),
-                                         pivot_image=images, pivot_text=pivot_text, valid=roles.valid[b:b + 1])[0]
-            img_pos, txt_pos = torch.nonzero(image).flatten(), torch.nonzero(text).flatten()
-            piv = torch.cat([img_pos[order_best_first(norms[b, img_pos])[:images]],
-                             txt_pos[order_best_first(norms[b, txt_pos])[:pivot_text]]])
-            unit = torch.nn.functional.normalize(hidden[b].float(), dim=-1)
+            unit = torch.nn.functional.normalize(hidden[b].float(), dim=-1, eps=1e-8)
+            chosen, piv = reference.select_row(norms[b], unit, image, text, per, images, pivot_text, int(offset[b]))
+            img_pos = torch.nonzero(image).flatten()
             nearest = (unit[img_pos] @ unit[piv].T).amax(dim=1)  # similarity to the nearest pivot
             scores[b, img_pos] = torch.where(chosen[img_pos], torch.full_like(nearest, CHOSEN), -nearest)
         return scores

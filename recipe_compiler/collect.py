@@ -35,7 +35,7 @@ class StatisticsPolicy(Policy):
     """Prunes nothing; at every layer records cross, self and last-row attention per visual token."""
 
     def __init__(self, num_layers: int, head_reduce: str = "max", prellm: bool | set = False, prellm_params: dict | None = None,
-                 attention_layers: tuple | None = None, rows: str = "all") -> None:
+                 attention_layers: tuple | None = None, rows: str = "all", probe_dtype: str | None = None) -> None:
         if rows not in STATISTICS_ROWS:
             raise ValueError(f"rows must be one of {STATISTICS_ROWS}, got {rows!r}")
         # "text": only the text rows and the last row are probed (no visual query row: the probe
@@ -44,6 +44,7 @@ class StatisticsPolicy(Policy):
         # Only layers with attention rows are probed; the others' statistics stay NaN (Qwen3.5's linear attention).
         self.probe_layers = tuple(range(num_layers)) if attention_layers is None else tuple(attention_layers)
         self.head_reduce = head_reduce
+        self.probe_dtype = probe_dtype  # None: float32 products; "model": the attention's own dtype
         self.num_layers = num_layers
         self.rows: list[dict] = []
         self.stage = None
@@ -114,6 +115,7 @@ def collect_statistics(
     sharding: Sharding = SINGLE,
     prellm_params: dict | None = None,
     rows: str = "all",
+    probe_dtype: str | None = None,
 ) -> Statistics:
     """Run the calibration set through ``model`` and collect attention statistics at every layer.
 
@@ -133,6 +135,9 @@ def collect_statistics(
         rows: ``"all"`` (text, visual and last-token query rows: every objective and scorer) or
             ``"text"`` (text and last-token rows only: the ``text`` objective's statistics, with
             ``self_attn`` None; the probes skip every visual query row).
+        probe_dtype: None (default): the probes' ``q·kᵀ`` products in float32 whatever the model's
+            dtype; ``"model"``: in the attention's own dtype (bf16 on a bf16 model; softmax and sums
+            stay float32). The README states the error this costs against float32.
 
     Returns:
         :class:`Statistics` with S = len(calibration) samples.
@@ -143,7 +148,9 @@ def collect_statistics(
     if head_reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"head_reduce must be one of {tuple(HEAD_REDUCTIONS)}, got {head_reduce!r}")
     check_inputs(model, processor, calibration, format_prompt=format_prompt)  # before any forward
-    policy, params = statistics_policy(model, head_reduce, prellm_params, rows)
+    if probe_dtype not in (None, "model"):
+        raise ValueError(f"probe_dtype must be None (float32 products) or 'model', got {probe_dtype!r}")
+    policy, params = statistics_policy(model, head_reduce, prellm_params, rows, probe_dtype)
     mine = []
     with PruningHandle(model, policy), torch.no_grad():
         for index, (_, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
@@ -166,7 +173,7 @@ def collect_statistics(
 
 
 def statistics_policy(model: torch.nn.Module, head_reduce: str = "max", prellm_params: dict | None = None,
-                      rows: str = "all") -> tuple["StatisticsPolicy", dict]:
+                      rows: str = "all", probe_dtype: str | None = None) -> tuple["StatisticsPolicy", dict]:
     """The calibration pass's policy for ``model`` (every attention layer probed, the pre-LLM scores
     of every stage the model supports) and the stage parameters those scores depend on.
 
@@ -187,7 +194,7 @@ def statistics_policy(model: torch.nn.Module, head_reduce: str = "max", prellm_p
     else:
         params.pop("feature_layer", None)
     policy = StatisticsPolicy(num_layers, head_reduce, prellm=prellm, prellm_params=params,
-                              attention_layers=family.attention_layers(model), rows=rows)
+                              attention_layers=family.attention_layers(model), rows=rows, probe_dtype=probe_dtype)
     return policy, params
 
 

@@ -90,6 +90,7 @@ def attention_row_sums(
     row_weights: torch.Tensor,
     head_reduce: str = "max",
     chunk: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Weighted sums of head-reduced attention rows, computed only for the rows that are needed.
 
@@ -111,6 +112,9 @@ def attention_row_sums(
             as one contiguous span per chunk; chunks without a weighted row are skipped. A recipe's
             probe passes :data:`PROBE_CHUNK`, so that its FLOPs (:func:`row_sum_macs`) do not
             depend on the device.
+        dtype: the dtype of the ``q·kᵀ`` products (default float32, whatever the model's); the
+            masking, softmax and sums always run in float32. A bf16 model's calibration may pass
+            its own dtype (``collect_statistics(probe_dtype="model")``; README states the error).
 
     Returns:
         (B, G, Lk) float32: ``sum_q row_weights[b, g, q] * reduce_h softmax(q·kᵀ)[b, h, q, k]``.
@@ -134,7 +138,8 @@ def attention_row_sums(
     first, last = int(needed[0]), int(needed[-1])
     chunk = chunk or (64 if query.device.type == "cpu" else 1024)
     # GQA without repeating keys: the heads sharing a key head become extra query rows.
-    key_t = key.float().transpose(-1, -2)
+    compute = dtype or torch.float32
+    key_t = key.to(compute).transpose(-1, -2)
     # A finite floor instead of -inf: a fully masked row (left padding of another sample) softmaxes
     # to uniform instead of NaN, and its row weight is zero, so no NaN-cleaning pass is needed.
     lowest = torch.finfo(torch.float32).min
@@ -149,8 +154,8 @@ def attention_row_sums(
             continue
         rows = end - start
         keys = end + offset  # causal: no row of this chunk sees a later key
-        q = query[:, :, start:end].float().reshape(batch, kv_heads, heads // kv_heads * rows, -1)
-        scores = torch.matmul(q, key_t[..., :keys]).view(batch, heads, rows, keys).mul_(scaling)
+        q = query[:, :, start:end].to(compute).reshape(batch, kv_heads, heads // kv_heads * rows, -1)
+        scores = torch.matmul(q, key_t[..., :keys]).view(batch, heads, rows, keys).float().mul_(scaling)
         if attention_mask is None:
             scores[..., keys - rows:].masked_fill_(future[:rows, :rows], lowest)
         elif attention_mask.dtype == torch.bool:

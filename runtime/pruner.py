@@ -553,8 +553,10 @@ class PruningHandle:
             if self.policy.on_attention(layer, query, key, attention_mask, scaling, roles):
                 return
             weights = self.policy.row_groups(layer, roles).to(query.device)
+            probe_dtype = getattr(self.policy, "probe_dtype", None)  # a calibration policy may ask for the model's
             sums = attention.attention_row_sums(query, key, attention_mask, scaling, weights, self.policy.head_reduce,
-                                                chunk=self.policy.probe_chunk)
+                                                chunk=self.policy.probe_chunk,
+                                                dtype=query.dtype if probe_dtype == "model" else None)
             self.policy.on_probe(layer, sums.to(roles.valid.device), roles)  # layers may sit on other devices
 
         return probe

@@ -467,7 +467,7 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
     chosen = prellm_search.best(candidates)
     timings["search"] = time.perf_counter() - started
     if config.pre_llm == AUTO and chosen is not None:
-        chosen = _least_drift(model, processor, calibration, config, statistics, fingerprint, prellm_search.finalists(candidates),
+        chosen = _least_drift(model, processor, calibration, config, fingerprint, prellm_search.finalists(candidates),
                               timings, step, share, common)
     if chosen is None:
         cheapest = min(c.flops_fraction for c in candidates)
@@ -514,7 +514,7 @@ def _compile_with_stage(model, processor, calibration, config, statistics, shape
     return CompileResult(recipe, statistics, verification, float(chosen.divergence), float(equivalent), timings, details, float(nested))
 
 
-def _least_drift(model, processor, calibration, config, statistics, fingerprint, finalists, timings, step, share, common):
+def _least_drift(model, processor, calibration, config, fingerprint, finalists, timings, step, share, common):
     """``--pre-llm auto``: each stage's least-divergence schedule, run on the calibration set; the
     least next-token KL wins (ties: the earlier, simpler stage). Sets each finalist's ``kl``."""
     if len(finalists) == 1:

@@ -246,9 +246,10 @@ def _compile(args: argparse.Namespace, sharding=None) -> int:
     if args.pre_llm == "auto":  # the candidate table, then the usual summary line
         print(result.details["pre_llm_table"])
     stage = result.recipe.pre_llm
-    compared = "pre_llm_table" in result.details  # auto chose the stage, possibly none
-    stage_text = ((" | pre-llm none" if compared else "") if stage["method"] == "none"
-                  else f" | pre-llm {stage['method']}" + (f" {stage['keep_ratio']:g}" if "keep_ratio" in stage else ""))
+    if stage["method"] != "none":
+        stage_text = f" | pre-llm {stage['method']}" + (f" {stage['keep_ratio']:g}" if "keep_ratio" in stage else "")
+    else:  # said only when auto compared the stages and kept none
+        stage_text = " | pre-llm none" if "pre_llm_table" in result.details else ""
     found = result.recipe.provenance.get("search_params", {})
     method = SEARCHES[args.search]
     if method.is_method:  # what the peer method chose, e.g. "fastv K=2 keep 130"

@@ -149,7 +149,7 @@ def verify_recipe(
             stack_flops(shape, np.repeat(np.asarray(real_tokens, dtype=np.float64)[:, None], shape.num_layers, axis=1),
                         n_visual.astype(np.float64)[:, None]).sum(axis=1),
             visual,
-            (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0).cpu().numpy(),
+            _kl(log_p, log_q),
             (full_logits.argmax(-1) == pruned_logits.argmax(-1)).cpu().numpy(),
             n_visual.astype(np.int64),
             None if vision is None else family_of(model.config).vision_flops_per_row(model, inputs, vision, handle.image_token_id),
@@ -178,6 +178,11 @@ def verify_recipe(
         divergence=realised,
         kept_visual=kept_visual,
     )
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> np.ndarray:
+    """Per row, KL(p ‖ q) in nats from log-probabilities (rounding below zero clamped to 0)."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0).cpu().numpy()
 
 
 def _kept_visual(handle: Any, model: torch.nn.Module, inputs: dict, request: Any, num_layers: int) -> list[np.ndarray]:
@@ -244,16 +249,18 @@ def next_token_kl(
         >>> next_token_kl(m.model, m.processor, cal, [recipe_a, recipe_b])  # doctest: +SKIP
         array([0.012, 0.081])
     """
+    def log_probs(inputs):
+        return torch.log_softmax(model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float(), dim=-1)
+
     mine = []
     for index, (_, batch) in sharding.my_batches(list(batches_of(calibration.samples, batch_size))):
         inputs = model_inputs(model, processor, batch, format_prompt)
         with torch.no_grad():
-            log_p = torch.log_softmax(model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float(), dim=-1)
+            log_p = log_probs(inputs)
             rows = []
             for recipe in recipes:
                 with recipe.apply(model):
-                    log_q = torch.log_softmax(model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float(), dim=-1)
-                rows.append((log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0).cpu().numpy())
+                    rows.append(_kl(log_p, log_probs(inputs)))
         mine.append((index, np.stack(rows, axis=1) if rows else np.zeros((len(batch), 0))))
         if progress is not None:
             progress(len(batch))

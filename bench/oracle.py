@@ -40,8 +40,11 @@ def _relative_index(previous_orig: torch.Tensor, previous_valid: torch.Tensor, o
     return torch.stack(rows)
 
 
-def capture_schedule(model: torch.nn.Module, recipe: Any, inputs: dict) -> tuple[OracleSchedule, Any]:
-    """Run one pruned prefill of ``inputs`` and record what the oracle needs; also return its output."""
+def capture_schedule(model: torch.nn.Module, recipe: Any, inputs: dict, fuse_probe: bool = True) -> tuple[OracleSchedule, Any]:
+    """Run one pruned prefill of ``inputs`` and record what the oracle needs; also return its output.
+
+    ``fuse_probe=False`` runs the stock attention kernel at the probed layers (the runtime fuses
+    the probe into it by default), so that the pruned output equals the oracle's bit for bit."""
     family = family_for(model)
     layers = family.layers(model)
     seen: list[dict] = [None] * len(layers)  # type: ignore[list-item]
@@ -55,6 +58,7 @@ def capture_schedule(model: torch.nn.Module, recipe: Any, inputs: dict) -> tuple
         return hook
 
     with recipe.apply(model) as handle:
+        handle.policy.fuse_probe = fuse_probe
         # Registered after the runtime's own pre-hooks, so they see the kwargs those handed on.
         hooks = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
         try:

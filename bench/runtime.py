@@ -18,6 +18,10 @@ samples. Then, on held-out prompts (batch ``--batch``):
 * decode: ``generate`` of ``1`` and ``1 + --decode-tokens`` tokens (``min_new_tokens`` forces the
   length), alternately unpruned and pruned; per token = difference / ``--decode-tokens``
   (``--decode-tokens 0`` skips it; ``bench/decode.py`` measures a KV-dominated shape);
+* fused probes: at a probed SDPA layer the runtime computes the layer's attention from the
+  probe's own softmax rows (``runtime.attention.attention_with_row_sums``), so a probe costs its
+  sums and an unfused softmax, not a second ``QKᵀ``; ``--no-fuse-probe`` times the stock kernel
+  with the probe beside it. Fused, the oracle's logits equal the pruned run's to float rounding;
 * KV bytes of the prefill's cache;
 * overhead: the handle's probes (attention-row sums for scoring), ``_prune`` (top-k selection and
   the gathers of hidden states, cos/sin, positions) and ``_rebuild_mask`` are wrapped with timers
@@ -47,8 +51,13 @@ from runtime import attention
 
 
 def instrument(handle) -> dict:
-    """Wrap the handle's probes, ``_prune`` and ``_rebuild_mask`` with timers; returns the totals (seconds; reported per prefill in ms)."""
-    totals = {"scoring_probe_ms": 0.0, "select_and_gather_ms": 0.0, "mask_rebuild_ms": 0.0}
+    """Wrap the handle's probes, ``_prune`` and ``_rebuild_mask`` with timers; returns the totals (seconds; reported per prefill in ms).
+
+    A fused probe computes its layer's attention as well: each fused call also times the stock SDPA
+    kernel on the same tensors (``probed_layers_stock_attention_ms``, not part of the prefill) and
+    ``scoring_probe_ms`` is the fused call's time less that, what the probe adds to the layer."""
+    totals = {"scoring_probe_ms": 0.0, "select_and_gather_ms": 0.0, "mask_rebuild_ms": 0.0,
+              "probed_layers_stock_attention_ms": 0.0}
 
     def timer(fn, key):
         def wrapped(*args, **kwargs):
@@ -59,8 +68,23 @@ def instrument(handle) -> dict:
                 totals[key] += time.perf_counter() - start
         return wrapped
 
+    def probe_timer(probe):
+        def wrapped(module, query, key, mask, scaling, value=None):
+            start = time.perf_counter()
+            output = probe(module, query, key, mask, scaling, value)
+            totals["scoring_probe_ms"] += time.perf_counter() - start
+            if output is not None:
+                from transformers.integrations.sdpa_attention import sdpa_attention_forward
+                start = time.perf_counter()
+                sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)
+                stock = time.perf_counter() - start
+                totals["scoring_probe_ms"] -= stock
+                totals["probed_layers_stock_attention_ms"] += stock
+            return output
+        return wrapped
+
     for module in handle._probed:
-        attention.set_probe(module, timer(attention._PROBES[module], "scoring_probe_ms"))
+        attention.set_probe(module, probe_timer(attention._PROBES[module]))
     handle._prune = timer(handle._prune, "select_and_gather_ms")
     handle._rebuild_mask = timer(handle._rebuild_mask, "mask_rebuild_ms")
     return totals
@@ -80,6 +104,8 @@ def main() -> None:
     parser.add_argument("--search", default="optimal", help="the recipes' search (a peer method's, e.g. dart, brings its scorer)")
     parser.add_argument("--scorer", help="the recipes' run-time scorer (default: the search's, else fitprune)")
     parser.add_argument("--pre-llm", default="none", help="the recipes' pre-LLM stage (default none: the in-LLM schedule alone)")
+    parser.add_argument("--no-fuse-probe", action="store_true",
+                        help="run the stock attention kernel at probed layers and the probe beside it (the runtime fuses them by default)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.threads:
@@ -92,6 +118,11 @@ def main() -> None:
     head_reduce = config.head_reduce
     loaded, calibration, statistics, inputs = prepare(args.model, args.samples, args.batch, args.device, args.dtype, head_reduce)
     model = loaded.model
+
+    def apply_recipe(recipe):
+        handle = recipe.apply(model)
+        handle.policy.fuse_probe = not args.no_fuse_probe
+        return handle
 
     def prefill():
         with torch.no_grad():
@@ -126,13 +157,13 @@ def main() -> None:
             compiled = compile_recipe(model, loaded.processor, calibration, config_at(budget), format_prompt=loaded.format_prompt, statistics=statistics)
         recipe, fraction = compiled.recipe, compiled.verification.flops_fraction
         handles = []
-        apply, remove = (lambda: handles.append(recipe.apply(model))), (lambda: handles.pop().remove())
+        apply, remove = (lambda: handles.append(apply_recipe(recipe))), (lambda: handles.pop().remove())
         row = {"budget": budget, "flops_fraction": round(fraction, 6), "keep_count": recipe.keep_count.tolist()}
         if requested != budget:
             row["requested_budget"] = requested
             row["requested_budget_infeasible"] = "dropping every visual token cannot reach it on these prompts"
         if recipe.pruning_layers:
-            schedule, pruned_out = capture_schedule(model, recipe, inputs)
+            schedule, pruned_out = capture_schedule(model, recipe, inputs, fuse_probe=not args.no_fuse_probe)
             with oracle_language_model(model, schedule), torch.no_grad():
                 oracle_out = model(**inputs, use_cache=True, logits_to_keep=1)
             # Attention layers' cache lengths (a linear-attention layer holds fixed-size states, no keys).
@@ -143,12 +174,12 @@ def main() -> None:
             row["tokens_per_layer"] = schedule.tokens_per_layer
             timings = rotated({
                 "unpruned": (prefill, contextlib.nullcontext),
-                "pruned": (prefill, lambda: recipe.apply(model)),
+                "pruned": (prefill, lambda: apply_recipe(recipe)),
                 "oracle": (prefill, lambda: oracle_language_model(model, schedule)),
             }, args.repeats, device=args.device)
         else:
             timings = rotated({"unpruned": (prefill, contextlib.nullcontext),
-                               "pruned": (prefill, lambda: recipe.apply(model))}, args.repeats, device=args.device)
+                               "pruned": (prefill, lambda: apply_recipe(recipe))}, args.repeats, device=args.device)
         base_pf, pruned_pf = timings["unpruned"], timings["pruned"]
         if d:
             base_g1, pruned_g1 = paired(generate(1), generate(1), apply, remove, max(3, args.repeats // 2), device=args.device)
@@ -163,7 +194,7 @@ def main() -> None:
                 "decode_speedup_vs_ideal": round(decode_unpruned / decode_pruned * budget, 3),
             })
 
-        with recipe.apply(model) as handle:
+        with apply_recipe(recipe) as handle:
             pruned_kv = kv_bytes(prefill().past_key_values)
             totals = instrument(handle)
             walls = []
@@ -171,10 +202,12 @@ def main() -> None:
             for key in totals:
                 totals[key] = 0.0
             for _ in range(args.repeats):
+                extra = totals["probed_layers_stock_attention_ms"]
                 start = time.perf_counter()
                 prefill()
-                walls.append(time.perf_counter() - start)
+                walls.append(time.perf_counter() - start - (totals["probed_layers_stock_attention_ms"] - extra))
         overhead = {k: v / args.repeats * 1000 for k, v in totals.items()}  # mean ms per prefill
+        stock_attention_ms = overhead.pop("probed_layers_stock_attention_ms")
         overhead_ms = sum(overhead.values())
         wall_ms = stats.mean(walls) * 1000
         lm_unpruned, lm_pruned = base_pf["median_ms"] - vision_ms, pruned_pf["median_ms"] - vision_ms
@@ -192,6 +225,7 @@ def main() -> None:
             "kv_fraction": round(pruned_kv / unpruned_kv, 4),
             "kv_fraction_vs_budget": round(pruned_kv / unpruned_kv / budget, 3),
             "overhead_ms": {k: round(v, 3) for k, v in overhead.items()},
+            "probed_layers_stock_attention_ms": round(stock_attention_ms, 3),
             "overhead_share_of_pruned_prefill": round(overhead_ms / wall_ms, 4) if recipe.pruning_layers else 0.0,
             "instrumented_prefill_ms": round(wall_ms, 2),
         })
@@ -224,12 +258,15 @@ def main() -> None:
         "search": args.search,
         "scorer": config.scorer,
         "calibration_samples": args.samples,
+        "fused_probe": not args.no_fuse_probe,
         "decode_tokens": d,
         "unpruned": {"kv_bytes": unpruned_kv, "vision_encoder_ms": round(vision_ms, 2)},
         "results": results,
         "notes": "prefill: medians of unpruned/pruned/oracle runs in rotation; pruned_speed_vs_oracle = oracle/pruned time, oracle_speedup = unpruned/oracle time; pruned_speed_vs_oracle_plus_probes adds the measured probe time to the oracle's; lm_* subtract the unpruned vision-encoder time; ideal_speedup = 1/flops_fraction "
                  "(flops_fraction is measured on the calibration prompts); decode per token = (t(1+n) - t(1)) / n with min_new_tokens forcing n; "
-                 "overhead = time inside the runtime's probes, _prune and _rebuild_mask per pruned prefill (mean), over the instrumented prefill wall time.",
+                 "overhead = time inside the runtime's probes, _prune and _rebuild_mask per pruned prefill (mean), over the instrumented prefill wall time; "
+                 "with fused_probe the probed layers' attention is computed from the probe's softmax rows, and scoring_probe_ms is the fused call's time less the stock SDPA kernel's on the same tensors "
+                 "(timed beside it, probed_layers_stock_attention_ms, left out of the instrumented wall).",
     }, args.out)
 
 

@@ -4,7 +4,9 @@ Two attention implementations are registered with transformers, ``recipe_runtime
 ``recipe_runtime_eager``. Each calls an optional per-module *probe* with the post-RoPE queries and
 the cache-updated keys, then delegates to the stock kernel with the very same arguments, so a model
 whose probes are idle computes bit-identical outputs. A probe reduces only the query rows it needs
-(chunk by chunk) into per-key sums: nothing L×L is kept.
+(chunk by chunk) into per-key sums: nothing L×L is kept. On an SDPA prefill a recipe's probe
+instead computes the layer's attention from the very softmax rows it sums
+(:func:`attention_with_row_sums`): the probe then costs its weighted sums, not a second ``QKᵀ``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,11 @@ from .methods.heads import HEAD_REDUCTIONS
 WRAPPED = {"sdpa": "recipe_runtime_sdpa", "eager": "recipe_runtime_eager"}
 UNWRAPPED = {v: k for k, v in WRAPPED.items()}
 
-Probe = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], None]
+Probe = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, "torch.Tensor | None"],
+                 "torch.Tensor | None"]
+"""``probe(module, query, key, mask, scaling, value)``; ``value`` is given only when the call is
+:func:`fusable`, and then the probe may return the layer's attention output (B, L, H, hd) itself
+(:func:`attention_with_row_sums`) instead of None, which runs the stock kernel."""
 _PROBES: "weakref.WeakKeyDictionary[torch.nn.Module, Probe]" = weakref.WeakKeyDictionary()
 _registered = False
 
@@ -47,7 +53,11 @@ def _make(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         probe = _PROBES.get(module)
         if probe is not None:
-            probe(module, query, key, attention_mask, kwargs.get("scaling") or module.scaling)
+            fusing = base == "sdpa" and fusable(module, query, key, value, attention_mask, kwargs)
+            output = probe(module, query, key, attention_mask, kwargs.get("scaling") or module.scaling,
+                           value if fusing else None)
+            if output is not None:
+                return output, None
         if base == "sdpa":
             from transformers.integrations.sdpa_attention import sdpa_attention_forward as stock
         else:
@@ -127,8 +137,6 @@ def attention_row_sums(
     """
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
-    kv_heads = key.shape[1]
-    offset = k_len - q_len  # the queries are the last q_len positions
     weights = row_weights.float()
     out = torch.zeros(batch, weights.shape[1], k_len, dtype=torch.float32, device=query.device)
     needed = torch.nonzero(weights.abs().sum(dim=(0, 1)) > 0).flatten()
@@ -137,34 +145,139 @@ def attention_row_sums(
     reduce = HEAD_REDUCTIONS[head_reduce]
     first, last = int(needed[0]), int(needed[-1])
     chunk = chunk or (64 if query.device.type == "cpu" else 1024)
-    # GQA without repeating keys: the heads sharing a key head become extra query rows.
-    compute = dtype or torch.float32
-    key_t = key.to(compute).transpose(-1, -2)
-    # A finite floor instead of -inf: a fully masked row (left padding of another sample) softmaxes
-    # to uniform instead of NaN, and its row weight is zero, so no NaN-cleaning pass is needed.
-    lowest = torch.finfo(torch.float32).min
-    # Causal: a chunk's rows see every key up to its own last row, and only the square of its last
-    # ``rows`` keys holds keys after some row (above the diagonal): the mask is that square's upper triangle.
-    square = min(chunk, last + 1 - first)
-    future = torch.ones(square, square, dtype=torch.bool, device=query.device).triu_(1) if attention_mask is None else None
+    scores = _ChunkScores(query, key, attention_mask, scaling, dtype, min(chunk, last + 1 - first))
     for start in range(first, last + 1, chunk):
         end = min(start + chunk, last + 1)
         row_weight = weights[:, :, start:end]
         if not bool(row_weight.any()):
             continue
-        rows = end - start
-        keys = end + offset  # causal: no row of this chunk sees a later key
-        q = query[:, :, start:end].to(compute).reshape(batch, kv_heads, heads // kv_heads * rows, -1)
-        scores = torch.matmul(q, key_t[..., :keys]).view(batch, heads, rows, keys).float().mul_(scaling)
-        if attention_mask is None:
-            scores[..., keys - rows:].masked_fill_(future[:rows, :rows], lowest)
-        elif attention_mask.dtype == torch.bool:
-            scores.masked_fill_(~attention_mask[:, :, start:end, :keys], lowest)
-        else:
-            scores += attention_mask[:, :, start:end, :keys].float().clamp(min=lowest)
-        probs = scores.softmax(dim=-1)
-        out[:, :, :keys] += torch.bmm(row_weight, reduce(probs))
+        probs = scores.probabilities(start, end)
+        out[:, :, : probs.shape[-1]] += torch.bmm(row_weight, reduce(probs))
     return out
+
+
+class _ChunkScores:
+    """Softmaxed attention rows of one layer, a span of query rows at a time (float32).
+
+    GQA without repeating keys: the heads sharing a key head become extra query rows of one product.
+    A finite floor instead of -inf: a fully masked row (left padding of another sample) softmaxes to
+    uniform instead of NaN; its row weight is zero and its output is never read by a real row.
+    """
+
+    def __init__(self, query, key, attention_mask, scaling, dtype, square):
+        self.query, self.mask, self.scaling = query, attention_mask, scaling
+        self.batch, self.heads, q_len, _ = query.shape
+        self.kv_heads = key.shape[1]
+        self.offset = key.shape[2] - q_len  # the queries are the last q_len positions
+        self.compute = dtype or torch.float32
+        self.key_t = key.to(self.compute).transpose(-1, -2)
+        self.lowest = torch.finfo(torch.float32).min
+        # Causal: a span's rows see every key up to its own last row, and only the square of its last
+        # ``rows`` keys holds keys after some row (above the diagonal): the mask is that square's upper triangle.
+        self.future = (torch.ones(square, square, dtype=torch.bool, device=query.device).triu_(1)
+                       if attention_mask is None else None)
+
+    def probabilities(self, start: int, end: int) -> torch.Tensor:
+        """(B, H, end − start, keys) softmax rows ``start:end`` over the keys up to row ``end − 1``."""
+        rows = end - start
+        keys = end + self.offset  # causal: no row of the span sees a later key
+        q = self.query[:, :, start:end].to(self.compute)
+        if self.compute == torch.float32:  # scaling the rows, not the scores: rows·hd products instead of rows·keys
+            q = q * self.scaling
+        q = q.reshape(self.batch, self.kv_heads, -1, self.query.shape[-1])
+        scores = torch.matmul(q, self.key_t[..., :keys]).view(self.batch, self.heads, rows, keys).float()
+        if self.compute != torch.float32:  # a half-precision product keeps its scale out of the rounding
+            scores.mul_(self.scaling)
+        mask = self.mask
+        if mask is None:
+            scores[..., keys - rows:].masked_fill_(self.future[:rows, :rows], self.lowest)
+        elif mask.dtype == torch.bool:
+            scores.masked_fill_(~mask[:, :, start:end, :keys], self.lowest)
+        else:
+            scores += mask[:, :, start:end, :keys].float().clamp(min=self.lowest)
+        return scores.softmax(dim=-1)
+
+
+def fusable(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: "torch.Tensor | None", kwargs: dict) -> bool:
+    """Whether :func:`attention_with_row_sums` computes what transformers' SDPA call would.
+
+    True for a causal, full-length prefill (no cache prefix) with a 4D boolean or additive mask
+    or none, and no feature the plain softmax attention lacks (soft-capping, sinks, position bias,
+    dropout in training, a paged cache); anything else keeps the stock kernel and the separate probe.
+    """
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        return False
+    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None or kwargs.get("output_attentions"):
+        return False
+    if (module.training and kwargs.get("dropout")) or kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        return False
+    q_len = query.shape[2]
+    if q_len < 2 or key.shape[2] != q_len or value.shape[2] != q_len or key.shape[-1] != value.shape[-1]:
+        return False
+    if query.shape[1] % key.shape[1]:
+        return False
+    if attention_mask is None:
+        return True
+    return (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+            and attention_mask.shape[-2] == q_len and attention_mask.shape[-1] >= q_len)
+
+
+def attention_with_row_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    row_weights: torch.Tensor,
+    head_reduce: str = "max",
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's attention output and :func:`attention_row_sums`' sums from one pass over the scores.
+
+    A pruning layer's probe recomputes the softmax rows the layer's own attention has just made;
+    here the layer's attention is those rows times the values, so the probe adds only its weighted
+    sums (and what the unfused softmax costs over SDPA's). The output equals SDPA's to float
+    rounding (softmax in float32, then ``P·V``), the sums :func:`attention_row_sums`' (the same
+    rows; spans of ``chunk`` rows from row 0, so the summing order may differ). Only for calls
+    :func:`fusable` accepts.
+
+    Args:
+        query, key, attention_mask, scaling, row_weights, head_reduce, chunk: as
+            :func:`attention_row_sums`; keys are the whole prefill (``Lk == Lq``).
+        value: (B, KV, L, hd) values, laid out like ``key``.
+
+    Returns:
+        ``(output, sums)``: (B, L, H, hd) attention output in ``query``'s dtype, laid out as
+        transformers' attention functions return it, and the (B, G, L) float32 sums.
+
+    Example:
+        >>> q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+        >>> w = torch.zeros(1, 1, 5); w[0, 0, -1] = 1.0
+        >>> out, sums = attention_with_row_sums(q, k, v, None, 0.5, w)
+        >>> torch.allclose(out.transpose(1, 2), torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5), atol=1e-6)
+        True
+    """
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    weights = row_weights.float()
+    sums = torch.zeros(batch, weights.shape[1], length, dtype=torch.float32, device=query.device)
+    output = torch.empty(batch, length, heads, head_dim, dtype=query.dtype, device=query.device)
+    needed = torch.nonzero(weights.abs().sum(dim=(0, 1)) > 0).flatten()
+    first, last = (int(needed[0]), int(needed[-1])) if needed.numel() else (length, -1)
+    reduce = HEAD_REDUCTIONS[head_reduce]
+    chunk = chunk or (64 if query.device.type == "cpu" else 1024)
+    scores = _ChunkScores(query, key, attention_mask, scaling, None, min(chunk, length))
+    values = value.float()
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        probs = scores.probabilities(start, end)
+        keys = probs.shape[-1]
+        mixed = torch.matmul(probs.view(batch, kv_heads, -1, keys), values[:, :, :keys])
+        output[:, start:end] = mixed.view(batch, heads, end - start, head_dim).transpose(1, 2)
+        if end > first and start <= last:
+            sums[:, :, :keys] += torch.bmm(weights[:, :, start:end], reduce(probs))
+    return output, sums
 
 
 def row_sum_macs(heads: int, head_dim: int, groups: int, first, n_tokens, chunk: int = PROBE_CHUNK):

@@ -64,6 +64,10 @@ class Policy:
     input_layers: tuple[int, ...] = ()  # layers whose inputs on_layer_input receives (prefill, before pruning)
     head_reduce: str = "max"
     probe_chunk: int | None = None  # query rows per chunk of the attention probe (None: the device's default)
+    fuse_probe: bool = False
+    """Whether a probed SDPA prefill layer computes its attention from the probe's softmax rows
+    (:func:`runtime.attention.attention_with_row_sums`: one ``QKᵀ`` instead of two, output equal to
+    SDPA's to float rounding) rather than the stock kernel plus a separate probe."""
 
     def __deepcopy__(self, memo: dict) -> "Policy":
         return self  # shared, like the handle: a deep-copied model is cleaned of its hooks afterwards
@@ -157,6 +161,8 @@ class RecipePolicy(Policy):
         self.pruning_layers = in_llm
         self.head_reduce = recipe.head_reduce
         self.probe_chunk = attention.PROBE_CHUNK  # the probe's FLOPs, which the budget counts, are the same on every device
+        # The budget counts a probe as a second QKᵀ; fused, the layer's own attention shares it (the count is an upper bound).
+        self.fuse_probe = True
         self._counts: dict = {}  # visual tokens of a row (strict: and its layout) -> keep counts per layer
 
     def attach(self, model: torch.nn.Module) -> list:
@@ -545,19 +551,25 @@ class PruningHandle:
             )
 
     def _make_probe(self, layer: int):
-        def probe(module, query, key, attention_mask, scaling):
+        def probe(module, query, key, attention_mask, scaling, value=None):
             request = self._request
             if request is None or not self._forward.get("prefill") or query.shape[2] != request.roles.valid.shape[1]:
-                return
+                return None
             roles = request.roles
             if self.policy.on_attention(layer, query, key, attention_mask, scaling, roles):
-                return
+                return None
             weights = self.policy.row_groups(layer, roles).to(query.device)
+            output = None
             probe_dtype = getattr(self.policy, "probe_dtype", None)  # a calibration policy may ask for the model's
-            sums = attention.attention_row_sums(query, key, attention_mask, scaling, weights, self.policy.head_reduce,
-                                                chunk=self.policy.probe_chunk,
-                                                dtype=query.dtype if probe_dtype == "model" else None)
+            if value is not None and self.policy.fuse_probe and probe_dtype != "model":
+                output, sums = attention.attention_with_row_sums(query, key, value, attention_mask, scaling, weights,
+                                                                 self.policy.head_reduce, chunk=self.policy.probe_chunk)
+            else:
+                sums = attention.attention_row_sums(query, key, attention_mask, scaling, weights, self.policy.head_reduce,
+                                                    chunk=self.policy.probe_chunk,
+                                                    dtype=query.dtype if probe_dtype == "model" else None)
             self.policy.on_probe(layer, sums.to(roles.valid.device), roles)  # layers may sit on other devices
+            return output
 
         return probe
 

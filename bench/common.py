@@ -143,7 +143,8 @@ def rotated(candidates: dict, repeats: int, device: str = "cpu") -> dict:
 
     ``candidates`` maps a name to ``(fn, context)``: ``context()`` returns a context manager
     entered around each call, outside the timed region (applying a recipe, swapping in the oracle).
-    One untimed warm-up call each. Returns the name -> summary as :func:`timed` does.
+    One untimed warm-up call each. Returns the name -> summary as :func:`timed` does, plus the
+    samples in round order (``samples_ms``: round ``i`` of every candidate ran back to back).
     """
     def once(fn, context) -> float:
         with context():
@@ -161,7 +162,8 @@ def rotated(candidates: dict, repeats: int, device: str = "cpu") -> dict:
     for _ in range(repeats):
         for name, (fn, context) in candidates.items():
             samples[name].append(once(fn, context))
-    return {name: {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "repeats": repeats}
+    return {name: {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "repeats": repeats,
+                   "samples_ms": xs}
             for name, xs in samples.items()}
 
 

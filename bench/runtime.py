@@ -238,6 +238,7 @@ def main() -> None:
                 "oracle_prefill_ms_min": round(oracle_pf["min_ms"], 2),
                 "pruned_speed_vs_oracle": round(oracle_pf["median_ms"] / pruned_pf["median_ms"], 4),
                 "pruned_speed_vs_oracle_from_min": round(oracle_pf["min_ms"] / pruned_pf["min_ms"], 4),
+                "pruned_speed_vs_oracle_paired": round(stats.median(o / p for o, p in zip(oracle_pf["samples_ms"], pruned_pf["samples_ms"])), 4),
                 "pruned_speed_vs_oracle_plus_probes": round((oracle_pf["median_ms"] + probe_ms) / pruned_pf["median_ms"], 4),
                 "oracle_speedup": round(base_pf["median_ms"] / oracle_pf["median_ms"], 3),
                 "lm_pruned_speed_vs_oracle": round(lm_oracle / lm_pruned, 4),
@@ -262,7 +263,7 @@ def main() -> None:
         "decode_tokens": d,
         "unpruned": {"kv_bytes": unpruned_kv, "vision_encoder_ms": round(vision_ms, 2)},
         "results": results,
-        "notes": "prefill: medians of unpruned/pruned/oracle runs in rotation; pruned_speed_vs_oracle = oracle/pruned time, oracle_speedup = unpruned/oracle time; pruned_speed_vs_oracle_plus_probes adds the measured probe time to the oracle's; lm_* subtract the unpruned vision-encoder time; ideal_speedup = 1/flops_fraction "
+        "notes": "prefill: medians of unpruned/pruned/oracle runs in rotation; pruned_speed_vs_oracle = oracle/pruned time (ratio of the medians; _paired: median over rounds of each round's ratio, which drift between rounds does not move), oracle_speedup = unpruned/oracle time; pruned_speed_vs_oracle_plus_probes adds the measured probe time to the oracle's; lm_* subtract the unpruned vision-encoder time; ideal_speedup = 1/flops_fraction "
                  "(flops_fraction is measured on the calibration prompts); decode per token = (t(1+n) - t(1)) / n with min_new_tokens forcing n; "
                  "overhead = time inside the runtime's probes, _prune and _rebuild_mask per pruned prefill (mean), over the instrumented prefill wall time; "
                  "with fused_probe the probed layers' attention is computed from the probe's softmax rows, and scoring_probe_ms is the fused call's time less the stock SDPA kernel's on the same tensors "

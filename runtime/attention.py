@@ -181,10 +181,15 @@ class _ChunkScores:
         """(B, H, end − start, keys) softmax rows ``start:end`` over the keys up to row ``end − 1``."""
         rows = end - start
         keys = end + self.offset  # causal: no row of the span sees a later key
-        q = self.query[:, :, start:end].to(self.compute)
-        if self.compute == torch.float32:  # scaling the rows, not the scores: rows·hd products instead of rows·keys
-            q = q * self.scaling
-        q = q.reshape(self.batch, self.kv_heads, -1, self.query.shape[-1])
+        span = self.query[:, :, start:end]
+        if self.compute == torch.float32:
+            # The span's rows scaled into a contiguous block in one pass: scaling rows·hd values instead
+            # of rows·keys scores, and the GQA grouping below is then a view.
+            q = torch.empty(span.shape, dtype=torch.float32, device=span.device)
+            torch.mul(span, self.scaling, out=q)
+        else:
+            q = span.to(self.compute)
+        q = q.reshape(self.batch, self.kv_heads, -1, span.shape[-1])
         scores = torch.matmul(q, self.key_t[..., :keys]).view(self.batch, self.heads, rows, keys).float()
         if self.compute != torch.float32:  # a half-precision product keeps its scale out of the rounding
             scores.mul_(self.scaling)

@@ -56,6 +56,8 @@ def instrument(handle) -> dict:
     A fused probe computes its layer's attention as well: each fused call also times the stock SDPA
     kernel on the same tensors (``probed_layers_stock_attention_ms``, not part of the prefill) and
     ``scoring_probe_ms`` is the fused call's time less that, what the probe adds to the layer."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     totals = {"scoring_probe_ms": 0.0, "select_and_gather_ms": 0.0, "mask_rebuild_ms": 0.0,
               "probed_layers_stock_attention_ms": 0.0}
 
@@ -74,7 +76,6 @@ def instrument(handle) -> dict:
             output = probe(module, query, key, mask, scaling, value)
             totals["scoring_probe_ms"] += time.perf_counter() - start
             if output is not None:
-                from transformers.integrations.sdpa_attention import sdpa_attention_forward
                 start = time.perf_counter()
                 sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)
                 stock = time.perf_counter() - start

@@ -141,6 +141,8 @@ class RecipePolicy(Policy):
     _layout = PerThread()  # (B, 4) per row: visual tokens, other tokens, tokens before the image, text after it
 
     _MAX_CACHED = 4096
+    # The budget counts a probe as a second QKᵀ; fused, the layer's own attention shares it (the count is an upper bound).
+    fuse_probe = True
 
     def __init__(self, recipe: Any, strict_budget: bool | float = False) -> None:
         self.recipe = recipe
@@ -161,8 +163,6 @@ class RecipePolicy(Policy):
         self.pruning_layers = in_llm
         self.head_reduce = recipe.head_reduce
         self.probe_chunk = attention.PROBE_CHUNK  # the probe's FLOPs, which the budget counts, are the same on every device
-        # The budget counts a probe as a second QKᵀ; fused, the layer's own attention shares it (the count is an upper bound).
-        self.fuse_probe = True
         self._counts: dict = {}  # visual tokens of a row (strict: and its layout) -> keep counts per layer
 
     def attach(self, model: torch.nn.Module) -> list:

@@ -32,12 +32,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("head_reduce", ["max", "mean"])
-@pytest.mark.parametrize("name,batch,heads,kv_heads,length,pad,mask_kind,chunk", CASES, ids=[c[0] for c in CASES])
-def test_row_sums_equal_brute_force(name, batch, heads, kv_heads, length, pad, mask_kind, chunk, head_reduce):
-    generator = torch.Generator().manual_seed(0)
-    query = torch.randn(batch, heads, length, 8, generator=generator)
-    key = torch.randn(batch, kv_heads, length, 8, generator=generator)
+def padded_case(batch: int, length: int, pad: int, mask_kind: str):
+    """(valid, allowed, mask, weights) of a causal batch whose sample 1 has ``pad`` left-padding tokens.
+
+    ``mask`` is what transformers passes in the ``mask_kind`` form ("none", "bool", "float");
+    ``weights`` are two row groups with scattered rows (a gap, padding rows excluded) and fractional weights.
+    """
     valid = torch.ones(batch, length, dtype=torch.bool)
     if batch > 1:
         valid[1, :pad] = False
@@ -47,11 +47,20 @@ def test_row_sums_equal_brute_force(name, batch, heads, kv_heads, length, pad, m
         "bool": allowed,
         "float": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min),
     }[mask_kind]
-    # Two groups with scattered rows (a gap, padding rows of sample 1 excluded) and fractional weights.
     weights = torch.zeros(batch, 2, length)
     weights[:, 0, length - 6 :] = 1.0
     weights[:, 1, 7 : length - 9 : 2] = 0.5
     weights *= valid[:, None, :]
+    return valid, allowed, mask, weights
+
+
+@pytest.mark.parametrize("head_reduce", ["max", "mean"])
+@pytest.mark.parametrize("name,batch,heads,kv_heads,length,pad,mask_kind,chunk", CASES, ids=[c[0] for c in CASES])
+def test_row_sums_equal_brute_force(name, batch, heads, kv_heads, length, pad, mask_kind, chunk, head_reduce):
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(batch, heads, length, 8, generator=generator)
+    key = torch.randn(batch, kv_heads, length, 8, generator=generator)
+    _, allowed, mask, weights = padded_case(batch, length, pad, mask_kind)
     expected = brute_force(query, key, allowed, 0.3, weights, head_reduce)
     got = attention_row_sums(query, key, mask, 0.3, weights, head_reduce, chunk=chunk)
     assert got.dtype == torch.float32 and got.shape == expected.shape

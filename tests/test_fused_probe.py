@@ -14,7 +14,9 @@ import torch
 from families import family_params
 from runtime import attention
 from runtime.attention import attention_row_sums, attention_with_row_sums, fusable
+from test_attention_probe import padded_case
 from test_matrix import _inputs, recipe_kinds
+from test_probe_flops import count_flops
 
 CASES = [
     # name, batch, heads, kv_heads, length, left padding of sample 1, mask kind, chunk, dtype
@@ -34,19 +36,7 @@ def test_fused_sums_are_the_probes_and_output_is_sdpas(name, batch, heads, kv_he
                                                         dtype, head_reduce):
     generator = torch.Generator().manual_seed(1)
     query, key, value = (torch.randn(batch, h, length, 8, generator=generator).to(dtype) for h in (heads, kv_heads, kv_heads))
-    valid = torch.ones(batch, length, dtype=torch.bool)
-    if batch > 1:
-        valid[1, :pad] = False
-    allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None, None] & valid[:, None, None, :]
-    mask = {
-        "none": None,
-        "bool": allowed,
-        "float": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min),
-    }[mask_kind]
-    weights = torch.zeros(batch, 2, length)
-    weights[:, 0, length - 6:] = 1.0
-    weights[:, 1, 7: length - 9: 2] = 0.5
-    weights *= valid[:, None, :]
+    valid, allowed, mask, weights = padded_case(batch, length, pad, mask_kind)
 
     output, sums = attention_with_row_sums(query, key, value, mask, 0.3, weights, head_reduce, chunk=chunk)
 
@@ -124,7 +114,6 @@ def test_a_fused_probe_computes_no_more_than_the_attention_plus_the_probe_the_bu
     # (QKᵀ and P·V over the causal triangle); the fused call does both in one, so its FLOPs (torch's
     # counter; it counts CPU SDPA as 0, hence the triangle written out) must stay under that sum.
     import numpy as np
-    from torch.utils.flop_counter import FlopCounterMode
 
     from conftest import make_inputs
     from recipe_compiler.flops import LMShape
@@ -133,16 +122,7 @@ def test_a_fused_probe_computes_no_more_than_the_attention_plus_the_probe_the_bu
     from runtime.methods.scorers import SCORERS
 
     model = tiny.model
-    counted = []
-    real = attention.attention_with_row_sums
-
-    def counting(*args, **kwargs):
-        with FlopCounterMode(display=False) as counter:
-            out = real(*args, **kwargs)
-        counted.append(counter.get_total_flops())
-        return out
-
-    monkeypatch.setattr(attention, "attention_with_row_sums", counting)
+    counted = count_flops(monkeypatch, "attention_with_row_sums")
     recipe = Recipe(keep_count=np.array([576, 576, 300, 300, 120, 120, 40, 40]), scorer="fitprune",
                     fingerprint=model_fingerprint(model))
     with recipe.apply(model) as handle, torch.no_grad():

@@ -21,6 +21,21 @@ from runtime import Recipe
 from runtime.families import model_fingerprint
 from runtime.methods.scorers import SCORERS
 
+def count_flops(monkeypatch, name: str) -> list:
+    """Wrap ``runtime.attention.<name>`` for this test; returns the list each call's FLOPs (torch's counter) are appended to."""
+    counted = []
+    original = getattr(attention, name)
+
+    def counting(*args, **kwargs):
+        with FlopCounterMode(display=False) as counter:
+            out = original(*args, **kwargs)
+        counted.append(counter.get_total_flops())
+        return out
+
+    monkeypatch.setattr(attention, name, counting)
+    return counted
+
+
 COUNTS = [576, 576, 300, 300, 120, 120, 40, 40]  # cuts into layers 2, 4 and 6
 ROW_SUM_SCORERS = ["fitprune", "text-mean", "last-token", "random"]  # the scorers that read the probe's row sums
 
@@ -59,16 +74,7 @@ def test_fitprune_probe_flops_by_hand_match_the_flops_model(tiny, calibration):
 @pytest.mark.parametrize("scorer", ROW_SUM_SCORERS)
 def test_declared_probe_flops_equal_the_flops_torch_counts_in_a_pruned_prefill(tiny, calibration, scorer, monkeypatch):
     model = tiny.model
-    counted = []
-    original = attention.attention_row_sums
-
-    def counting(*args, **kwargs):
-        with FlopCounterMode(display=False) as counter:
-            out = original(*args, **kwargs)
-        counted.append(counter.get_total_flops())
-        return out
-
-    monkeypatch.setattr(attention, "attention_row_sums", counting)
+    counted = count_flops(monkeypatch, "attention_row_sums")
     inputs = make_inputs(tiny, calibration.samples[1:2])
     recipe = Recipe(keep_count=np.array(COUNTS), scorer=scorer, fingerprint=model_fingerprint(model))
     with recipe.apply(model) as handle, torch.no_grad():
@@ -133,16 +139,7 @@ def test_declared_probe_flops_match_torch_on_every_family(case, scorer, calibrat
     keep = np.full(layers, v)
     keep[cuts[0]:] = v // 2
     keep[cuts[1]:] = v // 4
-    counted = []
-    original = attention.attention_row_sums
-
-    def counting(*args, **kwargs):
-        with FlopCounterMode(display=False) as counter:
-            out = original(*args, **kwargs)
-        counted.append(counter.get_total_flops())
-        return out
-
-    monkeypatch.setattr(attention, "attention_row_sums", counting)
+    counted = count_flops(monkeypatch, "attention_row_sums")
     inputs = model_inputs(model, loaded.processor, calibration.samples[:1], loaded.format_prompt)
     recipe = Recipe(keep_count=keep, scorer=scorer, fingerprint=fingerprint)
     with recipe.apply(model) as handle, torch.no_grad():

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,9 +140,13 @@ def paired(baseline, candidate, setup, teardown, repeats: int, device: str = "cp
     return summary(a), summary(b)
 
 
-def rotated(candidates: dict, repeats: int, device: str = "cpu") -> dict:
-    """Time several candidates in rotation (A, B, C, A, B, C, …) so drift and load hit all alike.
+def rotated(candidates: dict, repeats: int, device: str = "cpu", seed: int | None = 0) -> dict:
+    """Time several candidates in interleaved rounds so drift and load hit all alike.
 
+    Every round runs each candidate once, back to back; with ``seed`` (the default, 0) each round's
+    order is a fresh random permutation (randomized multiple interleaved trials), so that no
+    candidate always follows the same one (the cache and allocator state a long unpruned run leaves
+    behind, say); ``seed=None`` keeps the given order (A, B, C, A, B, C, …).
     ``candidates`` maps a name to ``(fn, context)``: ``context()`` returns a context manager
     entered around each call, outside the timed region (applying a recipe, swapping in the oracle).
     One untimed warm-up call each. Returns the name -> summary as :func:`timed` does, plus the
@@ -158,13 +164,32 @@ def rotated(candidates: dict, repeats: int, device: str = "cpu") -> dict:
 
     for fn, context in candidates.values():
         once(fn, context)
+    names = list(candidates)
+    shuffle = random.Random(seed).shuffle if seed is not None else (lambda order: None)
     samples: dict = {name: [] for name in candidates}
     for _ in range(repeats):
-        for name, (fn, context) in candidates.items():
+        order = names.copy()
+        shuffle(order)
+        for name in order:
+            fn, context = candidates[name]
             samples[name].append(once(fn, context))
     return {name: {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "repeats": repeats,
                    "samples_ms": xs}
             for name, xs in samples.items()}
+
+
+def paired_ratio(numerator: list, denominator: list, resamples: int = 2000, seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Median over rounds of ``numerator[i] / denominator[i]``, and its 95 % bootstrap interval.
+
+    The rounds of :func:`rotated` ran their candidates back to back, so a per-round ratio cancels
+    whatever the machine's speed did between rounds; the interval (percentiles of the median over
+    ``resamples`` resamplings of the rounds, seeded) says how far the figure would move on a re-run.
+    """
+    ratios = np.asarray(numerator, dtype=np.float64) / np.asarray(denominator, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    medians = np.median(ratios[rng.integers(0, len(ratios), size=(resamples, len(ratios)))], axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(np.median(ratios)), (float(low), float(high))
 
 
 def load_average() -> list[float]:

@@ -4,12 +4,13 @@ KV bytes, and the runtime's own overhead (scoring probes, top-k + gather, mask r
 For each budget a recipe is compiled (optimal search, fitprune scorer) on a few calibration
 samples. Then, on held-out prompts (batch ``--batch``):
 
-* prefill: unpruned, pruned and **oracle** ``use_cache=True`` forwards timed in rotation
-  (medians). The oracle (:mod:`oracle`) runs the stock decoder layers directly on exactly the
+* prefill: unpruned, pruned and **oracle** ``use_cache=True`` forwards timed in interleaved
+  rounds, each round's order a seeded random permutation (medians; the samples are in the JSON). The oracle (:mod:`oracle`) runs the stock decoder layers directly on exactly the
   tokens the pruned run kept at each layer: keep sets taken from one pruned run, gathers done
   once per pruning layer with precomputed indices, each layer's mask / rotary tables / positions
   precomputed, no probes, no hooks: the best any runtime could do with this schedule here.
-  ``pruned_speed_vs_oracle`` = oracle / pruned time (1.0: no runtime cost at all);
+  ``pruned_speed_vs_oracle`` = oracle / pruned time (1.0: no runtime cost at all; ``_paired``:
+  the median of the rounds' own ratios, with a 95 % bootstrap interval);
   ``oracle_speedup`` = unpruned / oracle time (what the hardware gives for the smaller
   matrices); their product is the pruned speed-up. ``pruned_speed_vs_oracle_plus_probes`` adds
   the measured probe time to the oracle: the probes are compute the schedule itself pays
@@ -41,7 +42,7 @@ import time
 
 import torch
 
-from common import emit, load_average, machine, paired, prepare, rotated, timed
+from common import emit, load_average, machine, paired, paired_ratio, prepare, rotated, timed
 from oracle import capture_schedule, oracle_language_model
 
 from recipe_compiler.compile import CompileConfig, compile_recipe
@@ -234,18 +235,21 @@ def main() -> None:
             oracle_pf = timings["oracle"]
             lm_oracle = oracle_pf["median_ms"] - vision_ms
             probe_ms = overhead["scoring_probe_ms"]
+            paired_speed, paired_ci = paired_ratio(oracle_pf["samples_ms"], pruned_pf["samples_ms"])
             row.update({
                 "oracle_prefill_ms": round(oracle_pf["median_ms"], 2),
                 "oracle_prefill_ms_min": round(oracle_pf["min_ms"], 2),
                 "pruned_speed_vs_oracle": round(oracle_pf["median_ms"] / pruned_pf["median_ms"], 4),
                 "pruned_speed_vs_oracle_from_min": round(oracle_pf["min_ms"] / pruned_pf["min_ms"], 4),
-                "pruned_speed_vs_oracle_paired": round(stats.median(o / p for o, p in zip(oracle_pf["samples_ms"], pruned_pf["samples_ms"])), 4),
+                "pruned_speed_vs_oracle_paired": round(paired_speed, 4),
+                "pruned_speed_vs_oracle_paired_ci95": [round(x, 4) for x in paired_ci],
                 "pruned_speed_vs_oracle_plus_probes": round((oracle_pf["median_ms"] + probe_ms) / pruned_pf["median_ms"], 4),
                 "oracle_speedup": round(base_pf["median_ms"] / oracle_pf["median_ms"], 3),
                 "lm_pruned_speed_vs_oracle": round(lm_oracle / lm_pruned, 4),
                 "lm_oracle_speedup": round(lm_unpruned / lm_oracle, 3),
                 "lm_oracle_speedup_vs_ideal": round(lm_unpruned / lm_oracle * fraction, 3),
             })
+        row["samples_ms"] = {name: [round(x, 2) for x in timing["samples_ms"]] for name, timing in timings.items()}
         results.append(row)
         print(results[-1], flush=True)
     emit({
@@ -264,7 +268,7 @@ def main() -> None:
         "decode_tokens": d,
         "unpruned": {"kv_bytes": unpruned_kv, "vision_encoder_ms": round(vision_ms, 2)},
         "results": results,
-        "notes": "prefill: medians of unpruned/pruned/oracle runs in rotation; pruned_speed_vs_oracle = oracle/pruned time (ratio of the medians; _paired: median over rounds of each round's ratio, which drift between rounds does not move), oracle_speedup = unpruned/oracle time; pruned_speed_vs_oracle_plus_probes adds the measured probe time to the oracle's; lm_* subtract the unpruned vision-encoder time; ideal_speedup = 1/flops_fraction "
+        "notes": "prefill: medians of unpruned/pruned/oracle runs in interleaved rounds (each round's order a seeded random permutation; samples_ms in round order); pruned_speed_vs_oracle = oracle/pruned time (ratio of the medians; _paired: median over rounds of each round's ratio, which drift between rounds does not move, with its 95% bootstrap interval _paired_ci95), oracle_speedup = unpruned/oracle time; pruned_speed_vs_oracle_plus_probes adds the measured probe time to the oracle's; lm_* subtract the unpruned vision-encoder time; ideal_speedup = 1/flops_fraction "
                  "(flops_fraction is measured on the calibration prompts); decode per token = (t(1+n) - t(1)) / n with min_new_tokens forcing n; "
                  "overhead = time inside the runtime's probes, _prune and _rebuild_mask per pruned prefill (mean), over the instrumented prefill wall time; "
                  "with fused_probe the probed layers' attention is computed from the probe's softmax rows, and scoring_probe_ms is the fused call's time less the stock SDPA kernel's on the same tensors "

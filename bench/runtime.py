@@ -5,7 +5,8 @@ For each budget a recipe is compiled (optimal search, fitprune scorer) on a few 
 samples. Then, on held-out prompts (batch ``--batch``):
 
 * prefill: unpruned, pruned and **oracle** ``use_cache=True`` forwards timed in interleaved
-  rounds, each round's order a seeded random permutation (medians; the samples are in the JSON). The oracle (:mod:`oracle`) runs the stock decoder layers directly on exactly the
+  rounds, each round's order a seeded random permutation (medians; the samples are in the
+  JSON). The oracle (:mod:`oracle`) runs the stock decoder layers directly on exactly the
   tokens the pruned run kept at each layer: keep sets taken from one pruned run, gathers done
   once per pruning layer with precomputed indices, each layer's mask / rotary tables / positions
   precomputed, no probes, no hooks: the best any runtime could do with this schedule here.

@@ -164,12 +164,12 @@ def rotated(candidates: dict, repeats: int, device: str = "cpu", seed: int | Non
 
     for fn, context in candidates.values():
         once(fn, context)
-    names = list(candidates)
-    shuffle = random.Random(seed).shuffle if seed is not None else (lambda order: None)
+    rng = random.Random(seed) if seed is not None else None
     samples: dict = {name: [] for name in candidates}
     for _ in range(repeats):
-        order = names.copy()
-        shuffle(order)
+        order = list(candidates)
+        if rng is not None:
+            rng.shuffle(order)
         for name in order:
             fn, context = candidates[name]
             samples[name].append(once(fn, context))

@@ -42,32 +42,34 @@ def test_oracle_matches_pruned_prefill(alias, batch, fuse_probe):
 def test_rotated_interleaves_rounds_in_shuffled_orders():
     from common import rotated
 
-    calls: list = []
-    entered: list = []
-
-    def candidate(name):
-        class Context:
-            def __enter__(self):
-                entered.append(name)
-
-            def __exit__(self, *exc):
-                return False
-        return (lambda: calls.append(name)), Context
-
     names = ["unpruned", "pruned", "oracle"]
-    result = rotated({name: candidate(name) for name in names}, repeats=12)
+
+    def run(**options):
+        """The candidates' calls in order, the contexts entered, and rotated's result."""
+        calls: list = []
+        entered: list = []
+
+        def context(name):
+            class Context:
+                def __enter__(self):
+                    entered.append(name)
+
+                def __exit__(self, *exc):
+                    return False
+            return Context
+
+        result = rotated({name: ((lambda n=name: calls.append(n)), context(name)) for name in names}, **options)
+        return calls, entered, result
+
+    calls, entered, result = run(repeats=12)
     rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]  # after one warm-up call each
     assert calls[:3] == names and len(rounds) == 12
     assert all(sorted(r) == sorted(names) for r in rounds)  # every round runs each candidate once
     assert len({tuple(r) for r in rounds}) > 1  # ... in orders that change from round to round
     assert entered == calls  # each call inside its own context
     assert all(len(result[name]["samples_ms"]) == 12 for name in names)
-    again: list = []
-    rotated({name: ((lambda n=name: again.append(n)), candidate(name)[1]) for name in names}, repeats=12)
-    assert again == calls  # seeded: the same orders on a re-run
-    fixed: list = []
-    rotated({name: ((lambda n=name: fixed.append(n)), candidate(name)[1]) for name in names}, repeats=4, seed=None)
-    assert fixed == names * 5
+    assert run(repeats=12)[0] == calls  # seeded: the same orders on a re-run
+    assert run(repeats=4, seed=None)[0] == names * 5
 
 
 def test_paired_ratio_median_and_interval():

@@ -145,62 +145,75 @@ def attention_row_sums(
     reduce = HEAD_REDUCTIONS[head_reduce]
     first, last = int(needed[0]), int(needed[-1])
     chunk = chunk or (64 if query.device.type == "cpu" else 1024)
-    scores = _ChunkScores(query, key, attention_mask, scaling, dtype, min(chunk, last + 1 - first))
+    scores = _ChunkScores(query, key, attention_mask, scaling, dtype, min(chunk, last + 1 - first), rows=(first, last + 1))
     for start in range(first, last + 1, chunk):
         end = min(start + chunk, last + 1)
         row_weight = weights[:, :, start:end]
         if not bool(row_weight.any()):
             continue
         probs = scores.probabilities(start, end)
-        out[:, :, : probs.shape[-1]] += torch.bmm(row_weight, reduce(probs))
+        out[:, :, : probs.shape[-1]] += torch.bmm(row_weight, reduce(probs, dim=scores.head_dims))
     return out
 
 
 class _ChunkScores:
     """Softmaxed attention rows of one layer, a span of query rows at a time (float32).
 
-    GQA without repeating keys: the heads sharing a key head become extra query rows of one product.
+    GQA without repeating keys: the ``G`` query heads sharing a key head become extra rows of one
+    product. The queries are laid out once as (B, KV, rows, G, hd), so that a span of rows is a view
+    of one contiguous block, and the rows come back as (B, KV, rows, G, keys): query head
+    ``kv·G + g``, as transformers' repeat_kv numbers them.
     A finite floor instead of -inf: a fully masked row (left padding of another sample) softmaxes to
     uniform instead of NaN; its row weight is zero and its output is never read by a real row.
     """
 
-    def __init__(self, query, key, attention_mask, scaling, dtype, square):
-        self.query, self.mask, self.scaling = query, attention_mask, scaling
-        self.batch, self.heads, q_len, _ = query.shape
+    def __init__(self, query, key, attention_mask, scaling, dtype, square, rows=None):
+        self.mask, self.scaling = attention_mask, scaling
+        self.batch, self.heads, q_len, head_dim = query.shape
         self.kv_heads = key.shape[1]
+        self.group = self.heads // self.kv_heads
+        self.head_dims = (1, 3) if self.group > 1 else 1  # the head dimensions of what :meth:`probabilities` returns
         self.offset = key.shape[2] - q_len  # the queries are the last q_len positions
         self.compute = dtype or torch.float32
+        # The rows that will be asked for, laid out (and in float32 scaled) in one pass: scaling rows·hd
+        # values instead of the rows·keys scores.
+        self.first, last = rows or (0, q_len)
+        span = query[:, :, self.first:last].unflatten(1, (self.kv_heads, self.group)).transpose(2, 3)
+        self.query = torch.empty(span.shape, dtype=self.compute, device=query.device)
+        if self.compute == torch.float32:
+            torch.mul(span, scaling, out=self.query)
+        else:
+            self.query.copy_(span)
         self.key_t = key.to(self.compute).transpose(-1, -2)
         self.lowest = torch.finfo(torch.float32).min
         # Causal: a span's rows see every key up to its own last row, and only the square of its last
-        # ``rows`` keys holds keys after some row (above the diagonal): the mask is that square's upper triangle.
-        self.future = (torch.ones(square, square, dtype=torch.bool, device=query.device).triu_(1)
+        # ``rows`` keys holds keys after some row (above the diagonal). Adding the floor there is one
+        # vectorised pass (faster than a boolean fill); a score plus the floor is the floor in float32.
+        self.future = (torch.full((square, square), self.lowest, device=query.device).triu_(1)[:, None]
                        if attention_mask is None else None)
 
     def probabilities(self, start: int, end: int) -> torch.Tensor:
-        """(B, H, end − start, keys) softmax rows ``start:end`` over the keys up to row ``end − 1``."""
+        """(B, KV, end − start, G, keys) softmax rows ``start:end`` over the keys up to row ``end − 1``
+        ((B, H, end − start, keys) without GQA); :attr:`head_dims` are its head dimensions."""
         rows = end - start
         keys = end + self.offset  # causal: no row of the span sees a later key
-        span = self.query[:, :, start:end]
-        if self.compute == torch.float32:
-            # The span's rows scaled into a contiguous block in one pass: scaling rows·hd values instead
-            # of rows·keys scores, and the GQA grouping below is then a view.
-            q = torch.empty(span.shape, dtype=torch.float32, device=span.device)
-            torch.mul(span, self.scaling, out=q)
-        else:
-            q = span.to(self.compute)
-        q = q.reshape(self.batch, self.kv_heads, -1, span.shape[-1])
-        scores = torch.matmul(q, self.key_t[..., :keys]).view(self.batch, self.heads, rows, keys).float()
+        q = self.query[:, :, start - self.first:end - self.first].flatten(2, 3)  # a view: the span is contiguous
+        scores = torch.matmul(q, self.key_t[..., :keys]).view(self.batch, self.kv_heads, rows, self.group, keys)
         if self.compute != torch.float32:  # a half-precision product keeps its scale out of the rounding
-            scores.mul_(self.scaling)
+            scores = scores.float().mul_(self.scaling)
         mask = self.mask
         if mask is None:
-            scores[..., keys - rows:].masked_fill_(self.future[:rows, :rows], self.lowest)
-        elif mask.dtype == torch.bool:
-            scores.masked_fill_(~mask[:, :, start:end, :keys], self.lowest)
+            scores[..., keys - rows:] += self.future[:rows, :, :rows]
         else:
-            scores += mask[:, :, start:end, :keys].float().clamp(min=self.lowest)
-        return scores.softmax(dim=-1)
+            span = mask[:, :, start:end, :keys]
+            # (B, 1 or H, rows, keys) -> broadcastable against (B, KV, rows, G, keys)
+            span = span[:, :, :, None] if span.shape[1] == 1 else span.unflatten(1, (self.kv_heads, self.group)).transpose(2, 3)
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(~span, self.lowest)
+            else:
+                scores += span.float().clamp(min=self.lowest)
+        probs = scores.softmax(dim=-1)
+        return probs if self.group > 1 else probs.squeeze(3)
 
 
 def fusable(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -274,14 +287,15 @@ def attention_with_row_sums(
     chunk = chunk or (64 if query.device.type == "cpu" else 1024)
     scores = _ChunkScores(query, key, attention_mask, scaling, None, min(chunk, length))
     values = value.float()
+    grouped = output.view(batch, length, kv_heads, heads // kv_heads, head_dim)  # query head kv·G + g
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
         probs = scores.probabilities(start, end)
         keys = probs.shape[-1]
-        mixed = torch.matmul(probs.view(batch, kv_heads, -1, keys), values[:, :, :keys])
-        output[:, start:end] = mixed.view(batch, heads, end - start, head_dim).transpose(1, 2)
+        mixed = torch.matmul(probs.view(batch, kv_heads, -1, keys), values[:, :, :keys])  # (B, KV, rows·G, hd)
+        grouped[:, start:end] = mixed.view(batch, kv_heads, end - start, -1, head_dim).transpose(1, 2)
         if end > first and start <= last:
-            sums[:, :, :keys] += torch.bmm(weights[:, :, start:end], reduce(probs))
+            sums[:, :, :keys] += torch.bmm(weights[:, :, start:end], reduce(probs, dim=scores.head_dims))
     return output, sums
 
 

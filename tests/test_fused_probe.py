@@ -27,6 +27,8 @@ CASES = [
     ("GQA, one-row chunks", 2, 8, 2, 17, 4, "bool", 1, torch.float32),
     ("uneven chunks", 1, 6, 3, 29, 0, "none", 5, torch.float32),
     ("bf16 model", 1, 4, 2, 40, 0, "none", 16, torch.bfloat16),
+    ("GQA 6/2, additive mask, uneven chunks", 2, 6, 2, 27, 4, "float", 5, torch.float32),
+    ("GQA 6/3, per-head boolean mask", 2, 6, 3, 21, 3, "bool-heads", 4, torch.float32),
 ]
 
 
@@ -36,7 +38,7 @@ def test_fused_sums_are_the_probes_and_output_is_sdpas(name, batch, heads, kv_he
                                                         dtype, head_reduce):
     generator = torch.Generator().manual_seed(1)
     query, key, value = (torch.randn(batch, h, length, 8, generator=generator).to(dtype) for h in (heads, kv_heads, kv_heads))
-    valid, allowed, mask, weights = padded_case(batch, length, pad, mask_kind)
+    valid, allowed, mask, weights = padded_case(batch, length, pad, mask_kind, heads)
 
     output, sums = attention_with_row_sums(query, key, value, mask, 0.3, weights, head_reduce, chunk=chunk)
 

@@ -133,13 +133,14 @@ def select_row(norms: torch.Tensor, normed: torch.Tensor, image: torch.Tensor, t
         base: the row's first real token (pivot order counts positions from it).
 
     Returns:
-        ``(keep, pivots)``: (L,) bool of the image tokens kept, and the pivot positions (image pivots
-        first, then text pivots, each largest norm first).
+        ``(keep, pivots, nearest)``: (L,) bool of the image tokens kept, the pivot positions (image
+        pivots first, then text pivots, each largest norm first), and (image tokens,) each image
+        token's cosine similarity to its nearest pivot, in position order.
     """
     img_pos, txt_pos = torch.nonzero(image).flatten(), torch.nonzero(text).flatten()
     chosen = torch.zeros(image.shape[0], dtype=torch.bool, device=image.device)
     if img_pos.numel() == 0:
-        return chosen, img_pos
+        return chosen, img_pos, torch.zeros(0, dtype=normed.dtype, device=normed.device)
     img_piv = img_pos[order_best_first(norms[img_pos])[: min(pivot_image, img_pos.numel())]]
     txt_piv = txt_pos[order_best_first(norms[txt_pos])[: min(pivot_text, txt_pos.numel())]]
     order = pivot_order((img_piv - base).tolist(), (txt_piv - base).tolist())
@@ -158,4 +159,4 @@ def select_row(norms: torch.Tensor, normed: torch.Tensor, image: torch.Tensor, t
         available[take] = False
         left -= n
     chosen[img_pos[~available]] = True
-    return chosen, torch.cat([img_piv, txt_piv])
+    return chosen, torch.cat([img_piv, txt_piv]), similarity.amax(dim=0)

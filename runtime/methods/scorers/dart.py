@@ -62,9 +62,8 @@ class Dart(Scorer):
             pivots = images + min(pivot_text, int(text.sum()))
             per = (k - images) // pivots
             unit = torch.nn.functional.normalize(hidden[b].float(), dim=-1, eps=1e-8)
-            chosen, piv = reference.select_row(norms[b], unit, image, text, per, images, pivot_text, int(offset[b]))
+            chosen, _, nearest = reference.select_row(norms[b], unit, image, text, per, images, pivot_text, int(offset[b]))
             img_pos = torch.nonzero(image).flatten()
-            nearest = (unit[img_pos] @ unit[piv].T).amax(dim=1)  # similarity to the nearest pivot
             scores[b, img_pos] = torch.where(chosen[img_pos], torch.full_like(nearest, CHOSEN), -nearest)
         return scores
 
